@@ -1,0 +1,469 @@
+"""Coupled channel groups, built from Torch-Pruning's ``DependencyGraph``.
+
+A channel cannot be removed from one layer alone: a residual add, a concat, a
+depthwise conv or a norm layer ties it to other layers. Torch-Pruning finds
+these couplings; this module turns each coupled set into a ``ChannelGroup``:
+every parameter slice that *produces* one removable channel (conv/linear output
+rows and biases, BatchNorm gamma and beta, depthwise conv rows), across all the
+layers the coupling ties together. Groups do not overlap, so the group prox is
+exact and separable (DESIGN.md, "Coupled channel groups and exact pruning").
+
+When every member slice of a channel is exactly zero, the channel is zero, and
+removing it (and the consumers' input slices that read it) changes no output,
+provided every op on the way maps 0 to 0. ``build_groups`` checks this with a
+probe (all groups zeroed at once, consumers' inputs must read exact zeros) and
+leaves out any group where it does not hold.
+
+All heavy work is vectorised per member tensor (a handful per group), never a
+Python loop per channel.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compressor.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+# Norms whose statistics mix channels: a zero channel changes the others' output.
+_CHANNEL_MIXING_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows ``index`` (along dim 0) of parameter ``param``; row i belongs to group channel ``channel[i]``."""
+
+    param: str
+    index: torch.Tensor
+    channel: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Input positions ``index`` (dim 1 of a conv/linear weight) of ``module`` that read group channels."""
+
+    module: str
+    index: torch.Tensor
+    channel: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """All producer slices of ``size`` coupled channels, rooted at ``root`` (a conv or linear).
+
+    A grouped convolution (not depthwise) can only lose the same positions in
+    every one of its conv groups, so the channels it ties are merged into one
+    unit: then ``root_unit[c]`` is the unit of root channel ``c`` and ``size``
+    counts units. Slices' ``channel`` tensors always index units.
+    """
+
+    root: str
+    size: int
+    members: tuple[Slice, ...]
+    consumers: tuple[Consumer, ...]
+    weights_per_channel: int  # |g|: scalars in one unit's slices
+    root_unit: torch.Tensor | None = None
+
+    def root_channels(self, unit_mask: torch.Tensor) -> list[int]:
+        """Root-layer channel indices of the units where ``unit_mask`` is True."""
+        if self.root_unit is None:
+            return torch.nonzero(unit_mask.cpu()).flatten().tolist()
+        return torch.nonzero(unit_mask.cpu()[self.root_unit]).flatten().tolist()
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({m.param for m in self.members})
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A conv or linear layer as the cost model sees it."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    in_channels: int
+    out_channels: int
+    groups: int
+    macs: int
+    params: int
+
+
+@dataclass
+class ChannelGroups:
+    """The groups of one model plus what is needed to cost a zero pattern."""
+
+    groups: list[ChannelGroup]
+    layers: dict[str, LayerInfo]
+    total_macs: int
+    total_params: int
+    excluded: dict[str, str] = field(default_factory=dict)  # root -> reason
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    @property
+    def params(self) -> list[str]:
+        """Names of every parameter that some group touches."""
+        return sorted({p for g in self.groups for p in g.params})
+
+    @property
+    def total_channels(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    def channel_norms(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """L2 norm of every channel's member slices, one 1-D tensor per group."""
+        norms = []
+        for group in self.groups:
+            sq = None
+            for member in group.members:
+                t = tensors[member.param]
+                rows = t.detach().index_select(0, member.index).reshape(len(member.index), -1)
+                contrib = rows.pow(2).sum(1)
+                if sq is None:
+                    sq = torch.zeros(group.size, dtype=contrib.dtype, device=contrib.device)
+                sq.index_add_(0, member.channel, contrib)
+            norms.append(sq.sqrt())
+        return norms
+
+    def zero_masks(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """True where every member slice of the channel is exactly zero."""
+        return [n == 0 for n in self.channel_norms(tensors)]
+
+    @torch.no_grad()
+    def scale_(self, tensors: Mapping[str, torch.Tensor], factors: Sequence[torch.Tensor]) -> None:
+        """Multiply every member slice of channel c of group g by ``factors[g][c]``, in place."""
+        for group, factor in zip(self.groups, factors, strict=True):
+            for member in group.members:
+                t = tensors[member.param]
+                f = factor.to(t.dtype).index_select(0, member.channel)
+                f = f.view(-1, *([1] * (t.dim() - 1)))
+                t.index_copy_(0, member.index, t.index_select(0, member.index) * f)
+
+    def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
+        """MACs and params of the model once the masked channels are removed.
+
+        Exact for conv and linear layers (their MACs are in*out*k*k*H*W/groups);
+        other ops keep their cost (``torch.utils.flop_counter`` does not count them).
+        BatchNorm parameters are ignored (a rounding error on any real CNN).
+        """
+        out_zero: dict[str, float] = {}
+        in_zero: dict[str, float] = {}
+        for group, mask in zip(self.groups, zero_masks, strict=True):
+            maskf = mask.float().cpu()
+            for member in group.members:
+                layer = member.param.rsplit(".", 1)[0]
+                if member.param.endswith(".weight") and layer in self.layers:
+                    out_zero[layer] = out_zero.get(layer, 0.0) + float(
+                        maskf.index_select(0, member.channel.cpu()).sum()
+                    )
+            for consumer in group.consumers:
+                in_zero[consumer.module] = in_zero.get(consumer.module, 0.0) + float(
+                    maskf.index_select(0, consumer.channel.cpu()).sum()
+                )
+        macs, params = float(self.total_macs), float(self.total_params)
+        for name, info in self.layers.items():
+            keep_out = 1.0 - out_zero.get(name, 0.0) / info.out_channels
+            depthwise = info.groups > 1 and info.groups == info.in_channels == info.out_channels
+            keep_in = 1.0 if depthwise else 1.0 - in_zero.get(name, 0.0) / info.in_channels
+            fraction = keep_out * keep_in
+            macs -= info.macs * (1.0 - fraction)
+            params -= info.params * (1.0 - fraction)
+        return macs, params
+
+    def macs_per_channel(self) -> list[float]:
+        """MACs saved by removing one channel of each group (first-order, nothing else removed)."""
+        out = []
+        for group in self.groups:
+            saved = 0.0
+            for member in group.members:
+                layer = member.param.rsplit(".", 1)[0]
+                info = self.layers.get(layer)
+                if info is not None and member.param.endswith(".weight"):
+                    saved += info.macs * len(member.index) / info.out_channels / group.size
+            for consumer in group.consumers:
+                info = self.layers[consumer.module]
+                saved += info.macs * len(consumer.index) / info.in_channels / group.size
+            out.append(saved)
+        return out
+
+
+def _dim_name(module: nn.Module) -> str:
+    return "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
+
+
+def find_classifier(model: nn.Module, example_input: torch.Tensor) -> str | None:
+    """Name of the last conv/linear layer executed: the classifier, whose outputs are never pruned."""
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            handles.append(module.register_forward_hook(lambda m, i, o, n=name: order.append(n)))
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(example_input)
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return order[-1] if order else None
+
+
+def layer_costs(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, LayerInfo], int]:
+    """Per conv/linear layer MACs (from ``torch.utils.flop_counter``) and the model's total MACs."""
+    from compressor.metrics import count_macs_per_module
+
+    per_module, total = count_macs_per_module(model, example_input)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            in_ch, out_ch, groups = module.in_channels, module.out_channels, module.groups
+        elif isinstance(module, nn.Linear):
+            in_ch, out_ch, groups = module.in_features, module.out_features, 1
+        else:
+            continue
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        layers[name] = LayerInfo(
+            name, _dim_name(module), in_ch, out_ch, groups, per_module.get(name, 0), params
+        )
+    return layers, total
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def build_groups(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    keep: Sequence[str] = (),
+    keep_classifier: bool = True,
+    check_exactness: bool = True,
+) -> ChannelGroups:
+    """Find the coupled channel groups of ``model``.
+
+    Parameters
+    ----------
+    model:
+        Any module Torch-Pruning can trace with ``example_input``.
+    keep:
+        fnmatch patterns of module names whose output channels are never removed
+        (their whole coupled group is kept).
+    keep_classifier:
+        Keep the outputs of the last conv/linear layer executed (the classifier).
+    check_exactness:
+        Zero every group at once on a copy of the model and drop the groups whose
+        consumers then read anything but exact zeros (a sigmoid or softplus on
+        the channel path): removing those channels would change the output.
+    """
+    model_device = next(model.parameters()).device
+    example_input = example_input.to(model_device)
+    name_of = {m: n for n, m in model.named_modules()}
+    ignored = [m for n, m in model.named_modules() if n and keep and _matches(n, keep)]
+    classifier = find_classifier(model, example_input) if keep_classifier else None
+    if classifier is not None:
+        ignored.append(model.get_submodule(classifier))
+    unknown = [p for p in keep if not any(fnmatch.fnmatchcase(n, p) for n in name_of.values())]
+    if unknown:
+        raise BadInputError(
+            f"prune.keep pattern(s) {unknown} match no module of the model. "
+            f"Module names look like: {[n for n in list(name_of.values())[1:6]]}."
+        )
+
+    was_training = model.training
+    model.eval()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+
+    groups: list[ChannelGroup] = []
+    excluded: dict[str, str] = {}
+    for tp_group in dg.get_all_groups(ignored_layers=ignored):
+        root_module = tp_group[0].dep.target.module
+        root = name_of[root_module]
+        size = len(tp_group[0].idxs)
+        members: list[Slice] = []
+        consumers: list[Consumer] = []
+        reason = None
+        for item in tp_group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(module, nn.Module):
+                reason = "a bare nn.Parameter is coupled to it"
+                break
+            if module not in name_of:
+                continue  # Torch-Pruning's placeholder for a functional op (add, cat, flatten ...)
+            mname = name_of[module]
+            idx = torch.as_tensor(item.idxs, dtype=torch.long)
+            ch = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            if isinstance(module, _CHANNEL_MIXING_NORMS):
+                reason = f"{type(module).__name__} `{mname}` mixes channels"
+                break
+            is_out = dg.is_out_channel_pruning_fn(handler)
+            depthwise = (
+                isinstance(module, nn.modules.conv._ConvNd)
+                and module.groups > 1
+                and module.groups == module.in_channels == module.out_channels
+            )
+            if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+                if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                    reason = f"transposed conv `{mname}` is not supported"
+                    break
+                if is_out or depthwise:
+                    members.append(Slice(f"{mname}.weight", idx, ch))
+                    if module.bias is not None:
+                        members.append(Slice(f"{mname}.bias", idx, ch))
+                else:
+                    consumers.append(Consumer(mname, idx, ch))
+            elif isinstance(module, _NORM_LAYERS):
+                if module.affine:
+                    members.append(Slice(f"{mname}.weight", idx, ch))
+                    members.append(Slice(f"{mname}.bias", idx, ch))
+                elif not module.track_running_stats:
+                    pass
+            elif isinstance(module, nn.PReLU) and module.num_parameters > 1:
+                pass  # prelu(0) = 0: its slope slice is removed, need not be zero
+        if reason is None and not members:
+            reason = "no parameter produces its channels"
+        if reason is not None:
+            excluded[root] = reason
+            continue
+        members, consumers, size, root_unit = _tie_grouped_convs(model, members, consumers, size)
+        # A module listed twice (e.g. root and member) would double count; merge by param.
+        members = _merge_slices(members)
+        per_channel = sum(len(m.index) * _row_numel(model, m.param) for m in members) // size
+        groups.append(
+            ChannelGroup(root, size, tuple(members), tuple(consumers), per_channel, root_unit)
+        )
+
+    layers, total_macs = layer_costs(model, example_input)
+    total_params = sum(p.numel() for p in model.parameters())
+    result = ChannelGroups(groups, layers, total_macs, total_params, excluded)
+    if check_exactness and groups:
+        for root in _inexact_groups(model, result, example_input):
+            excluded[root] = (
+                "an op on its path maps 0 to non-zero (e.g. sigmoid), removal would not be exact"
+            )
+        result.groups = [g for g in groups if g.root not in excluded]
+    model.train(was_training)
+    for root, why in excluded.items():
+        log.info("channel group rooted at %s is kept: %s", root, why)
+    return result
+
+
+def _grouped_conv(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and not (module.groups == module.in_channels == module.out_channels)
+    )
+
+
+def _tie_grouped_convs(model, members, consumers, size):
+    """Merge channels that a grouped conv ties (same position in each conv group) into units."""
+    parent = list(range(size))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    tied = False
+    pairs = [(m.param.rsplit(".", 1)[0], m.index, m.channel, "out") for m in members]
+    pairs += [(c.module, c.index, c.channel, "in") for c in consumers]
+    for module_name, index, channel, side in pairs:
+        module = model.get_submodule(module_name)
+        if not _grouped_conv(module):
+            continue
+        tied = True
+        width = (module.out_channels if side == "out" else module.in_channels) // module.groups
+        first_at: dict[int, int] = {}
+        for pos, ch in zip((index % width).tolist(), channel.tolist(), strict=True):
+            if pos in first_at:
+                a, b = find(first_at[pos]), find(ch)
+                if a != b:
+                    parent[b] = a
+            else:
+                first_at[pos] = ch
+    if not tied:
+        return members, consumers, size, None
+    roots = torch.tensor([find(i) for i in range(size)])
+    _, root_unit = torch.unique(roots, return_inverse=True)
+    n_units = int(root_unit.max()) + 1
+    members = [Slice(m.param, m.index, root_unit[m.channel]) for m in members]
+    consumers = [Consumer(c.module, c.index, root_unit[c.channel]) for c in consumers]
+    return members, consumers, n_units, root_unit
+
+
+def _row_numel(model: nn.Module, param: str) -> int:
+    t = model.get_parameter(param)
+    return t[0].numel() if t.dim() > 1 else 1
+
+
+def _merge_slices(slices: list[Slice]) -> list[Slice]:
+    by_param: dict[str, list[Slice]] = {}
+    for s in slices:
+        by_param.setdefault(s.param, []).append(s)
+    merged = []
+    for param, parts in by_param.items():
+        index = torch.cat([p.index for p in parts])
+        channel = torch.cat([p.channel for p in parts])
+        index, order = torch.unique(index, return_inverse=True)
+        first = torch.full((len(index),), -1, dtype=torch.long)
+        first.scatter_(0, order, channel)
+        merged.append(Slice(param, index, first))
+    return merged
+
+
+@torch.no_grad()
+def _inexact_groups(
+    model: nn.Module, groups: ChannelGroups, example_input: torch.Tensor
+) -> list[str]:
+    """Roots of groups whose consumers do not read exact zeros once every group is zeroed."""
+    probe = copy.deepcopy(model).eval()
+    tensors = dict(probe.named_parameters())
+    groups.scale_(tensors, [torch.zeros(g.size) for g in groups.groups])
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    watched = {c.module for g in groups.groups for c in g.consumers}
+    for name, module in probe.named_modules():
+        if name in watched:
+
+            def hook(m, inputs, n=name):
+                x = inputs[0]
+                x = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.t()
+                seen[n] = x.abs().amax(dim=1)
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        probe(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    bad = []
+    for group in groups.groups:
+        for consumer in group.consumers:
+            if consumer.module in seen and bool(
+                (
+                    seen[consumer.module].index_select(
+                        0, consumer.index.to(seen[consumer.module].device)
+                    )
+                    != 0
+                ).any()
+            ):
+                bad.append(group.root)
+                break
+    return bad

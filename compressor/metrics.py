@@ -1,0 +1,84 @@
+"""Model cost and sparsity: params, MACs, exact-zero weights, channels kept.
+
+MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2): it
+counts matrix multiplies and convolutions, the ops that dominate a CNN's cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs_per_module(
+    model: nn.Module, example_input: torch.Tensor
+) -> tuple[dict[str, int], int]:
+    """MACs of one forward pass of ``example_input`` (batch 1 recommended), per module and in total.
+
+    Per-module counts are for the leaf conv/linear modules (a parent module's
+    count includes its children's).
+    """
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(example_input)
+    model.train(was_training)
+    per_module = {}
+    counts = counter.get_flop_counts()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            key = _counter_key(model, name)
+            if key in counts:
+                per_module[name] = int(sum(counts[key].values())) // 2
+    total = int(sum(counts.get("Global", {}).values())) // 2
+    return per_module, total
+
+
+def _counter_key(model: nn.Module, name: str) -> str:
+    # FlopCounterMode names modules by their path below the root module's class name.
+    return f"{type(model).__name__}.{name}" if name else "Global"
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    return count_macs_per_module(model, example_input)[1]
+
+
+def layer_sparsity(model: nn.Module) -> list[dict]:
+    """Per conv/linear layer: name, type, weight shape, fraction of exactly-zero weights."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            w = module.weight.detach()
+            rows.append(
+                {
+                    "name": name,
+                    "type": type(module).__name__,
+                    "shape": list(w.shape),
+                    "sparsity": float((w == 0).sum()) / w.numel(),
+                }
+            )
+    return rows
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of exactly-zero entries over all conv/linear weights."""
+    zeros = total = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / total if total else 0.0
+
+
+def channels_kept(groups, tensors) -> tuple[int, int]:
+    """Channels with a non-zero slice, and all channels, over the model's groups."""
+    masks = groups.zero_masks(tensors)
+    total = sum(len(m) for m in masks)
+    return total - sum(int(m.sum()) for m in masks), total

@@ -1,0 +1,179 @@
+"""Relaxed variable splitting (RVSM): the sparse copy ``u`` of the penalised weights.
+
+RVSM minimises ``L_beta(w, u) = f(w) + lambda P(u) + beta/2 ||w - u||^2`` by
+alternating (Dinh & Xin, "Convergence of a relaxed variable splitting method
+for learning sparse neural networks via L1, L0 and transformed-L1 penalties"):
+
+1. a gradient step on ``w`` with ``grad f(w) + beta (w - u)`` (any torch optimizer);
+2. ``u = prox_{P, lambda/beta}(w)``, here the sparse group composition
+   ``group_shrink(individual_prox(w))`` (Bui et al., Frontiers 2021);
+3. ``beta *= growth`` every ``beta_every`` epochs.
+
+The sparse model is ``u``: evaluation swaps it in, and the end of training sets
+``w := u``. Under DDP every rank holds the same ``w`` after the all-reduce, so
+every rank computes the same ``u`` with no communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor import penalties
+from compressor.groups import ChannelGroups
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Prox parameters of one step: ``mu`` per individual tensor and per group unit."""
+
+    individual: Mapping[str, float]  # param name -> mu (only tensors with an individual penalty)
+    individual_a: Mapping[str, float]  # param name -> TL1 ``a`` (scale of that tensor)
+    group: Sequence[torch.Tensor]  # per group: mu per unit (inf forces zero, 0 leaves it)
+
+
+class RVSM:
+    """The RVSM state for one model: ``u``, ``beta``, and the step counter.
+
+    Parameters
+    ----------
+    model:
+        The model being trained (``w`` are its parameters).
+    groups:
+        Coupled channel groups; their member tensors get the group penalty.
+    individual_kind:
+        ``"none"``, ``"l1"``, ``"l0"``, ``"tl1"`` or ``"l1-l2"``: the elementwise
+        penalty on every conv and linear weight.
+    alpha:
+        The L1-L2 parameter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: ChannelGroups,
+        *,
+        individual_kind: str = "none",
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        beta_growth: float = 1.0,
+        beta_every: int = 1,
+        prox_every: int = 1,
+    ):
+        self.model = model
+        self.groups = groups
+        self.individual_kind = individual_kind
+        self.alpha = alpha
+        self.beta = float(beta)
+        self.beta_growth = float(beta_growth)
+        self.beta_every = int(beta_every)
+        self.prox_every = int(prox_every)
+        self.step_count = 0
+        params = dict(model.named_parameters())
+        names = set(groups.params)
+        if individual_kind != "none":
+            names |= set(individual_targets(model))
+        self.names = sorted(names)
+        self.params = [params[n] for n in self.names]
+        self.u = {n: params[n].detach().clone() for n in self.names}
+
+    @property
+    def individual_names(self) -> list[str]:
+        return individual_targets(self.model) if self.individual_kind != "none" else []
+
+    @torch.no_grad()
+    def add_coupling_grad(self) -> None:
+        """``grad w += beta (w - u)``: call after ``loss.backward()``, before ``optimizer.step()``."""
+        pairs = [
+            (p, self.u[n])
+            for n, p in zip(self.names, self.params, strict=True)
+            if p.grad is not None
+        ]
+        if not pairs:
+            return
+        ws, us = zip(*pairs, strict=True)
+        diffs = torch._foreach_sub(list(ws), list(us))
+        torch._foreach_add_([w.grad for w in ws], diffs, alpha=self.beta)
+
+    @torch.no_grad()
+    def prox(self, thresholds: Thresholds) -> None:
+        """``u = group_shrink(individual_prox(w))`` with the given thresholds."""
+        for name, p in zip(self.names, self.params, strict=True):
+            mu = thresholds.individual.get(name)
+            if mu is None:
+                self.u[name].copy_(p)
+            else:
+                self.u[name].copy_(
+                    penalties.individual_prox(
+                        self.individual_kind,
+                        p.detach(),
+                        mu,
+                        a=thresholds.individual_a.get(name, 1.0),
+                        alpha=self.alpha,
+                    )
+                )
+        norms = self.groups.channel_norms(self.u)
+        factors = [
+            penalties.group_shrink_factor(n, mu.to(n.device, n.dtype))
+            for n, mu in zip(norms, thresholds.group, strict=True)
+        ]
+        self.groups.scale_(self.u, factors)
+
+    def after_optimizer_step(self, thresholds_fn) -> None:
+        """Count the step and refresh ``u`` every ``prox_every`` steps (``thresholds_fn()`` is lazy)."""
+        self.step_count += 1
+        if self.step_count % self.prox_every == 0:
+            self.prox(thresholds_fn())
+
+    def end_epoch(self, epoch: int) -> None:
+        """Beta schedule: ``beta *= growth`` after every ``beta_every``-th epoch (0-based ``epoch``)."""
+        if (epoch + 1) % self.beta_every == 0:
+            self.beta *= self.beta_growth
+
+    @contextlib.contextmanager
+    def sparse_weights(self) -> Iterator[None]:
+        """Temporarily load ``u`` into the model (to evaluate the sparse model), then restore ``w``."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params, strict=True):
+                p.copy_(self.u[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, saved, strict=True):
+                    p.copy_(w)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """``w := u``: the model becomes the sparse model."""
+        for n, p in zip(self.names, self.params, strict=True):
+            p.copy_(self.u[n])
+
+    def state_dict(self) -> dict:
+        return {
+            "u": {n: t.detach().cpu().clone() for n, t in self.u.items()},
+            "beta": self.beta,
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if set(state["u"]) != set(self.u):
+            raise ValueError("RVSM state does not match the model's penalised tensors")
+        for n, t in state["u"].items():
+            self.u[n].copy_(t)
+        self.beta = float(state["beta"])
+        self.step_count = int(state["step_count"])
+
+
+def individual_targets(model: nn.Module) -> list[str]:
+    """Weights that get the elementwise penalty: every conv and linear weight."""
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
+    ]

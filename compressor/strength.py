@@ -1,0 +1,272 @@
+"""Penalty strengths that mean the same thing on every model, and the target controller.
+
+A raw ``lambda`` is not portable (DESIGN.md, "Practical notes"): its effect grows
+with the learning rate, momentum, step count and group sizes. Recipes therefore
+state strength in units of the weights themselves:
+
+* individual ``strength`` s: the prox zeroes a weight when ``|w| <= s * mean|W|``
+  (``W`` its tensor at the start); TL1's ``a`` is likewise relative to ``mean|W|``.
+* group ``strength`` s: the group prox zeroes unit ``u`` of group ``g`` when
+  ``||w_gu|| <= s * c_g * ref_g``, with ``ref_g`` the median unit norm of that
+  group at the start and ``c_g`` the group weighting (``size``: sqrt(|g|),
+  ``macs``: MACs one unit saves, ``uniform``: 1; normalised to mean 1), i.e. an
+  L2,1 penalty with ``mu_g = s c_g ref_g``.
+
+``lambda`` keys keep the papers' parametrisation: ``mu = lambda / beta`` and
+``mu_g = lambda_g sqrt(|g|) / beta`` (times the MACs weight when asked).
+
+With a target (``--target-macs 4``) a ``TargetController`` sets the group
+strength itself: it follows a cubic schedule (Zhu & Gupta 2017) of the cost to
+remove, reaching the target at ``reach_fraction`` of training; each update it
+ranks units by ``||w_gu|| / (c_g ref_g)`` and picks the threshold at which the
+zero units' removal meets the schedule. Once reached, the zero set is frozen and
+the survivors are no longer shrunk, so the rest of training recovers accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressor.groups import ChannelGroups
+from compressor.splitting import Thresholds
+
+log = logging.getLogger(__name__)
+
+MIN_KEEP_FRACTION = 0.05  # a target never empties a group below this fraction of its units
+
+
+def mu_for_threshold(kind: str, threshold: float, a: float = 1.0) -> float:
+    """The prox parameter ``mu`` whose zeroing threshold on ``|y|`` is ``threshold``.
+
+    l1: t = mu; l0: t = sqrt(2 mu); l1-l2: t = mu (alpha = 1); tl1 (Zhang & Xin):
+    t = mu (a+1)/a when mu <= a^2 / (2(a+1)), else t = sqrt(2 mu (a+1)) - a/2.
+    """
+    t = float(threshold)
+    if kind in ("l1", "l1-l2"):
+        return t
+    if kind == "l0":
+        return t * t / 2
+    if kind == "tl1":
+        mu = t * a / (a + 1)
+        if mu <= a * a / (2 * (a + 1)):
+            return mu
+        return (t + a / 2) ** 2 / (2 * (a + 1))
+    raise ValueError(f"no threshold for penalty kind {kind!r}")
+
+
+def group_weights(groups: ChannelGroups, weighting: str) -> torch.Tensor:
+    """Per-group weight ``c_g``, normalised to mean 1 over units."""
+    if weighting == "size":
+        w = torch.tensor([math.sqrt(g.weights_per_channel) for g in groups], dtype=torch.float64)
+    elif weighting == "macs":
+        w = torch.tensor(groups.macs_per_channel(), dtype=torch.float64).clamp_min(1e-12)
+    elif weighting == "uniform":
+        w = torch.ones(len(groups), dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown group weighting {weighting!r}")
+    sizes = torch.tensor([g.size for g in groups], dtype=torch.float64)
+    if len(w) == 0:
+        return w
+    return w / ((w * sizes).sum() / sizes.sum())
+
+
+@dataclass
+class Strength:
+    """Computes the prox thresholds of each step from the recipe's strengths.
+
+    Build it with ``Strength.from_recipe`` before training (it measures the
+    starting weights). ``group_strength`` may be changed during training (the
+    target controller does).
+    """
+
+    individual_kind: str
+    individual_strength: float | None
+    individual_lambda: float | None
+    a: float
+    group_strength: float | None
+    group_lambda: float | None
+    weights: torch.Tensor  # c_g per group
+    ref: torch.Tensor  # ref_g per group (median unit norm at start)
+    sqrt_sizes: torch.Tensor
+    tensor_scale: dict[str, float]  # mean |W| per individually penalised tensor
+    unit_sizes: list[int]
+    forced_zero: list[torch.Tensor] | None = None  # units the target controller zeroes
+    frozen: bool = False  # target reached: survivors are no longer shrunk
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_recipe(
+        cls, penalty: Mapping, model: nn.Module, groups: ChannelGroups, individual_names: list[str]
+    ) -> Strength:
+        ind, grp = penalty["individual"], penalty["group"]
+        params = dict(model.named_parameters())
+        norms = groups.channel_norms(params)
+        ref = torch.tensor(
+            [
+                float(n.median()) if float(n.median()) > 0 else float(n.mean()) + 1e-12
+                for n in norms
+            ],
+            dtype=torch.float64,
+        )
+        scale = {n: float(params[n].detach().abs().mean()) + 1e-12 for n in individual_names}
+        return cls(
+            individual_kind=ind["kind"],
+            individual_strength=ind.get("strength"),
+            individual_lambda=ind.get("lambda"),
+            a=float(ind.get("a", 1.0)),
+            group_strength=grp.get("strength"),
+            group_lambda=grp.get("lambda"),
+            weights=group_weights(groups, grp.get("weighting", "size")),
+            ref=ref,
+            sqrt_sizes=torch.tensor(
+                [math.sqrt(g.weights_per_channel) for g in groups], dtype=torch.float64
+            ),
+            tensor_scale=scale,
+            unit_sizes=[g.size for g in groups],
+        )
+
+    def group_mu(self, beta: float) -> list[torch.Tensor]:
+        """Per group, per unit ``mu`` of the group shrink."""
+        if self.group_lambda is not None:
+            per_group = self.group_lambda * self.sqrt_sizes * self.weights / beta
+        else:
+            per_group = (self.group_strength or 0.0) * self.weights * self.ref
+        if self.frozen:
+            per_group = torch.zeros_like(per_group)
+        mus = [
+            torch.full((n,), float(m), dtype=torch.float32)
+            for n, m in zip(self.unit_sizes, per_group, strict=True)
+        ]
+        if self.forced_zero is not None:
+            mus = [
+                mu.masked_fill(z, float("inf")) for mu, z in zip(mus, self.forced_zero, strict=True)
+            ]
+        return mus
+
+    def thresholds(self, beta: float) -> Thresholds:
+        individual, a_of = {}, {}
+        if self.individual_kind != "none":
+            for name, scale in self.tensor_scale.items():
+                if self.individual_lambda is not None:
+                    individual[name] = self.individual_lambda / beta
+                    a_of[name] = self.a
+                else:
+                    a_t = self.a * scale
+                    individual[name] = mu_for_threshold(
+                        self.individual_kind, (self.individual_strength or 0.0) * scale, a_t
+                    )
+                    a_of[name] = a_t
+        return Thresholds(individual, a_of, self.group_mu(beta))
+
+
+def cubic_schedule(progress: float) -> float:
+    """Fraction of the final removal reached at ``progress`` in [0, 1] (Zhu & Gupta 2017)."""
+    p = min(max(progress, 0.0), 1.0)
+    return 1.0 - (1.0 - p) ** 3
+
+
+class TargetController:
+    """Raises the group strength until the zero units remove the asked share of MACs or params.
+
+    ``kind`` is ``"macs"`` or ``"params"``; ``factor`` the asked reduction (4 = 4x fewer).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        factor: float,
+        groups: ChannelGroups,
+        strength: Strength,
+        *,
+        total_steps: int,
+        reach_fraction: float = 0.6,
+    ):
+        if kind not in ("macs", "params"):
+            raise ValueError(f"target kind must be 'macs' or 'params', got {kind!r}")
+        self.kind, self.factor = kind, float(factor)
+        self.groups, self.strength = groups, strength
+        self.reach_step = max(1, int(round(reach_fraction * total_steps)))
+        self.base = groups.total_macs if kind == "macs" else groups.total_params
+        self.frozen = False
+        self.reached_factor = 1.0
+        self.floor_factor = self._floor_factor()
+
+    def _cost(self, masks) -> float:
+        macs, params = self.groups.estimate_cost(masks)
+        return macs if self.kind == "macs" else params
+
+    def _floor_factor(self) -> float:
+        masks = []
+        for g in self.groups:
+            m = torch.ones(g.size, dtype=torch.bool)
+            m[: max(1, math.ceil(MIN_KEEP_FRACTION * g.size))] = False
+            masks.append(m)
+        return self.base / max(self._cost(masks), 1.0)
+
+    @property
+    def reachable(self) -> bool:
+        return self.factor <= self.floor_factor * 1.0000001
+
+    def scheduled_factor(self, step: int) -> float:
+        final_removed = 1.0 - 1.0 / self.factor
+        removed = final_removed * cubic_schedule(step / self.reach_step)
+        return 1.0 / (1.0 - removed)
+
+    @torch.no_grad()
+    def update(self, step: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Set the group strength so that zero units meet the schedule at ``step``.
+
+        ``tensors`` are the weights the group prox will see (after the
+        individual prox). The chosen zero set is imposed as a mask (so the
+        estimate is exact whatever the prox does to the other units); after
+        ``reach_step`` it is frozen and survivors are no longer shrunk.
+        """
+        if self.frozen:
+            return
+        want = min(self.scheduled_factor(step), self.factor)
+        norms = self.groups.channel_norms(tensors)
+        scale = (self.strength.weights * self.strength.ref).tolist()
+        scores = [n.double().cpu() / s for n, s in zip(norms, scale, strict=True)]
+        for sc in scores:  # every group keeps MIN_KEEP_FRACTION of its units
+            keep = max(1, math.ceil(MIN_KEEP_FRACTION * len(sc)))
+            sc[torch.topk(sc, keep).indices] = float("inf")
+        flat = torch.cat(scores)
+        order = torch.sort(flat).values
+        finite = int(torch.isfinite(order).sum())
+
+        def masks_at(k: int) -> list[torch.Tensor]:
+            thr = order[k - 1] if k > 0 else -1.0
+            return [sc <= thr for sc in scores]
+
+        lo, hi = 0, finite  # smallest k whose cost meets ``want``
+        if self.base / max(self._cost(masks_at(hi)), 1.0) < want:
+            lo = hi
+        else:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.base / max(self._cost(masks_at(mid)), 1.0) >= want:
+                    hi = mid
+                else:
+                    lo = mid + 1
+        k = lo
+        threshold = float(order[k - 1]) if k > 0 else 0.0
+        masks = masks_at(k)
+        self.strength.group_strength = threshold
+        self.strength.forced_zero = masks
+        self.reached_factor = self.base / max(self._cost(masks), 1.0)
+        if step >= self.reach_step:
+            self.frozen = True
+            self.strength.frozen = True
+            log.info(
+                "target %.2fx %s reached %.3fx at step %d; zero set frozen",
+                self.factor,
+                self.kind,
+                self.reached_factor,
+                step,
+            )

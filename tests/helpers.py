@@ -1,0 +1,25 @@
+"""Helpers shared by the tests."""
+
+import torch
+
+
+def randomize_bn(model: torch.nn.Module) -> None:
+    """Give BatchNorm non-trivial statistics and biases, so that exactness checks mean something."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def zero_fraction_of_groups(groups, model, fraction: float, seed: int = 0) -> None:
+    """Zero ``fraction`` of the units of every group (all member slices), in place."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = []
+    for g in groups:
+        f = torch.ones(g.size)
+        f[torch.randperm(g.size, generator=gen)[: int(fraction * g.size)]] = 0
+        factors.append(f)
+    groups.scale_(dict(model.named_parameters()), factors)

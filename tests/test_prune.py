@@ -1,0 +1,66 @@
+import pytest
+import torch
+from torch import nn
+
+from compressor.errors import VerificationError
+from compressor.groups import build_groups
+from compressor.metrics import count_macs, count_params
+from compressor.models import lenet5, resnet20
+from compressor.prune import prune_zero_channels, units_to_remove
+from tests.helpers import randomize_bn, zero_fraction_of_groups
+
+
+def test_units_to_remove_round_to_and_never_empty():
+    mask = torch.tensor([True, True, True, False, True, True, True, True])
+    assert int(units_to_remove(mask, 1).sum()) == 7  # keeps 1
+    assert int(units_to_remove(mask, 4).sum()) == 4  # keeps 4
+    assert int(units_to_remove(torch.zeros(5, dtype=torch.bool), 1).sum()) == 0
+    kept = 8 - int(units_to_remove(mask, 3).sum())
+    assert kept % 3 == 0
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_prune_resnet20_exact(round_to):
+    model = resnet20(in_channels=1).eval()
+    randomize_bn(model)
+    x = torch.randn(16, 1, 28, 28)
+    groups = build_groups(model, x[:1])
+    zero_fraction_of_groups(groups, model, 0.4)
+    macs0, params0 = count_macs(model, x[:1]), count_params(model)
+    reference = model(x).detach()
+    result = prune_zero_channels(model, groups, x, round_to=round_to)
+    assert result.relative_diff <= 1e-4
+    torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
+    assert count_macs(model, x[:1]) < macs0 and count_params(model) < params0
+    assert result.channels_removed > 0
+    for root, kept in result.kept.items():
+        assert kept % round_to == 0 or kept == next(g for g in groups if g.root == root).size
+
+
+def test_prune_raises_when_output_changes():
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x) + 1.0).mean((2, 3))  # +1 makes a zero channel non-zero
+
+    model = Leaky().eval()
+    x = torch.randn(4, 1, 8, 8)
+    groups = build_groups(model, x[:1], check_exactness=False)
+    zero_fraction_of_groups(groups, model, 0.5)
+    with pytest.raises(VerificationError, match="changed the model output"):
+        prune_zero_channels(model, groups, x)
+
+
+def test_prune_lenet_linear_hidden_layers():
+    model = lenet5().eval()
+    x = torch.randn(8, 1, 28, 28)
+    groups = build_groups(model, x[:1])
+    zero_fraction_of_groups(groups, model, 0.4)
+    ref = model(x).detach()
+    prune_zero_channels(model, groups, x)
+    assert model.fc1.out_features == 300 and model.conv2.out_channels == 30
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,113 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.groups import build_groups
+from compressor.prune import prune_zero_channels
+from compressor.splitting import RVSM, Thresholds
+from compressor.strength import Strength
+
+
+def tiny_net():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    )
+
+
+def blob_data(n=256, seed=0):
+    """Three classes told apart by where a bright square sits."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    x = 0.3 * torch.randn(n, 1, 8, 8, generator=gen)
+    for i, c in enumerate(y.tolist()):
+        x[i, 0, 2 * c : 2 * c + 3, 2 * c : 2 * c + 3] += 2.0
+    return x, y
+
+
+def test_coupling_gradient_is_beta_times_w_minus_u():
+    model = tiny_net()
+    x = torch.randn(2, 1, 8, 8)
+    groups = build_groups(model, x[:1])
+    rvsm = RVSM(model, groups, individual_kind="l1", beta=0.5)
+    for u in rvsm.u.values():
+        u.mul_(0.5)
+    model.zero_grad()
+    model(x).sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    rvsm.add_coupling_grad()
+    for n, p in model.named_parameters():
+        if n in rvsm.u:
+            torch.testing.assert_close(p.grad, before[n] + 0.5 * (p.detach() - rvsm.u[n]))
+        else:
+            torch.testing.assert_close(p.grad, before[n])
+
+
+def test_prox_composes_individual_then_group_and_state_round_trips():
+    model = tiny_net()
+    groups = build_groups(model, torch.randn(1, 1, 8, 8))
+    rvsm = RVSM(model, groups, individual_kind="l1", beta=1.0, beta_growth=2.0, beta_every=1)
+    big = [torch.full((g.size,), 1e9) for g in groups]
+    rvsm.prox(Thresholds({n: 0.0 for n in rvsm.individual_names}, {}, big))
+    assert all(float(n.max()) == 0 for n in groups.channel_norms(rvsm.u))
+    # a weight that no group covers (the classifier) keeps its value under mu = 0
+    torch.testing.assert_close(rvsm.u["8.weight"], model[8].weight.detach())
+    rvsm.end_epoch(0)
+    assert rvsm.beta == 2.0
+    other = RVSM(model, groups, individual_kind="l1")
+    other.load_state_dict(rvsm.state_dict())
+    assert other.beta == 2.0 and all(torch.equal(other.u[n], rvsm.u[n]) for n in rvsm.u)
+
+
+def test_sparse_weights_swaps_and_restores():
+    model = tiny_net()
+    groups = build_groups(model, torch.randn(1, 1, 8, 8))
+    rvsm = RVSM(model, groups, individual_kind="none")
+    w = model[0].weight.detach().clone()
+    rvsm.u["0.weight"].zero_()
+    with rvsm.sparse_weights():
+        assert float(model[0].weight.detach().abs().sum()) == 0
+    torch.testing.assert_close(model[0].weight.detach(), w)
+
+
+def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
+    torch.manual_seed(0)
+    model = tiny_net()
+    x, y = blob_data()
+    groups = build_groups(model, x[:1])
+    penalty = {
+        "individual": {"kind": "tl1", "strength": 0.3, "lambda": None, "a": 1.0, "alpha": 1.0},
+        "group": {"strength": 0.6, "lambda": None, "weighting": "size"},
+    }
+    rvsm = RVSM(model, groups, individual_kind="tl1", beta=1.0)
+    strength = Strength.from_recipe(penalty, model, groups, rvsm.individual_names)
+    rvsm.prox(strength.thresholds(rvsm.beta))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(300):
+        i = torch.randint(0, len(x), (32,))
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        rvsm.add_coupling_grad()
+        opt.step()
+        rvsm.after_optimizer_step(lambda: strength.thresholds(rvsm.beta))
+        losses.append(float(loss))
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+    masks = groups.zero_masks(rvsm.u)
+    assert sum(int(m.sum()) for m in masks) > 0, "no group went exactly to zero"
+    assert float((rvsm.u["3.weight"] == 0).float().mean()) > 0.2
+    rvsm.finalize()
+    model.eval()
+    sparse_out = model(x).detach()
+    params_before = sum(p.numel() for p in model.parameters())
+    prune_zero_channels(model, groups, x[:64])
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    torch.testing.assert_close(model(x), sparse_out, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+
+from compressor import penalties
+from compressor.groups import build_groups
+from compressor.models import resnet20
+from compressor.strength import (
+    Strength,
+    TargetController,
+    cubic_schedule,
+    group_weights,
+    mu_for_threshold,
+)
+
+PENALTY = {
+    "individual": {"kind": "none", "strength": 0.0, "lambda": None, "a": 1.0, "alpha": 1.0},
+    "group": {"strength": 0.0, "lambda": None, "weighting": "macs"},
+}
+
+
+@pytest.mark.parametrize(
+    "kind,a", [("l1", 1.0), ("l0", 1.0), ("tl1", 1.0), ("tl1", 0.05), ("l1-l2", 1.0)]
+)
+def test_mu_for_threshold_inverts_each_prox_threshold(kind, a):
+    t = 0.3
+    mu = mu_for_threshold(kind, t, a)
+    # l1-l2 is a whole-tensor penalty: the threshold applies once some entry is large
+    below = torch.tensor([t * 0.999, 5.0], dtype=torch.float64)
+    above = torch.tensor([t * 1.01, 5.0], dtype=torch.float64)
+    assert float(penalties.individual_prox(kind, below, mu, a=a)[0]) == 0
+    assert float(penalties.individual_prox(kind, above, mu, a=a)[0]) > 0
+
+
+def test_group_weights_are_normalised_to_mean_one():
+    groups = build_groups(resnet20(in_channels=1), torch.randn(1, 1, 16, 16))
+    sizes = torch.tensor([g.size for g in groups], dtype=torch.float64)
+    for weighting in ("size", "macs", "uniform"):
+        w = group_weights(groups, weighting)
+        assert math.isclose(float((w * sizes).sum() / sizes.sum()), 1.0, rel_tol=1e-9)
+
+
+def test_cubic_schedule_endpoints():
+    assert cubic_schedule(0) == 0 and cubic_schedule(1) == 1 and cubic_schedule(2) == 1
+    assert cubic_schedule(0.5) > 0.5  # front-loaded
+
+
+def _controller(factor, total_steps=100):
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    strength = Strength.from_recipe(PENALTY, model, groups, [])
+    ctl = TargetController(
+        "macs", factor, groups, strength, total_steps=total_steps, reach_fraction=0.5
+    )
+    return model, groups, strength, ctl
+
+
+def test_controller_follows_schedule_reaches_and_holds_target():
+    model, groups, strength, ctl = _controller(4.0)
+    tensors = dict(model.named_parameters())
+    ctl.update(10, tensors)
+    early = ctl.reached_factor
+    assert 1.0 < early < 4.0
+    assert abs(early - ctl.scheduled_factor(10)) / ctl.scheduled_factor(10) < 0.1
+    ctl.update(50, tensors)
+    assert ctl.frozen and strength.frozen
+    assert 4.0 * 0.95 <= ctl.reached_factor <= 4.0 * 1.05
+    masks = [m.clone() for m in strength.forced_zero]
+    est_macs, _ = groups.estimate_cost(masks)
+    assert abs(groups.total_macs / est_macs - ctl.reached_factor) < 1e-9
+    # held: later updates change nothing, survivors are no longer shrunk
+    ctl.update(80, tensors)
+    assert all(torch.equal(a, b) for a, b in zip(masks, strength.forced_zero, strict=True))
+    mus = strength.group_mu(beta=1.0)
+    for mu, z in zip(mus, masks, strict=True):
+        assert torch.isinf(mu[z]).all() and (mu[~z] == 0).all()
+
+
+def test_unreachable_target_is_reported_not_collapsed():
+    model, groups, strength, ctl = _controller(1e6)
+    assert not ctl.reachable
+    ctl.update(50, dict(model.named_parameters()))
+    assert ctl.reached_factor < 1e6
+    for g, z in zip(groups, strength.forced_zero, strict=True):
+        assert int((~z).sum()) >= 1, f"group {g.root} emptied"
