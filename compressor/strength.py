@@ -9,7 +9,7 @@ state strength in units of the weights themselves:
 * group ``strength`` s: the group prox zeroes unit ``u`` of group ``g`` when
   ``||w_gu|| <= s * c_g * ref_g``, with ``ref_g`` the median unit norm of that
   group at the start and ``c_g`` the group weighting (``size``: sqrt(|g|),
-  ``macs``: MACs one unit saves, ``uniform``: 1; normalised to mean 1), i.e. an
+  ``macs``: sqrt of the MACs one unit saves, ``uniform``: 1; normalised to mean 1), i.e. an
   L2,1 penalty with ``mu_g = s c_g ref_g``.
 
 ``lambda`` keys keep the papers' parametrisation: ``mu = lambda / beta`` and
@@ -39,6 +39,9 @@ from compressor.splitting import Thresholds
 log = logging.getLogger(__name__)
 
 MIN_KEEP_FRACTION = 0.05  # a target never empties a group below this fraction of its units
+# ``macs`` weighting uses (MACs one unit saves) ** this: 1 would spend the whole penalty on
+# the high-resolution residual stream, whose few channels every block reads.
+MACS_WEIGHT_EXPONENT = 0.5
 
 
 def mu_for_threshold(kind: str, threshold: float, a: float = 1.0) -> float:
@@ -66,6 +69,7 @@ def group_weights(groups: ChannelGroups, weighting: str) -> torch.Tensor:
         w = torch.tensor([math.sqrt(g.weights_per_channel) for g in groups], dtype=torch.float64)
     elif weighting == "macs":
         w = torch.tensor(groups.macs_per_channel(), dtype=torch.float64).clamp_min(1e-12)
+        w = w**MACS_WEIGHT_EXPONENT
     elif weighting == "uniform":
         w = torch.ones(len(groups), dtype=torch.float64)
     else:

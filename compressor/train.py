@@ -150,7 +150,7 @@ def train_one_epoch(
             with torch.no_grad():
                 for p, mask in masks.items():
                     p.mul_(mask)
-        loss_sum += float(loss) * len(y)
+        loss_sum += loss.item() * len(y)
         seen += len(y)
         if log_every and (step + 1) % log_every == 0:
             rate = seen / (time.perf_counter() - start)

@@ -99,7 +99,7 @@ def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
         rvsm.add_coupling_grad()
         opt.step()
         rvsm.after_optimizer_step(lambda: strength.thresholds(rvsm.beta))
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
     masks = groups.zero_masks(rvsm.u)
     assert sum(int(m.sum()) for m in masks) > 0, "no group went exactly to zero"

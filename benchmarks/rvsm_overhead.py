@@ -1,0 +1,370 @@
+"""Tool overhead: what the RVSM step costs on top of a plain optimizer step.
+
+torchvision ``resnet18`` (``num_classes=10``, random weights), CPU, batch 32 of
+64x64 inputs, SGD (lr 0.01, momentum 0.9). Two copies of the model train on
+the same batch, step for step, interleaved (plain, RVSM, RVSM, plain, ...):
+
+- plain step: forward, backward, ``optimizer.step()``;
+- RVSM step: the same plus ``rvsm.add_coupling_grad()`` (``grad += beta (w - u)``)
+  before the optimizer step and ``rvsm.after_optimizer_step(...)`` (the prox:
+  TL1 on every conv/linear weight, then the group shrink) after it, every step.
+
+Reported: medians of both steps and ``overhead = (rvsm - plain) / plain``
+(goal <= 10%), the phases of each step, and the pieces alone, timed in
+isolation on the same state: the coupling gradient, the prox and its parts
+(individual prox per tensor, channel norms, shrink factors, ``scale_``), the
+thresholds, and the target controller's per-step update (only used with
+``--target-macs``; not part of the overhead above).
+
+    .venv/bin/python benchmarks/rvsm_overhead.py            # full run (a few minutes)
+    .venv/bin/python benchmarks/rvsm_overhead.py --quick    # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+
+from benchmarks.common import command_line, load_average, machine_info, write_json  # noqa: E402
+from compressor import penalties  # noqa: E402
+from compressor.groups import build_groups  # noqa: E402
+from compressor.splitting import RVSM  # noqa: E402
+from compressor.strength import Strength, TargetController  # noqa: E402
+
+log = logging.getLogger("benchmarks.rvsm_overhead")
+
+SCHEMA_VERSION = 1
+GOAL_OVERHEAD = 0.10
+PENALTY = {
+    "individual": {"kind": "tl1", "strength": 0.5, "lambda": None, "a": 1.0, "alpha": 1.0},
+    "group": {"strength": 1.0, "lambda": None, "weighting": "size"},
+}
+
+
+def _stats(ms: list[float]) -> dict:
+    s = sorted(ms)
+    return {
+        "median_ms": round(statistics.median(s), 4),
+        "p90_ms": round(s[min(len(s) - 1, max(0, -(-9 * len(s) // 10) - 1))], 4),
+        "min_ms": round(s[0], 4),
+        "n": len(s),
+    }
+
+
+def _time(fn: Callable[[], object], reps: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return _stats(ms)
+
+
+class Steps:
+    """The plain and the RVSM training step, each on its own copy of the model."""
+
+    def __init__(self, arch: str, batch: int, resolution: int, seed: int):
+        torch.manual_seed(seed)
+        base = getattr(torchvision.models, arch)(num_classes=10)
+        self.plain = copy.deepcopy(base).train()
+        self.model = copy.deepcopy(base).train()
+        self.x = torch.randn(batch, 3, resolution, resolution)
+        self.y = torch.randint(0, 10, (batch,))
+        self.groups = build_groups(self.model, self.x[:1])
+        self.rvsm = RVSM(self.model, self.groups, individual_kind="tl1", beta=1.0)
+        self.strength = Strength.from_recipe(
+            PENALTY, self.model, self.groups, self.rvsm.individual_names
+        )
+        self.rvsm.prox(self.strength.thresholds(self.rvsm.beta))  # u0 = prox(w0), as the pipeline
+        self.opt_plain = torch.optim.SGD(self.plain.parameters(), lr=0.01, momentum=0.9)
+        self.opt_rvsm = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def thresholds(self):
+        return self.strength.thresholds(self.rvsm.beta)
+
+    def plain_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.opt_plain.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.plain(self.x), self.y)
+        loss.backward()
+        t1 = time.perf_counter()
+        self.opt_plain.step()
+        t2 = time.perf_counter()
+        return {"forward_backward": t1 - t0, "optimizer": t2 - t1, "total": t2 - t0}
+
+    def rvsm_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.opt_rvsm.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        t1 = time.perf_counter()
+        self.rvsm.add_coupling_grad()
+        t2 = time.perf_counter()
+        self.opt_rvsm.step()
+        t3 = time.perf_counter()
+        self.rvsm.after_optimizer_step(self.thresholds)
+        t4 = time.perf_counter()
+        return {
+            "forward_backward": t1 - t0,
+            "coupling": t2 - t1,
+            "optimizer": t3 - t2,
+            "prox": t4 - t3,
+            "total": t4 - t0,
+        }
+
+
+def interleaved(steps: Steps, reps: int, warmup: int) -> dict:
+    """Alternate plain and RVSM steps (order flips every repetition); medians per phase."""
+    for _ in range(warmup):
+        steps.plain_step()
+        steps.rvsm_step()
+    plain: dict[str, list[float]] = {}
+    rvsm: dict[str, list[float]] = {}
+    for r in range(reps):
+        order = ((steps.plain_step, plain), (steps.rvsm_step, rvsm))
+        for fn, into in order if r % 2 == 0 else reversed(order):
+            for k, v in fn().items():
+                into.setdefault(k, []).append(v * 1e3)
+    ratios = [b / a for a, b in zip(plain["total"], rvsm["total"], strict=True)]
+    return {
+        "plain": {k: _stats(v) for k, v in plain.items()},
+        "rvsm": {k: _stats(v) for k, v in rvsm.items()},
+        "paired_ratio_median": statistics.median(ratios),
+    }
+
+
+def prox_parts(steps: Steps) -> dict[str, Callable[[], object]]:
+    """The phases of ``RVSM.prox`` as separate callables (same calls, same order, same data).
+
+    This mirrors ``compressor.splitting.RVSM.prox`` so each phase can be timed
+    alone; the whole prox is timed through the real method as well.
+    """
+    rvsm, groups = steps.rvsm, steps.groups
+    thr = steps.thresholds()
+    cache: dict[str, object] = {}
+
+    def individual():
+        for name, p in zip(rvsm.names, rvsm.params, strict=True):
+            mu = thr.individual.get(name)
+            if mu is None:
+                rvsm.u[name].copy_(p)
+            else:
+                rvsm.u[name].copy_(
+                    penalties.individual_prox(
+                        rvsm.individual_kind,
+                        p.detach(),
+                        mu,
+                        a=thr.individual_a.get(name, 1.0),
+                        alpha=rvsm.alpha,
+                    )
+                )
+
+    def individual_no_copy():
+        for name, p in zip(rvsm.names, rvsm.params, strict=True):
+            mu = thr.individual.get(name)
+            if mu is not None:
+                penalties.individual_prox(
+                    rvsm.individual_kind,
+                    p.detach(),
+                    mu,
+                    a=thr.individual_a.get(name, 1.0),
+                    alpha=rvsm.alpha,
+                )
+
+    def norms():
+        cache["norms"] = groups.channel_norms(rvsm.u)
+
+    def factors():
+        cache["factors"] = [
+            penalties.group_shrink_factor(n, mu.to(n.device, n.dtype))
+            for n, mu in zip(cache["norms"], thr.group, strict=True)
+        ]
+
+    def scale():
+        groups.scale_(rvsm.u, cache["factors"])
+
+    return {
+        "individual_prox_and_copy": individual,
+        "individual_prox_only": individual_no_copy,
+        "channel_norms": norms,
+        "group_shrink_factors": factors,
+        "scale_": scale,
+    }
+
+
+def _fill_grads(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def components(steps: Steps, reps: int) -> dict:
+    """Each piece of the RVSM step, timed alone on the current state."""
+    _fill_grads(steps.model)
+    rvsm = steps.rvsm
+    thr = steps.thresholds()
+    out = {
+        "add_coupling_grad": _time(rvsm.add_coupling_grad, reps),
+        "thresholds": _time(steps.thresholds, reps),
+        "prox": _time(lambda: rvsm.prox(thr), reps),
+    }
+    parts = prox_parts(steps)
+    for name in ("individual_prox_and_copy", "individual_prox_only", "channel_norms"):
+        out[f"prox.{name}"] = _time(parts[name], reps)
+    parts["channel_norms"]()
+    out["prox.group_shrink_factors"] = _time(parts["group_shrink_factors"], reps)
+    parts["group_shrink_factors"]()
+    out["prox.scale_"] = _time(parts["scale_"], reps)
+    # Which tensors dominate the individual prox: the five biggest, timed alone.
+    sizes = sorted(
+        ((p.numel(), n, p) for n, p in zip(rvsm.names, rvsm.params, strict=True)),
+        key=lambda t: t[0],
+        reverse=True,
+    )
+    out["penalised_tensors"] = len(rvsm.names)
+    out["penalised_elements"] = sum(s for s, _, _ in sizes)
+    out["model_elements"] = sum(p.numel() for p in steps.model.parameters())
+    out["groups"] = len(steps.groups)
+    out["group_members"] = sum(len(g.members) for g in steps.groups)
+    return out
+
+
+def controller_update(steps: Steps, reps: int) -> dict:
+    """The target controller's per-step update (``--target-macs 2``), on a copy of the state."""
+    strength = copy.deepcopy(steps.strength)
+    ctl = TargetController("macs", 2.0, steps.groups, strength, total_steps=10_000)
+    u = steps.rvsm.u
+    return _time(lambda: ctl.update(100, u), reps)
+
+
+def profile_step(steps: Steps, reps: int) -> list[dict]:
+    """``torch.profiler`` of a few RVSM steps: the top CPU ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            steps.rvsm_step()
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]:
+        rows.append(
+            {
+                "op": e.key,
+                "calls_per_step": round(e.count / reps, 1),
+                "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / reps, 3),
+            }
+        )
+    return rows
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--reps", type=int, default=None, help="interleaved step pairs (default 60)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed step pairs (default 5)")
+    p.add_argument(
+        "--component-reps", type=int, default=None, help="runs of each piece alone (default 30)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="few repetitions, no profiler")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/rvsm_overhead.json"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    quick = args.quick
+    reps = args.reps if args.reps is not None else (4 if quick else 60)
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 5)
+    comp_reps = args.component_reps if args.component_reps is not None else (3 if quick else 30)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    started = time.perf_counter()
+
+    steps = Steps(args.arch, args.batch, args.resolution, args.seed)
+    log.info("interleaving %d plain / RVSM step pairs ...", reps)
+    steps_result = interleaved(steps, reps, warmup)
+    plain_ms = steps_result["plain"]["total"]["median_ms"]
+    rvsm_ms = steps_result["rvsm"]["total"]["median_ms"]
+    overhead = (rvsm_ms - plain_ms) / plain_ms
+    log.info("components ...")
+    comp = components(steps, comp_reps)
+    ctl = controller_update(steps, max(2, comp_reps // 5))
+    profile = [] if (quick or args.no_profile) else profile_step(steps, 5)
+    sparsity = {
+        "u_zero_fraction": sum(int((t == 0).sum()) for t in steps.rvsm.u.values())
+        / sum(t.numel() for t in steps.rvsm.u.values()),
+        "u_zero_units": sum(int(m.sum()) for m in steps.groups.zero_masks(steps.rvsm.u)),
+        "units": steps.groups.total_channels,
+    }
+    info["load_average_at_end"] = load_average()
+    out = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "rvsm_step_overhead",
+        "command": command_line("benchmarks/rvsm_overhead.py", argv),
+        "machine": info,
+        "settings": {
+            "quick": quick,
+            "arch": args.arch,
+            "num_classes": 10,
+            "batch": args.batch,
+            "input_shape": [3, args.resolution, args.resolution],
+            "optimizer": "SGD(lr=0.01, momentum=0.9)",
+            "penalty": PENALTY,
+            "beta": steps.rvsm.beta,
+            "prox_every": steps.rvsm.prox_every,
+            "reps": reps,
+            "warmup": warmup,
+            "component_reps": comp_reps,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "steps": steps_result,
+        "plain_step_ms": plain_ms,
+        "rvsm_step_ms": rvsm_ms,
+        "overhead": overhead,
+        "goal_overhead": GOAL_OVERHEAD,
+        "goal_met": bool(overhead <= GOAL_OVERHEAD),
+        "components": comp,
+        "components_share_of_plain_step": {
+            k: v["median_ms"] / plain_ms for k, v in comp.items() if isinstance(v, dict)
+        },
+        "target_controller_update": ctl,
+        "profile_rvsm_step_top_ops": profile,
+        "sparsity_after_run": sparsity,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(args.out, out)
+    log.info(
+        "plain %.1f ms, RVSM %.1f ms: overhead %.1f%% (goal <= %.0f%%); wrote %s",
+        plain_ms,
+        rvsm_ms,
+        100 * overhead,
+        100 * GOAL_OVERHEAD,
+        args.out,
+    )
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    main()

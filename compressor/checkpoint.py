@@ -1,0 +1,895 @@
+"""Load a model from a checkpoint (safe by default); save the compact model and load it back.
+
+Accepted checkpoints (:func:`load_checkpoint`):
+
+- ``.pt`` / ``.pth`` holding a ``state_dict`` (or a dict with one under ``state_dict``,
+  ``model`` or ``model_state_dict``), read with ``torch.load(weights_only=True)``, which
+  cannot run code; the architecture comes from ``--arch``;
+- a plain ``.safetensors`` file plus ``--arch``;
+- compressor's own compact ``model.safetensors`` (weights plus metadata describing the
+  pruned shapes), which needs no flag;
+- a whole pickled ``nn.Module`` only with ``trust_checkpoint=True``: unpickling runs code
+  from the file.
+
+Architectures (:func:`build_model`): compressor's built-ins (``resnet20``, ``lenet5``),
+torchvision classification models by name (never with downloaded weights), or
+``package.module:callable`` imported with the current directory on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import importlib
+import inspect
+import json
+import logging
+import os
+import pickle
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.errors import CheckpointError, OutputError
+from compressor.fileio import atomic_output
+from compressor.models import BUILTIN_MODELS
+
+__all__ = [
+    "COMPACT_FORMAT_VERSION",
+    "METADATA_KEY",
+    "LoadedCheckpoint",
+    "build_model",
+    "list_architectures",
+    "load",
+    "load_checkpoint",
+    "read_compact_metadata",
+    "save_compact",
+]
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "compressor"
+COMPACT_FORMAT_VERSION = 1
+_STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+_ARCH_HINT = (
+    "a built-in ({builtins}), a torchvision classification model such as resnet18, "
+    "or package.module:callable for your own model"
+)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model read from a checkpoint, in eval mode.
+
+    ``format``: "state_dict", "safetensors", "compact" or "pickled_module".
+    ``build_kwargs``: what :func:`build_model` was called with (``num_classes``,
+    ``in_channels``), also under ``metadata["build_kwargs"]``.
+    """
+
+    model: nn.Module
+    arch: str | None
+    format: str
+    metadata: dict = field(default_factory=dict)
+    build_kwargs: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------
+# Architectures
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_architectures() -> list[str]:
+    """Built-in names followed by torchvision classification model names."""
+    return sorted(BUILTIN_MODELS) + _torchvision_names()
+
+
+def _builtins_text() -> str:
+    return ", ".join(sorted(BUILTIN_MODELS))
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _import_callable(arch: str) -> Callable:
+    module_name, _, attr = arch.partition(":")
+    if not module_name or not attr:
+        raise CheckpointError(
+            f"--arch {arch!r} must be package.module:callable (e.g. mynets.cifar:resnet32)."
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(
+            f"Cannot import {module_name!r} for --arch {arch} ({exc}). Run from the folder that "
+            f"contains it, or add that folder to PYTHONPATH."
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"Importing {module_name!r} for --arch {arch} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [
+                n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
+            ]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" Did you mean {module_name}:{close[0]}?" if close else ""
+            raise CheckpointError(
+                f"{module_name} has no attribute {attr!r} (--arch {arch}).{hint} "
+                f"Callables there: {', '.join(names[:20]) or 'none'}."
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CheckpointError(f"--arch {arch}: {attr} is not callable; name a function or class.")
+    return obj
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return name, module
+    return None
+
+
+def _set_in_channels(model: nn.Module, in_channels: int, arch: str) -> None:
+    """Replace the first conv by one reading ``in_channels`` channels (e.g. MNIST into resnet18)."""
+    found = _first_conv(model)
+    if found is None:
+        raise CheckpointError(
+            f"--arch {arch} has no convolution to take {in_channels} input channels; "
+            "pass 3-channel data or your own model as package.module:callable."
+        )
+    name, conv = found
+    if conv.in_channels == in_channels:
+        return
+    if conv.groups != 1:
+        raise CheckpointError(
+            f"Cannot change the input channels of --arch {arch}: its first conv is grouped."
+        )
+    new = type(conv)(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    _set_submodule(model, name, new)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def build_model(
+    arch: str,
+    *,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A freshly initialised model (no downloaded weights) for ``arch``.
+
+    ``arch``: a compressor built-in (``resnet20``, ``lenet5``), a torchvision classification
+    model name, or ``package.module:callable`` (imported with the current directory on
+    ``sys.path``; called with ``num_classes=`` / ``in_channels=`` when given and accepted).
+    For torchvision models and callables without an ``in_channels`` argument,
+    ``in_channels`` replaces the first convolution. Other ``kwargs`` (e.g. ``width`` for
+    ``resnet20``) go to the constructor as they are.
+    """
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(f"--arch must be a name; got {arch!r}. Use {_hint()}.")
+    sizes = {
+        k: v
+        for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+        if v is not None
+    }
+    if arch in BUILTIN_MODELS:
+        return _call(BUILTIN_MODELS[arch], arch, {**sizes, **kwargs})
+    if ":" in arch:
+        fn = _import_callable(arch)
+        accepted = {k: v for k, v in sizes.items() if _accepts(fn, k)}
+        model = _call(fn, arch, {**accepted, **kwargs})
+        if "in_channels" in sizes and "in_channels" not in accepted:
+            _set_in_channels(model, sizes["in_channels"], arch)
+        return model
+    tv_names = _torchvision_names()
+    if arch in tv_names:
+        import torchvision
+
+        tv_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+        model = _call(
+            lambda **kw: torchvision.models.get_model(arch, weights=None, **kw),
+            arch,
+            {**tv_kwargs, **kwargs},
+        )
+        if in_channels is not None:
+            _set_in_channels(model, in_channels, arch)
+        return model
+    names = sorted(BUILTIN_MODELS) + tv_names
+    lowered = {n.lower(): n for n in names}
+    close = [lowered[c] for c in difflib.get_close_matches(arch.lower(), list(lowered), n=3)]
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise CheckpointError(f"Unknown architecture {arch!r}.{hint} Use {_hint()}.")
+
+
+def _hint() -> str:
+    return _ARCH_HINT.format(builtins=_builtins_text())
+
+
+def _call(fn: Callable, arch: str, kwargs: dict) -> nn.Module:
+    try:
+        model = fn(**kwargs)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise CheckpointError(
+            f"Building --arch {arch}({args}) raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Reading files
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < n < path.stat().st_size
+
+
+def _safetensors_header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(
+            f"Cannot read {path} as safetensors ({exc}); the file is truncated or corrupt."
+        ) from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"Cannot read {path} as safetensors ({exc}); the file is truncated or corrupt."
+        ) from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:
+        return []
+
+
+class _Refused(CheckpointError):
+    """weights_only loading refused the file; with --trust-checkpoint, full unpickling may read it."""
+
+
+def _torch_load_safe(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only; never runs code."""
+    try:
+        # argparse.Namespace is a plain attribute bag (torchvision's reference scripts save
+        # one under "args"); torch < 2.5 has no safe_globals and refuses it.
+        safe_globals = getattr(torch.serialization, "safe_globals", None)
+        allow = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
+        with allow:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if match:
+            names = _unsafe_globals(path) or [match.group(1)]
+            names.sort(key=lambda n: n.startswith("torch."))  # the user's classes first
+            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            is_module = any(
+                n.startswith(("torch.nn.modules.", "torch.nn.parallel.")) for n in names
+            )
+            what = "is a pickled module" if is_module else "holds pickled Python objects"
+            raise _Refused(
+                f"{path} {what} ({shown}); loading it runs code from the file. "
+                "If you trust it, pass --trust-checkpoint; or save model.state_dict() and "
+                "pass --arch."
+            ) from None
+        if "Weights only load failed" in text:
+            raise _Refused(
+                _corrupt_message(path, exc, text.split("WeightsUnpickler error:")[-1])
+                + " If it is a checkpoint you trust, --trust-checkpoint reads it with full "
+                "unpickling (which runs code from the file)."
+            ) from None
+        raise CheckpointError(_corrupt_message(path, exc)) from None
+    except Exception as exc:
+        raise CheckpointError(_corrupt_message(path, exc)) from None
+
+
+def _corrupt_message(path: Path, exc: BaseException, detail: str | None = None) -> str:
+    text = str(exc) if detail is None else detail
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    if len(first) > 200:
+        first = first[:200] + "..."
+    return (
+        f"Cannot read {path} ({type(exc).__name__}: {first}); the file is truncated, corrupt, "
+        "or not a PyTorch checkpoint. Save it again with torch.save(model.state_dict(), path) "
+        "or pass a .safetensors file."
+    )
+
+
+def _torch_load_trusted(path: Path) -> Any:
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        raise CheckpointError(
+            f"{path} pickles a class that cannot be imported here ({exc}). Run from the folder "
+            "that contains its module, or save model.state_dict() and pass --arch "
+            "package.module:callable."
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(_corrupt_message(path, exc)) from None
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _extract(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor] | nn.Module, str | None]:
+    """The state_dict (or module, when trusted) inside a loaded checkpoint, and where it was."""
+    if isinstance(obj, nn.Module) or _is_tensor_dict(obj):
+        return obj, None
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module) or _is_tensor_dict(inner):
+                return inner, key
+        keys = ", ".join(repr(k) for k in list(obj)[:10])
+        raise CheckpointError(
+            f"{path} holds a dict (keys: {keys}) but no state_dict under "
+            f"{', '.join(repr(k) for k in _STATE_DICT_KEYS)}. Save "
+            "torch.save(model.state_dict(), path) and pass --arch."
+        )
+    raise CheckpointError(
+        f"{path} holds a {type(obj).__name__}, not a state_dict. Save "
+        "torch.save(model.state_dict(), path) and pass --arch."
+    )
+
+
+def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# ----------------------------------------------------------------------------
+# Fitting a state_dict to an architecture
+
+
+def _last_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            last = (name, module)
+    return last
+
+
+def _supports(arch: str, name: str) -> bool:
+    if arch in BUILTIN_MODELS:
+        return _accepts(BUILTIN_MODELS[arch], name)
+    if ":" in arch:
+        return _accepts(_import_callable(arch), name) or name == "in_channels"
+    return True  # torchvision: num_classes via get_model, in_channels via the first conv
+
+
+def _fit_model(
+    arch: str,
+    sd: dict[str, torch.Tensor],
+    num_classes: int | None,
+    in_channels: int | None,
+    path: Path,
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
+    """Build ``arch`` with the output/input sizes the state_dict implies; return it with
+    the (prefix-stripped) state_dict and the build kwargs used."""
+    model = _probe(arch, num_classes, in_channels)
+    model_keys = set(model.state_dict())
+    # A wrapper prefix (e.g. Lightning's "model.") that, once stripped, fits exactly.
+    if set(sd) != model_keys:
+        first = {k.split(".", 1)[0] for k in sd}
+        if len(first) == 1 and all("." in k for k in sd):
+            stripped = _strip_prefix(sd, next(iter(first)) + ".")
+            if set(stripped) == model_keys:
+                sd = stripped
+    kwargs: dict[str, int] = {}
+    rebuild = False
+    head = _last_classifier(model)
+    if head is not None and _supports(arch, "num_classes"):
+        current = head[1].weight.shape[0]
+        stored = sd.get(f"{head[0]}.weight")
+        if stored is not None and stored.ndim >= 1:
+            if num_classes is None:
+                num_classes = int(stored.shape[0])
+                rebuild |= num_classes != current
+            elif int(stored.shape[0]) != num_classes:
+                raise CheckpointError(
+                    f"{path} has {int(stored.shape[0])} outputs ({head[0]}.weight "
+                    f"{_shape(stored)}) but --num-classes is {num_classes}. Drop --num-classes "
+                    "to use the checkpoint's, or pass the right one."
+                )
+        kwargs["num_classes"] = num_classes if num_classes is not None else int(current)
+    stem = _first_conv(model)
+    if stem is not None and _supports(arch, "in_channels"):
+        current = stem[1].in_channels
+        stored = sd.get(f"{stem[0]}.weight")
+        if stored is not None and stored.ndim >= 2:
+            channels = int(stored.shape[1]) * stem[1].groups
+            if in_channels is None:
+                in_channels = channels
+                rebuild |= in_channels != current
+            elif channels != in_channels:
+                raise CheckpointError(
+                    f"{path} takes {channels}-channel inputs ({stem[0]}.weight {_shape(stored)}) "
+                    f"but the data has {in_channels} channel(s). Set `data.input_shape: "
+                    f"[{channels}, H, W]` in the recipe to convert the images, or use matching data."
+                )
+        kwargs["in_channels"] = in_channels if in_channels is not None else int(current)
+    if rebuild or _is_meta(model):
+        model = build_model(arch, **kwargs)
+    _check_fit(model, sd, path, arch, kwargs)
+    model.load_state_dict(sd, strict=True)
+    return model, sd, kwargs
+
+
+def _probe(arch: str, num_classes: int | None, in_channels: int | None) -> nn.Module:
+    """The model's structure without the cost of initialising it (on the meta device)."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch, num_classes=num_classes, in_channels=in_channels)
+    except CheckpointError as exc:
+        if exc.__cause__ is None:
+            raise  # unknown arch, import errors: not about the meta device
+    return build_model(arch, num_classes=num_classes, in_channels=in_channels)
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in model.state_dict().values())
+
+
+def _shape(t: torch.Tensor | None) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]" if t is not None else "?"
+
+
+def _check_fit(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str, kwargs: dict
+) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    built = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    lines = [
+        f"{path} does not fit --arch {arch}{f' ({built})' if built else ''}: "
+        f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} "
+        "shape-mismatched keys."
+    ]
+    if missing:
+        lines.append("  missing: " + ", ".join(f"{k} {_shape(expected[k])}" for k in missing[:5]))
+    if unexpected:
+        lines.append("  unexpected: " + ", ".join(f"{k} {_shape(sd[k])}" for k in unexpected[:5]))
+    if mismatched:
+        lines.append(
+            "  shape mismatch: "
+            + ", ".join(
+                f"{k} checkpoint {_shape(sd[k])} vs model {_shape(expected[k])}"
+                for k in mismatched[:5]
+            )
+        )
+    lines.append(
+        "Check --arch (the checkpoint must be a state_dict of that architecture) and "
+        "--num-classes; for a model built with other constructor arguments, pass --arch "
+        "package.module:callable that builds it."
+    )
+    raise CheckpointError("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------
+# load_checkpoint
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    trust_checkpoint: bool = False,
+) -> LoadedCheckpoint:
+    """Read a checkpoint into a model in eval mode (see the module docstring).
+
+    Without ``trust_checkpoint`` nothing in the file can run code: ``.pt`` files are read
+    with ``weights_only=True`` and a pickled module is refused with a ``CheckpointError``.
+    ``num_classes`` / ``in_channels``, when None, are read from the state_dict (the last
+    Linear/Conv's output size, the first Conv's input channels).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist. Pass the path of a .pt/.pth state_dict or a "
+            ".safetensors file."
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint {path} is not a file; pass a .pt/.pth or .safetensors file."
+        )
+
+    if _is_safetensors(path):
+        header = _safetensors_header(path)
+        if METADATA_KEY in header:
+            meta = _parse_metadata(header, path)
+            if arch is not None and arch != meta.get("arch"):
+                log.warning(
+                    "%s is a compressor compact model of %s; ignoring --arch %s",
+                    path,
+                    meta.get("arch"),
+                    arch,
+                )
+            model = _load_compact(path, meta)
+            return LoadedCheckpoint(
+                model=model,
+                arch=meta.get("arch"),
+                format="compact",
+                metadata=meta,
+                build_kwargs=dict(meta.get("build_kwargs") or {}),
+            )
+        sd = _read_safetensors(path)
+        fmt, container = "safetensors", None
+        metadata: dict[str, Any] = {"safetensors_metadata": header}
+        obj: dict[str, torch.Tensor] | nn.Module = sd
+    else:
+        loaded = _torch_load_safe_or_trusted(path, trust_checkpoint)
+        obj, container = _extract(loaded, path)
+        fmt = "pickled_module" if isinstance(obj, nn.Module) else "state_dict"
+        metadata = {"container_key": container}
+        if isinstance(loaded, Mapping) and container is not None:
+            metadata["checkpoint_info"] = {
+                k: v
+                for k, v in loaded.items()
+                if isinstance(v, (int, float, str, bool)) and isinstance(k, str)
+            }
+
+    if isinstance(obj, nn.Module):
+        model = _unwrap(obj)
+        if arch is None:
+            cls = type(model)
+            arch = f"{cls.__module__}:{cls.__qualname__}"
+        model.eval()
+        metadata["build_kwargs"] = {}
+        return LoadedCheckpoint(model=model, arch=arch, format=fmt, metadata=metadata)
+
+    sd = _strip_prefix(obj, "module.")
+    sd = _strip_prefix(sd, "_orig_mod.")
+    if arch is None:
+        raise CheckpointError(
+            f"{path} holds a state_dict (weights only), so the tool needs the architecture: "
+            f"pass --arch resnet18 or pkg.module:callable ({_hint()})."
+        )
+    model, sd, kwargs = _fit_model(arch, sd, num_classes, in_channels, path)
+    model.eval()
+    metadata["build_kwargs"] = dict(kwargs)
+    return LoadedCheckpoint(
+        model=model, arch=arch, format=fmt, metadata=metadata, build_kwargs=kwargs
+    )
+
+
+def _torch_load_safe_or_trusted(path: Path, trust: bool) -> Any:
+    if not trust:
+        return _torch_load_safe(path)
+    try:
+        return _torch_load_safe(path)
+    except _Refused:
+        pass
+    log.warning("loading %s with full unpickling (--trust-checkpoint)", path)
+    obj = _torch_load_trusted(path)
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        return obj
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not an nn.Module or a state_dict.")
+
+
+# ----------------------------------------------------------------------------
+# The compact format: safetensors + metadata to rebuild pruned modules
+
+
+_RESIZE_ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (nn.modules.conv._ConvNd, ("in_channels", "out_channels", "groups")),
+    (nn.Linear, ("in_features", "out_features")),
+    (nn.modules.batchnorm._NormBase, ("num_features",)),
+    (nn.LayerNorm, ("normalized_shape",)),
+    (nn.GroupNorm, ("num_groups", "num_channels")),
+    (nn.PReLU, ("num_parameters",)),
+    (nn.Embedding, ("num_embeddings", "embedding_dim")),
+)
+
+
+def _module_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    shapes = {}
+    for name, module in model.named_modules():
+        for cls, attrs in _RESIZE_ATTRS:
+            if isinstance(module, cls):
+                entry: dict[str, Any] = {"type": type(module).__name__}
+                for attr in attrs:
+                    value = getattr(module, attr)
+                    entry[attr] = list(value) if isinstance(value, tuple) else value
+                shapes[name] = entry
+                break
+    return shapes
+
+
+def _activation_config(activations: Any) -> dict | None:
+    """Normalise what was asked for: a dict with bits/ste/skip[/functional], or a SwapReport."""
+    if activations is None:
+        return None
+    if hasattr(activations, "activation") and hasattr(activations, "skipped"):  # SwapReport
+        cfg = dict(activations.activation)
+        return {
+            "bits": int(cfg.get("bits", 1)),
+            "ste": cfg.get("ste", "clipped_relu"),
+            "skip": list(activations.skipped),
+            "functional": True,
+            "swapped": list(activations.swapped),
+        }
+    if not isinstance(activations, Mapping):
+        raise TypeError(
+            f"activations must be a dict or a SwapReport, not {type(activations).__name__}"
+        )
+    if activations.get("binarize") is False:
+        return None
+    out = {
+        "bits": int(activations.get("bits", 1)),
+        "ste": str(activations.get("ste", "clipped_relu")),
+        "skip": list(activations.get("skip") or []),
+        "functional": bool(activations.get("functional", True)),
+    }
+    if "swapped" in activations:
+        out["swapped"] = list(activations["swapped"])
+    return out
+
+
+def save_compact(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: str,
+    build_kwargs: Mapping[str, Any],
+    activations: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (pruned) as safetensors with the metadata :func:`load` needs to rebuild it.
+
+    The file holds every entry of ``model.state_dict()`` (parameters and buffers, cloned so
+    that tied tensors are accepted) and, under the metadata key ``"compressor"``, a JSON
+    object: format version, ``arch``, ``build_kwargs``, the constructor attributes of every
+    Conv/Linear/norm module after pruning, the activation config (``bits``, ``ste``,
+    ``skip`` [, ``functional``, ``swapped``], or None) and ``extra``. Written atomically.
+    """
+    from safetensors.torch import save_file
+
+    from compressor import __version__
+
+    model = _unwrap(model)
+    path = Path(path)
+    meta = {
+        "format_version": COMPACT_FORMAT_VERSION,
+        "compressor_version": __version__,
+        "arch": arch,
+        "build_kwargs": dict(build_kwargs),
+        "modules": _module_shapes(model),
+        "activations": _activation_config(activations),
+        "extra": dict(extra) if extra is not None else None,
+    }
+    try:
+        text = json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"save_compact metadata must be JSON-able: {exc}") from exc
+    tensors = {
+        name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
+    }
+    if not path.parent.is_dir():
+        raise OutputError(
+            f"Cannot write {path}: the folder {path.parent} does not exist. Create it or pass "
+            "another --out."
+        )
+    try:
+        with atomic_output(path) as tmp:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot write {path}: {exc}. Check the folder's permissions and free space."
+        ) from None
+    return path
+
+
+def _parse_metadata(header: Mapping[str, str], path: Path) -> dict:
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} has unreadable compressor metadata ({exc}); save it again."
+        ) from None
+    if not isinstance(meta, dict) or "arch" not in meta:
+        raise CheckpointError(
+            f"{path} has unreadable compressor metadata (no arch); save it again."
+        )
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > COMPACT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written in compact format version {version!r}; this compressor reads "
+            f"version {COMPACT_FORMAT_VERSION}. Upgrade compressor to load it."
+        )
+    return meta
+
+
+def read_compact_metadata(path: str | os.PathLike) -> dict:
+    """The metadata dict of a compact file written by :func:`save_compact`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} does not exist; pass a model.safetensors written by compressor."
+        )
+    if not _is_safetensors(path):
+        raise CheckpointError(
+            f"{path} is not a safetensors file written by compressor. Load other checkpoints "
+            "with load_checkpoint(path, arch=...) / --arch."
+        )
+    header = _safetensors_header(path)
+    if METADATA_KEY not in header:
+        raise CheckpointError(
+            f"{path} has no compressor metadata: it is a plain safetensors file. Load it with "
+            "--arch NAME (load_checkpoint(path, arch=NAME))."
+        )
+    return _parse_metadata(header, path)
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a compact model written by :func:`save_compact`, in eval mode."""
+    path = Path(path)
+    meta = read_compact_metadata(path)
+    return _load_compact(path, meta)
+
+
+def _load_compact(path: Path, meta: dict) -> nn.Module:
+    arch = meta["arch"]
+    kwargs = dict(meta.get("build_kwargs") or {})
+    model = build_model(arch, **kwargs)
+    act = meta.get("activations")
+    if act:
+        model = _swap_activations(model, act, path)
+    sd = _read_safetensors(path)
+    _resize(model, meta.get("modules") or {}, sd, path)
+    _check_fit(model, sd, path, arch, kwargs)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def _swap_activations(model: nn.Module, act: Mapping[str, Any], path: Path) -> nn.Module:
+    from compressor.activations import swap_activations
+
+    report = swap_activations(
+        model,
+        bits=int(act.get("bits", 1)),
+        ste=act.get("ste", "clipped_relu"),
+        skip=list(act.get("skip") or []),
+        functional=bool(act.get("functional", True)),
+    )
+    expected = act.get("swapped")
+    if expected is not None and sorted(report.swapped) != sorted(expected):
+        raise CheckpointError(
+            f"{path}: rebuilding the activations swapped {sorted(report.swapped)[:5]} but the "
+            f"saved model swapped {sorted(expected)[:5]}; the architecture's code changed since "
+            "it was saved."
+        )
+    return report.model if report.model is not None else model
+
+
+def _resize(
+    model: nn.Module,
+    modules: Mapping[str, Mapping[str, Any]],
+    sd: Mapping[str, torch.Tensor],
+    path: Path,
+) -> None:
+    """Give every listed module its saved constructor attributes, and every tensor whose
+    shape changed an empty tensor of the saved shape (load_state_dict then fills it)."""
+    for name, spec in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{path}: the saved model has a module {name!r} that --arch "
+                f"{model.__class__.__name__} lacks; the architecture's code changed since it was saved."
+            ) from None
+        if type(module).__name__ != spec.get("type"):
+            raise CheckpointError(
+                f"{path}: module {name!r} is a {type(module).__name__} but was saved as a "
+                f"{spec.get('type')}; the architecture's code changed since it was saved."
+            )
+        for attr, value in spec.items():
+            if attr != "type":
+                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    replaced: dict[int, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        owner_name, _, attr = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue  # reported as unexpected by _check_fit
+        for store in (owner._parameters, owner._buffers):
+            current = store.get(attr)
+            if current is None or current.shape == tensor.shape:
+                continue
+            if id(current) in replaced:  # a tied tensor: keep it tied
+                store[attr] = replaced[id(current)]
+                continue
+            empty = torch.empty(tensor.shape, dtype=current.dtype)
+            new = (
+                nn.Parameter(empty, requires_grad=current.requires_grad)
+                if isinstance(current, nn.Parameter)
+                else empty
+            )
+            replaced[id(current)] = new
+            store[attr] = new

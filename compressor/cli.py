@@ -1,0 +1,147 @@
+"""``compress``: the command line. Parses arguments, calls ``pipeline.compress``, maps outcomes to exit codes.
+
+Exit codes (public API, never renumbered): 0 success; 1 anything else; 2 bad
+input or usage; 3 a gate failed (outputs still written); 4 verification failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from compressor.errors import EXIT_BAD_INPUT, EXIT_OTHER, CompressorError
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  anything else (a bug, an interrupted or diverged run: rerun with --resume)
+  2  bad input or usage (the message says what and how to fix it)
+  3  a gate failed (accuracy drop or target); outputs are still written
+  4  verification failed (the pruned or ONNX model disagrees with the sparse model)
+
+examples:
+  compress model.pt --arch resnet18 --recipe tl1-group --data DATA --out compressed/
+  compress model.pt --arch resnet20 --data data.npz --target-macs 4 --max-accuracy-drop 1
+  compress --list-recipes
+"""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,0.5,0.5, got {text!r}") from exc
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compress",
+        description="Compress a trained PyTorch CNN: RVSM sparse group lasso fine-tuning, exact channel "
+        "removal, and a compact ONNX model verified in onnxruntime, with a report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", nargs="?", help="state_dict .pt/.pth, .safetensors, or compressor's model.safetensors")
+    p.add_argument("--recipe", default="tl1-group", help="built-in recipe name or a YAML path (default: tl1-group)")
+    p.add_argument("--data", help="ImageFolder dir (train/, val/), .npz, MNIST idx dir, or CIFAR-10 batches dir")
+    p.add_argument("--arch", help="torchvision model name, resnet20/lenet5, or pkg.module:callable")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: read from the checkpoint)")
+    p.add_argument("--input-shape", help="C,H,W of one input (default: from the data)")
+    p.add_argument("--mean", type=_floats, help="normalisation mean per channel, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", type=_floats, help="normalisation std per channel")
+    p.add_argument("--out", default="compressed", help="output directory (default: ./compressed)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                   help="gate: fail (exit 3) if accuracy falls by more than POINTS percentage points")
+    p.add_argument("--target-macs", metavar="X", help="reach X times fewer MACs (e.g. 4 or 4x)")
+    p.add_argument("--target-params", metavar="X", help="reach X times fewer parameters")
+    p.add_argument("--target-size", type=int, metavar="BYTES", help="reach an ONNX file of at most BYTES")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow loading a pickled nn.Module (unpickling runs code from the file)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, log_time_format="%H:%M:%S")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("compressor")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    if args.list_recipes:
+        from compressor.recipe import list_recipes
+
+        for name, description in list_recipes():
+            print(f"{name:20s} {description}")
+        return 0
+    if not args.checkpoint:
+        parser.print_usage(sys.stderr)
+        print("compress: error: CHECKPOINT is required (or --list-recipes)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from compressor.pipeline import compress
+
+    try:
+        report = compress(
+            args.checkpoint,
+            recipe=args.recipe,
+            data=args.data,
+            arch=args.arch,
+            num_classes=args.num_classes,
+            input_shape=args.input_shape,
+            mean=args.mean,
+            std=args.std,
+            out=args.out,
+            overrides=args.overrides,
+            device=args.device,
+            seed=args.seed,
+            max_accuracy_drop=args.max_accuracy_drop,
+            target_macs=args.target_macs,
+            target_params=args.target_params,
+            target_size=args.target_size,
+            trust_checkpoint=args.trust_checkpoint,
+            resume=args.resume,
+            command=["compress", *(argv if argv is not None else sys.argv[1:])],
+        )
+    except CompressorError as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"compress: interrupted; rerun the same command with --resume to continue from the last "
+              f"completed epoch in {args.out}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: keep the traceback for the report
+        logging.getLogger("compressor").exception("unexpected error")
+        print(f"compress: internal error: {exc}", file=sys.stderr)
+        return EXIT_OTHER
+    code = int(report.get("exit_code", 0))
+    if not args.quiet and "reduction" in report:
+        r = report["reduction"]
+        acc_b, acc_c = report["baseline"]["accuracy"], report["compressed"]["accuracy"]
+        acc = "accuracy not measured" if acc_b is None else f"accuracy {acc_b:.2f}% -> {acc_c:.2f}%"
+        print(f"compress: {r['macs_x']:.2f}x fewer MACs, {r['params_x']:.2f}x fewer params, {acc}; "
+              f"exit {code}; outputs in {args.out}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

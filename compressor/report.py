@@ -1,0 +1,748 @@
+"""The run report: plain dicts in, ``report.json``, ``report.md`` and plots out.
+
+Nothing here knows about models: the caller measures, this module records,
+judges gates and renders. Schema version 1 (``SCHEMA_VERSION``); a reader
+should check ``report["schema"]``. Keys (``None`` where not measured):
+
+- ``schema`` (1), ``tool`` {name, version}, ``created`` (ISO 8601, UTC),
+  ``command`` (argv list or None), ``recipe`` (the resolved recipe dict);
+- ``input`` {checkpoint, arch, data, device};
+- ``baseline`` / ``compressed`` {accuracy (percent), params, macs, onnx_bytes};
+  ``compressed`` also {weight_sparsity, channels_kept, channels_total};
+- ``reduction`` {macs_x, params_x, size_x} (baseline / compressed);
+- ``verification`` {onnx_checker, sparse_vs_pruned_max_abs,
+  torch_vs_onnxruntime_max_abs, top1_agreement (0..1), samples, notes};
+- ``latency_ms`` {baseline: {batch_1: ms}, compressed: {batch_1: ms},
+  speedup: {batch_1: x}} (median onnxruntime CPU latency);
+- ``layers`` [{name, type, shape_before, shape_after, sparsity}] (shape[0] is
+  the number of output channels);
+- ``epochs`` [{epoch, loss, accuracy, weight_sparsity, channel_sparsity, beta,
+  strength, macs_x}];
+- ``target`` None or {kind, asked, reached, within};
+- ``activations`` None or {bits, ste, swapped, skipped};
+- ``gates`` [{name, threshold, value, passed, detail}];
+- ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names].
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from compressor import __version__
+from compressor.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE_FAILED,
+    EXIT_OK,
+    EXIT_OTHER,
+    EXIT_VERIFICATION_FAILED,
+)
+from compressor.fileio import atomic_output, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TARGET_SLACK = 0.95  # a target counts as reached within 5% of the asked factor
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CHANNELS_PNG = "channels_per_layer.png"
+TRAINING_PNG = "training.png"
+
+# target kind -> key of ``reduction`` holding the reached factor
+_TARGET_KEYS = {"macs": "macs_x", "params": "params_x", "size": "size_x"}
+_TARGET_WORDS = {
+    "macs": "fewer MACs",
+    "params": "fewer params",
+    "size": "smaller ONNX file",
+    "latency": "latency speedup",
+}
+_RESULTS = {
+    EXIT_OK: ("✅", "PASS"),
+    EXIT_OTHER: ("❌", "FAILED"),
+    EXIT_BAD_INPUT: ("❌", "BAD INPUT"),
+    EXIT_GATE_FAILED: ("❌", "GATE FAILED"),
+    EXIT_VERIFICATION_FAILED: ("❌", "VERIFICATION FAILED"),
+}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def new_report(
+    *,
+    command: Sequence[str] | None = None,
+    recipe: Mapping | None = None,
+    input: Mapping | None = None,
+    created: str | None = None,
+) -> dict:
+    """A schema-1 report with every key present and nothing measured yet."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "tool": {"name": "compressor", "version": __version__},
+        "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(command) if command is not None else None,
+        "recipe": dict(recipe) if recipe is not None else {},
+        "input": {"checkpoint": None, "arch": None, "data": None, "device": None, **(input or {})},
+        "baseline": {"accuracy": None, "params": None, "macs": None, "onnx_bytes": None},
+        "compressed": {
+            "accuracy": None,
+            "params": None,
+            "macs": None,
+            "onnx_bytes": None,
+            "weight_sparsity": None,
+            "channels_kept": None,
+            "channels_total": None,
+        },
+        "reduction": {"macs_x": None, "params_x": None, "size_x": None},
+        "verification": {
+            "onnx_checker": None,
+            "sparse_vs_pruned_max_abs": None,
+            "torch_vs_onnxruntime_max_abs": None,
+            "top1_agreement": None,
+            "samples": None,
+            "notes": [],
+        },
+        "latency_ms": None,
+        "layers": [],
+        "epochs": [],
+        "target": None,
+        "activations": None,
+        "gates": [],
+        "timings_s": {},
+        "exit_code": None,
+        "outputs": [],
+    }
+
+
+def _ratio(before: Any, after: Any) -> float | None:
+    if not _is_num(before) or not _is_num(after) or after <= 0:
+        return None
+    return float(before) / float(after)
+
+
+def reduction_factors(baseline: Mapping, compressed: Mapping) -> dict:
+    """``{macs_x, params_x, size_x}``: baseline / compressed, None where unknown."""
+    return {
+        "macs_x": _ratio(baseline.get("macs"), compressed.get("macs")),
+        "params_x": _ratio(baseline.get("params"), compressed.get("params")),
+        "size_x": _ratio(baseline.get("onnx_bytes"), compressed.get("onnx_bytes")),
+    }
+
+
+def latency_section(
+    medians: Mapping[str, Mapping[int, float]],
+    *,
+    baseline: str = "baseline",
+    compressed: str = "compressed",
+) -> dict:
+    """Turn ``{name: {batch: ms}}`` (as from ``export.measure_latency``) into ``latency_ms``."""
+    base = {f"batch_{b}": float(ms) for b, ms in medians.get(baseline, {}).items()}
+    comp = {f"batch_{b}": float(ms) for b, ms in medians.get(compressed, {}).items()}
+    speedup = {k: _ratio(base[k], comp[k]) for k in base if k in comp}
+    return {"baseline": base, "compressed": comp, "speedup": speedup}
+
+
+def target_summary(kind: str, asked: float, reached: float | None) -> dict:
+    """``{kind, asked, reached, within}``; within: reached >= 95% of the asked factor."""
+    within = _is_num(reached) and float(reached) >= TARGET_SLACK * float(asked)
+    return {"kind": kind, "asked": float(asked), "reached": reached, "within": bool(within)}
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def _target_reached(report_like: Mapping, target: Mapping) -> float | None:
+    if _is_num(target.get("reached")):
+        return float(target["reached"])
+    kind = target.get("kind")
+    if kind in _TARGET_KEYS:
+        return (report_like.get("reduction") or {}).get(_TARGET_KEYS[kind])
+    if kind == "latency":
+        speedup = (report_like.get("latency_ms") or {}).get("speedup")
+        if isinstance(speedup, Mapping):
+            return speedup.get("batch_1")
+        return speedup if _is_num(speedup) else None
+    return None
+
+
+def evaluate_gates(
+    report_like: Mapping,
+    *,
+    max_accuracy_drop: float | None = None,
+    target: Mapping | None = None,
+) -> list[dict]:
+    """Judge the run's gates; returns ``[{name, threshold, value, passed, detail}]``.
+
+    - ``accuracy_drop`` (when ``max_accuracy_drop`` is given): passes when
+      ``baseline.accuracy - compressed.accuracy <= max_accuracy_drop`` (points);
+      when either accuracy is None the gate fails with detail "not measured".
+    - ``target_<kind>`` (when ``target`` or ``report_like["target"]`` is set):
+      ``target`` is ``{kind, asked}`` plus optionally ``reached``; otherwise the
+      reached factor is read from ``reduction`` (macs, params, size) or
+      ``latency_ms.speedup.batch_1`` (latency). Passes when
+      ``reached >= 0.95 * asked``.
+    """
+    gates = []
+    if max_accuracy_drop is not None:
+        base = (report_like.get("baseline") or {}).get("accuracy")
+        comp = (report_like.get("compressed") or {}).get("accuracy")
+        if _is_num(base) and _is_num(comp):
+            drop = float(base) - float(comp)
+            passed = drop <= max_accuracy_drop
+            detail = f"{drop:.2f} points {'<=' if passed else '>'} {max_accuracy_drop:g}"
+        else:
+            drop, passed, detail = None, False, "not measured"
+        gates.append(
+            {
+                "name": "accuracy_drop",
+                "threshold": float(max_accuracy_drop),
+                "value": drop,
+                "passed": passed,
+                "detail": detail,
+            }
+        )
+    if target is None:
+        target = report_like.get("target")
+    if target:
+        asked = float(target["asked"])
+        reached = _target_reached(report_like, target)
+        threshold = TARGET_SLACK * asked
+        passed = _is_num(reached) and float(reached) >= threshold
+        if _is_num(reached):
+            detail = (
+                f"{float(reached):.2f}x reached, {asked:.2f}x asked (>= {threshold:.2f}x needed)"
+            )
+        else:
+            detail = "not measured"
+        gates.append(
+            {
+                "name": f"target_{target.get('kind', 'unknown')}",
+                "threshold": threshold,
+                "value": float(reached) if _is_num(reached) else None,
+                "passed": bool(passed),
+                "detail": detail,
+            }
+        )
+    return gates
+
+
+def gates_passed(gates: Sequence[Mapping]) -> bool:
+    """True when every gate passed (also when there are none)."""
+    return all(g.get("passed") for g in gates)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(n: Any) -> str:
+    if not _is_num(n):
+        return "—"
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: Any) -> str:
+    if not _is_num(n):
+        return "—"
+    n = float(n)
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _x(v: Any) -> str:
+    return f"{float(v):.2f}x" if _is_num(v) else "—"
+
+
+def _pct(v: Any, *, frac: bool = False, digits: int = 2) -> str:
+    if not _is_num(v):
+        return "—"
+    return f"{float(v) * (100 if frac else 1):.{digits}f}%"
+
+
+def _ms(v: Any) -> str:
+    if not _is_num(v):
+        return "—"
+    return f"{float(v):.2f}" if abs(v) >= 1 else f"{float(v):.3f}"
+
+
+def _sci(v: Any) -> str:
+    return f"{float(v):.2e}" if _is_num(v) else "—"
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if isinstance(v, bool) or v is None:
+        return "—" if v is None else str(v)
+    if isinstance(v, int):
+        return str(v)
+    if _is_num(v):
+        return f"{float(v):.{digits}g}"
+    return _cell(v)
+
+
+def _cell(v: Any) -> str:
+    """Text for a Markdown table cell: no pipes or newlines."""
+    if v is None:
+        return "—"
+    if isinstance(v, (list, tuple)):
+        v = "×".join(str(i) for i in v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _accuracy_delta(base: Any, comp: Any) -> str:
+    if not (_is_num(base) and _is_num(comp)):
+        return "not measured" if base is None or comp is None else "—"
+    d = float(comp) - float(base)
+    return f"{d:+.2f} pts"
+
+
+def _batch_keys(*dicts: Mapping) -> list[str]:
+    keys: list[str] = []
+    for d in dicts:
+        keys += [k for k in d if k not in keys]
+
+    def order(k: str):
+        tail = k.rsplit("_", 1)[-1]
+        return (0, int(tail)) if tail.isdigit() else (1, k)
+
+    return sorted(keys, key=order)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _headline(report: Mapping) -> str:
+    code = report.get("exit_code")
+    icon, word = (
+        _RESULTS.get(code, ("⏳", "INCOMPLETE")) if code is not None else ("⏳", "INCOMPLETE")
+    )
+    base = report.get("baseline") or {}
+    comp = report.get("compressed") or {}
+    red = {**reduction_factors(base, comp), **_drop_none(report.get("reduction") or {})}
+    bits = []
+    if _is_num(red.get("macs_x")):
+        bits.append(f"{_x(red['macs_x'])} fewer MACs")
+    if _is_num(red.get("params_x")):
+        bits.append(f"{_x(red['params_x'])} fewer params")
+    if _is_num(base.get("accuracy")) or _is_num(comp.get("accuracy")):
+        bits.append(
+            f"accuracy {_pct(base.get('accuracy'))} → {_pct(comp.get('accuracy'))}"
+            f" ({_accuracy_delta(base.get('accuracy'), comp.get('accuracy'))})"
+        )
+    arch = (report.get("input") or {}).get("arch")
+    title = f"compressor: {word}" + (f" — {arch}" if arch else "")
+    failed = [str(g.get("name")) for g in report.get("gates") or [] if not g.get("passed")]
+    if failed:
+        title += f" (failed: {', '.join(failed)})"
+    text = f"## {icon} {title}" + ("\n\n**" + " · ".join(bits) + "**" if bits else "")
+    if report.get("error"):
+        text += f"\n\n> **Error:** {_cell(report['error'])}"
+    return text
+
+
+def _drop_none(d: Mapping) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _summary_table(report: Mapping) -> list[str]:
+    base = report.get("baseline") or {}
+    comp = report.get("compressed") or {}
+    red = {**reduction_factors(base, comp), **_drop_none(report.get("reduction") or {})}
+    rows = [
+        [
+            "Accuracy (top-1)",
+            _pct(base.get("accuracy")) if base.get("accuracy") is not None else "not measured",
+            _pct(comp.get("accuracy")) if comp.get("accuracy") is not None else "not measured",
+            _accuracy_delta(base.get("accuracy"), comp.get("accuracy")),
+        ],
+        ["Params", _count(base.get("params")), _count(comp.get("params")), _x(red.get("params_x"))],
+        ["MACs", _count(base.get("macs")), _count(comp.get("macs")), _x(red.get("macs_x"))],
+        [
+            "ONNX size",
+            _bytes(base.get("onnx_bytes")),
+            _bytes(comp.get("onnx_bytes")),
+            _x(red.get("size_x")),
+        ],
+    ]
+    lat = report.get("latency_ms") or {}
+    lb, lc = lat.get("baseline") or {}, lat.get("compressed") or {}
+    speedup = lat.get("speedup")
+    for key in _batch_keys(lb, lc):
+        if isinstance(speedup, Mapping):
+            s = speedup.get(key)
+        elif key == "batch_1" and _is_num(speedup):
+            s = speedup
+        else:
+            s = None
+        if s is None:
+            s = _ratio(lb.get(key), lc.get(key))
+        label = key.replace("batch_", "batch ")
+        rows.append(
+            [
+                f"Latency, {label} (ms, ORT CPU median)",
+                _ms(lb.get(key)),
+                _ms(lc.get(key)),
+                _x(s),
+            ]
+        )
+    lines = _table(["", "Baseline", "Compressed", "Change"], rows)
+    extra = []
+    if comp.get("weight_sparsity") is not None:
+        extra.append(f"weight sparsity {_pct(comp['weight_sparsity'], frac=True, digits=1)}")
+    if comp.get("channels_kept") is not None and comp.get("channels_total"):
+        kept, total = comp["channels_kept"], comp["channels_total"]
+        extra.append(f"channels kept {kept} / {total} ({_pct(kept / total, frac=True, digits=1)})")
+    if extra:
+        lines += ["", "Compressed model: " + ", ".join(extra) + "."]
+    return lines
+
+
+def _verification_lines(report: Mapping) -> list[str]:
+    v = report.get("verification") or {}
+    if not v:
+        return []
+    checker = v.get("onnx_checker")
+    checker_txt = "—" if checker is None else ("✅ passed" if checker else "❌ failed")
+    agree = v.get("top1_agreement")
+    samples = v.get("samples")
+    agree_txt = _pct(agree, frac=True) + (f" of {samples} samples" if samples else "")
+    rows = [
+        ["ONNX checker (full)", checker_txt],
+        ["Sparse vs pruned model, max abs diff", _sci(v.get("sparse_vs_pruned_max_abs"))],
+        ["PyTorch vs onnxruntime, max abs diff", _sci(v.get("torch_vs_onnxruntime_max_abs"))],
+        ["Top-1 agreement (PyTorch vs onnxruntime)", agree_txt if _is_num(agree) else "—"],
+    ]
+    lines = ["### Verification", "", *_table(["Check", "Result"], rows)]
+    notes = v.get("notes")
+    if isinstance(notes, str):
+        notes = [notes] if notes else []
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    return lines
+
+
+def _gate_lines(report: Mapping) -> list[str]:
+    gates = report.get("gates") or []
+    lines = ["### Gates", ""]
+    if not gates:
+        return lines + ["No gates were set."]
+    rows = []
+    for g in gates:
+        value = g.get("value")
+        rows.append(
+            [
+                _cell(g.get("name")),
+                _num(g.get("threshold")),
+                _num(value) if value is not None else "not measured",
+                ("✅ pass" if g.get("passed") else "❌ fail"),
+                _cell(g.get("detail", "")),
+            ]
+        )
+    return lines + _table(["Gate", "Threshold", "Value", "Result", "Detail"], rows)
+
+
+def _target_line(report: Mapping) -> list[str]:
+    t = report.get("target")
+    if not t:
+        return []
+    ok = "✅" if t.get("within") else "❌"
+    what = _TARGET_WORDS.get(t.get("kind"), f"{t.get('kind')} reduction")
+    return [
+        f"**Target:** {_x(t.get('asked'))} {what} asked, {_x(t.get('reached'))} reached {ok} "
+        f"(counts when within {round((1 - TARGET_SLACK) * 100)}% of the asked factor)."
+    ]
+
+
+def _activation_line(report: Mapping) -> list[str]:
+    a = report.get("activations")
+    if not a:
+        return []
+    return [
+        f"**Activations:** {a.get('bits')}-bit, STE `{a.get('ste')}`; "
+        f"swapped {_cell(a.get('swapped'))}, skipped {_cell(a.get('skipped'))}."
+    ]
+
+
+def _layer_lines(report: Mapping) -> list[str]:
+    layers = report.get("layers") or []
+    if not layers:
+        return []
+    rows = [
+        [
+            f"`{_cell(layer.get('name'))}`",
+            _cell(layer.get("type")),
+            _cell(layer.get("shape_before")),
+            _cell(layer.get("shape_after")),
+            _pct(layer.get("sparsity"), frac=True, digits=1),
+        ]
+        for layer in layers
+    ]
+    return [
+        f"<details><summary>Per-layer shapes ({len(layers)} layers)</summary>",
+        "",
+        *_table(["Layer", "Type", "Shape before", "Shape after", "Weight sparsity"], rows),
+        "",
+        "</details>",
+    ]
+
+
+_EPOCH_COLS = [
+    ("epoch", "Epoch", lambda v: _num(v)),
+    ("loss", "Loss", lambda v: _num(v, 4)),
+    ("accuracy", "Accuracy", lambda v: _pct(v)),
+    ("weight_sparsity", "Weight sparsity", lambda v: _pct(v, frac=True, digits=1)),
+    ("channel_sparsity", "Channel sparsity", lambda v: _pct(v, frac=True, digits=1)),
+    ("beta", "β", lambda v: _num(v, 3)),
+    ("strength", "Strength", lambda v: _num(v, 3)),
+    ("macs_x", "MACs reduction", lambda v: _x(v)),
+]
+
+
+def _epoch_lines(report: Mapping) -> list[str]:
+    epochs = report.get("epochs") or []
+    if not epochs:
+        return ["### Training", "", "No training epochs were run."]
+    cols = [c for c in _EPOCH_COLS if any(e.get(c[0]) is not None for e in epochs)]
+    rows = [[fmt(e.get(key)) for key, _, fmt in cols] for e in epochs]
+    return ["### Training", "", *_table([title for _, title, _ in cols], rows)]
+
+
+def _footer_lines(report: Mapping) -> list[str]:
+    lines = []
+    timings = report.get("timings_s") or {}
+    if timings:
+        total = sum(v for v in timings.values() if _is_num(v))
+        parts = [f"{_cell(k)} {float(v):.1f} s" for k, v in timings.items() if _is_num(v)]
+        lines.append(f"**Timings:** {' · '.join(parts)} (total {total:.1f} s)")
+    inp = report.get("input") or {}
+    if any(inp.values()):
+        parts = [f"{k} `{_cell(v)}`" for k, v in inp.items() if v is not None]
+        lines.append("**Input:** " + ", ".join(parts))
+    outputs = report.get("outputs") or []
+    if outputs:
+        lines.append("**Outputs:** " + ", ".join(f"`{_cell(o)}`" for o in outputs))
+    cmd = report.get("command")
+    tool = report.get("tool") or {}
+    created = report.get("created")
+    meta = f"{tool.get('name', 'compressor')} {tool.get('version', '')}".strip()
+    if created:
+        meta += f", {created}"
+    if report.get("exit_code") is not None:
+        meta += f", exit code {report['exit_code']}"
+    lines.append(f"<sub>{meta}</sub>")
+    lines = "\n\n".join(lines).split("\n")  # one paragraph each
+    if cmd:
+        lines += ["", "```", shlex.join(str(c) for c in cmd), "```"]
+    recipe = report.get("recipe")
+    if recipe:
+        lines += [
+            "",
+            "<details><summary>Resolved recipe</summary>",
+            "",
+            "```json",
+            json.dumps(_jsonable(recipe), indent=2, sort_keys=True),
+            "```",
+            "",
+            "</details>",
+        ]
+    return lines
+
+
+def render_markdown(report: Mapping) -> str:
+    """Markdown for a CI job summary (GitHub's ``$GITHUB_STEP_SUMMARY``) or a PR comment."""
+    sections = [
+        [_headline(report)],
+        _summary_table(report),
+        _target_line(report),
+        _activation_line(report),
+        _verification_lines(report),
+        _gate_lines(report),
+        _epoch_lines(report),
+        _layer_lines(report),
+        _footer_lines(report),
+    ]
+    out = []
+    for section in sections:
+        if section:
+            out += [*section, ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure  # Agg-compatible, no pyplot, no global backend
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save_png(fig, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def plot_channels(report: Mapping, path: str | os.PathLike) -> bool:
+    """Bar chart of output channels per layer, before vs after. False (no file) when no data."""
+    layers = [
+        layer
+        for layer in report.get("layers") or []
+        if layer.get("shape_before") and layer.get("shape_after") is not None
+    ]
+    if not layers:
+        return False
+    names = [str(layer.get("name")) for layer in layers]
+    before = [int(layer["shape_before"][0]) for layer in layers]
+    after = [int(layer["shape_after"][0]) if layer["shape_after"] else 0 for layer in layers]
+    n = len(layers)
+    fig = _new_figure(min(24.0, max(6.0, 0.35 * n + 2)), 4.5)
+    ax = fig.add_subplot()
+    xs = range(n)
+    w = 0.42
+    ax.bar([i - w / 2 for i in xs], before, w, label="before", color="#b0b7c3")
+    ax.bar([i + w / 2 for i in xs], after, w, label="after", color="#2f6fdb")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7 if n > 30 else 8)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylabel("output channels")
+    kept, total = sum(after), sum(before)
+    ax.set_title(f"Output channels per layer: {kept} of {total} kept")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    _save_png(fig, Path(path))
+    return True
+
+
+def _series(epochs: Sequence[Mapping], key: str) -> tuple[list, list]:
+    pts = [(e.get("epoch", i), e.get(key)) for i, e in enumerate(epochs)]
+    pts = [(x, y) for x, y in pts if _is_num(x) and _is_num(y)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_training(report: Mapping, path: str | os.PathLike) -> bool:
+    """Loss, sparse-model accuracy and (when recorded) MACs reduction / strength per epoch.
+
+    False (no file) when no epoch has a value to plot.
+    """
+    epochs = report.get("epochs") or []
+    loss = _series(epochs, "loss")
+    acc = _series(epochs, "accuracy")
+    macs = _series(epochs, "macs_x")
+    strength = _series(epochs, "strength")
+    panels = [p for p in (loss, acc) if p[0]]
+    has_third = bool(macs[0] or strength[0])
+    if not panels and not has_third:
+        return False
+    n = len(panels) + has_third
+    fig = _new_figure(4.2 * n, 3.6)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    i = 0
+    if loss[0]:
+        axes[i].plot(*loss, marker="o", color="#c0392b")
+        axes[i].set_title("training loss")
+        axes[i].set_xlabel("epoch")
+        i += 1
+    if acc[0]:
+        axes[i].plot(*acc, marker="o", color="#2f6fdb", label="sparse model")
+        base = (report.get("baseline") or {}).get("accuracy")
+        if _is_num(base):
+            axes[i].axhline(base, ls="--", color="grey", label="baseline")
+        axes[i].set_title("accuracy (%)")
+        axes[i].set_xlabel("epoch")
+        axes[i].legend(fontsize=8)
+        i += 1
+    if has_third:
+        ax = axes[i]
+        ax.set_xlabel("epoch")
+        if macs[0]:
+            ax.plot(*macs, marker="o", color="#27ae60")
+            ax.set_ylabel("MACs reduction (x)", color="#27ae60")
+        if strength[0]:
+            ax2 = ax.twinx() if macs[0] else ax
+            ax2.plot(*strength, marker="s", ls=":", color="#8e44ad")
+            ax2.set_ylabel("penalty strength", color="#8e44ad")
+        ax.set_title(
+            "MACs reduction / strength"
+            if macs[0] and strength[0]
+            else ("MACs reduction" if macs[0] else "penalty strength")
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _save_png(fig, Path(path))
+    return True
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON: non-finite floats become None, tuples lists, numpy/torch scalars numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_jsonable(v) for v in obj)
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # numpy arrays/scalars, torch tensors
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    raise TypeError(f"report value of type {type(obj).__name__} is not JSON-serialisable: {obj!r}")
+
+
+def write_report(report: Mapping, out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``report.json``, ``report.md`` and the plots (each atomically) into ``out_dir``.
+
+    Plots without data are skipped. The written report's ``outputs`` is the
+    given list plus the files written here (``report.json`` is written last, so
+    its presence means the report is complete). Returns the paths written.
+    The ``report`` argument itself is not modified.
+    """
+    out = Path(out_dir)
+    report = _jsonable(report)
+    written: list[Path] = []
+    for name, plot in ((CHANNELS_PNG, plot_channels), (TRAINING_PNG, plot_training)):
+        try:
+            if plot(report, out / name):
+                written.append(out / name)
+        except OSError:
+            raise
+        except Exception:  # a broken plot must not cost the run its report
+            log.warning("could not draw %s", name, exc_info=True)
+    names = [REPORT_JSON, REPORT_MD, *(p.name for p in written)]
+    outputs = list(report.get("outputs") or [])
+    report["outputs"] = outputs + [n for n in names if n not in outputs]
+    report.setdefault("schema", SCHEMA_VERSION)
+    atomic_write_text(out / REPORT_MD, render_markdown(report))
+    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return [out / REPORT_JSON, out / REPORT_MD, *written]

@@ -1,0 +1,244 @@
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from compressor import export as ex
+from compressor.errors import EXIT_VERIFICATION_FAILED, BadInputError, VerificationError
+from compressor.models import lenet5, resnet20
+
+
+class BinaryAct(nn.Module):
+    """Forward (x > 0), backward through a sigmoid proxy (straight-through estimator)."""
+
+    def forward(self, x):
+        proxy = torch.sigmoid(x)
+        return proxy + ((x > 0).to(x.dtype) - proxy).detach()
+
+
+class BinaryNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act1 = BinaryAct()
+        self.fc1 = nn.Linear(4 * 4 * 4, 16)
+        self.act2 = BinaryAct()
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.act1(self.conv(x)), 4).flatten(1)
+        return self.fc2(self.act2(self.fc1(x)))
+
+
+def _randomize_bn(model):
+    """Give BatchNorm non-trivial statistics so that a broken export would show."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each small model exported once: name -> (model, path, exporter, input)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("onnx")
+    models = {
+        "resnet20": _randomize_bn(resnet20(in_channels=1, width=8)),
+        "lenet5": lenet5(),
+    }
+    result = {}
+    for name, model in models.items():
+        x = torch.randn(2, 1, 28, 28)
+        path = out / f"{name}.onnx"
+        used = ex.export_onnx(model.train(), x, path)  # export must switch to eval itself
+        result[name] = (model, path, used, x)
+    return result
+
+
+@pytest.mark.parametrize("name", ["resnet20", "lenet5"])
+def test_export_check_verify(exported, name):
+    model, path, used, _ = exported[name]
+    assert used == "dynamo"
+    assert model.training, "export must not change the caller's model"
+    ex.check_onnx(path)
+    inputs = torch.randn(12, 1, 28, 28)
+    m = ex.verify_or_raise(model, path, inputs, batch_size=5)
+    assert m["samples"] == 12
+    assert m["relative_max_abs"] < 1e-5
+    assert m["top1_agreement"] == 1.0
+    assert 0 <= m["torch_vs_onnxruntime_max_abs"] < 1e-4
+    assert set(m) == {
+        "torch_vs_onnxruntime_max_abs",
+        "relative_max_abs",
+        "top1_agreement",
+        "samples",
+    }
+    assert ex.onnx_size_bytes(path) == path.stat().st_size
+    assert not list(path.parent.glob("*.data")), "weights must stay inside the .onnx file"
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dynamic_batch(exported, batch):
+    model, path, _, _ = exported["resnet20"]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].name == "input"
+    assert isinstance(sess.get_inputs()[0].shape[0], str)  # symbolic batch axis
+    x = torch.randn(batch, 1, 28, 28)
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()(x).numpy()
+    assert got.shape == (batch, 10)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_verify_accepts_loader_and_max_samples(exported):
+    model, path, _, _ = exported["lenet5"]
+    loader = [(torch.randn(4, 1, 28, 28), torch.zeros(4)) for _ in range(3)]
+    assert ex.verify_onnx(model, path, loader)["samples"] == 12
+    assert ex.verify_onnx(model, path, loader, max_samples=6)["samples"] == 6
+    with pytest.raises(BadInputError):
+        ex.verify_onnx(model, path, [])
+
+
+def test_tampered_model_raises(exported):
+    model, path, _, _ = exported["lenet5"]
+    tampered = copy.deepcopy(model)
+    with torch.no_grad():
+        tampered.fc3.bias[0] += 10.0  # class 0 now wins nearly everywhere
+    x = torch.randn(16, 1, 28, 28)
+    with pytest.raises(VerificationError) as info:
+        ex.verify_or_raise(tampered, path, x)
+    assert info.value.exit_code == EXIT_VERIFICATION_FAILED
+    assert "relative max abs" in str(info.value) and "top-1 agreement" in str(info.value)
+    # the caller may relax both requirements
+    m = ex.verify_or_raise(tampered, path, x, tolerance=float("inf"), min_top1_agreement=0.0)
+    assert m["top1_agreement"] < 1.0
+
+
+def test_top1_requirement_is_separate(exported):
+    model, path, _, _ = exported["lenet5"]
+    tampered = copy.deepcopy(model)
+    with torch.no_grad():
+        tampered.fc3.bias[0] += 10.0
+    x = torch.randn(16, 1, 28, 28)
+    with pytest.raises(VerificationError, match="top-1 agreement"):
+        ex.verify_or_raise(tampered, path, x, tolerance=float("inf"))
+
+
+def test_binary_activation_in_graph(tmp_path):
+    torch.manual_seed(0)
+    model = BinaryNet()
+    path = tmp_path / "bin.onnx"
+    ex.export_onnx(model, torch.randn(1, 1, 8, 8), path)
+    ex.check_onnx(path)
+    ops = ex.onnx_op_types(path)
+    assert "Greater" in ops and "Gemm" in ops and "Conv" in ops
+    m = ex.verify_or_raise(model, path, torch.randn(32, 1, 8, 8))
+    assert m["samples"] == 32
+
+
+def test_latency_interleaved(exported):
+    paths = {k: v[1] for k, v in exported.items()}
+    lat = ex.measure_latency(paths, (1, 28, 28), batch_sizes=(1, 2), warmup=1, repeats=3, threads=1)
+    assert set(lat) == {"resnet20", "lenet5"}
+    for per_batch in lat.values():
+        assert set(per_batch) == {1, 2}
+        assert all(ms > 0 for ms in per_batch.values())
+    stats = ex.measure_latency_stats(paths, (1, 28, 28), warmup=0, repeats=4, threads=1)
+    s = stats["lenet5"][1]
+    assert s["n"] == 4 and 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"]
+
+
+def test_atomic_write_success_leaves_no_temp(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    ex.export_onnx(lenet5(), torch.randn(1, 1, 28, 28), path, exporters=("torchscript",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    ex.check_onnx(path)
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        raise RuntimeError("cannot run")
+
+
+def test_atomic_write_failure_keeps_target(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(ex.ExportError, match="dynamo.*torchscript"):
+        ex.export_onnx(Broken(), torch.randn(1, 4), path)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_fallback_to_torchscript(tmp_path, monkeypatch, caplog):
+    def fail(*args, **kwargs):
+        raise RuntimeError("dynamo says no")
+
+    monkeypatch.setitem(ex._EXPORTERS, "dynamo", fail)
+    path = tmp_path / "m.onnx"
+    model = lenet5()
+    assert ex.export_onnx(model, torch.randn(2, 1, 28, 28), path) == "torchscript"
+    assert "dynamo says no" in caplog.text
+    ex.verify_or_raise(model, path, torch.randn(3, 1, 28, 28))
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(BadInputError):
+        ex.export_onnx(lenet5(), torch.randn(1, 1, 28, 28), tmp_path / "m.onnx", exporters=("x",))
+    with pytest.raises(BadInputError):
+        ex.export_onnx(lenet5(), [1, 2], tmp_path / "m.onnx")
+
+
+def test_check_onnx_rejects_garbage(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(VerificationError):
+        ex.check_onnx(bad)
+    with pytest.raises(VerificationError):
+        ex.check_onnx(tmp_path / "missing.onnx")
+
+
+def test_quantize_int8(exported, tmp_path):
+    model, path, _, _ = exported["lenet5"]
+    q = tmp_path / "q.onnx"
+    ex.quantize_int8(path, q)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+    assert ex.onnx_size_bytes(q) < 0.5 * ex.onnx_size_bytes(path)
+    m = ex.verify_onnx(model, q, torch.randn(8, 1, 28, 28))
+    assert m["relative_max_abs"] < 0.2
+
+
+TORCHVISION = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "vgg11_bn",
+    "regnet_x_400mf",
+    "densenet121",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", TORCHVISION)
+def test_torchvision_export(arch, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = _randomize_bn(getattr(torchvision.models, arch)(num_classes=10))
+    path = tmp_path / f"{arch}.onnx"
+    assert ex.export_onnx(model, torch.randn(1, 3, 64, 64), path) == "dynamo"
+    ex.check_onnx(path)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{arch}.onnx"]
+    m = ex.verify_or_raise(model, path, torch.randn(3, 3, 64, 64), tolerance=1e-4)
+    assert m["samples"] == 3

@@ -1,0 +1,264 @@
+import json
+import math
+
+import pytest
+
+from compressor import report as rp
+from compressor.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_VERIFICATION_FAILED
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def synthetic(epochs=3, exit_code=EXIT_OK):
+    r = rp.new_report(
+        command=["compress", "model.pt", "--recipe", "tl1-group"],
+        recipe={"name": "tl1-group", "train": {"epochs": epochs, "lr": 0.01}},
+        input={"checkpoint": "model.pt", "arch": "resnet20", "data": "fashion-mnist"},
+        created="2025-01-01T00:00:00+00:00",
+    )
+    r["input"]["device"] = "cpu"
+    r["baseline"].update(accuracy=93.6, params=272_474, macs=41_214_656, onnx_bytes=1_100_000)
+    r["compressed"].update(
+        accuracy=93.1,
+        params=88_000,
+        macs=17_100_000,
+        onnx_bytes=360_000,
+        weight_sparsity=0.42,
+        channels_kept=300,
+        channels_total=448,
+    )
+    r["reduction"] = rp.reduction_factors(r["baseline"], r["compressed"])
+    r["verification"].update(
+        onnx_checker=True,
+        sparse_vs_pruned_max_abs=1.2e-6,
+        torch_vs_onnxruntime_max_abs=3.4e-6,
+        top1_agreement=1.0,
+        samples=256,
+        notes=["BN recalibrated on 200 batches"],
+    )
+    r["latency_ms"] = rp.latency_section(
+        {"baseline": {1: 1.5, 8: 6.0}, "compressed": {1: 0.75, 8: 2.0}}
+    )
+    r["layers"] = [
+        {"name": "conv1", "type": "Conv2d", "shape_before": [16, 1, 3, 3],
+         "shape_after": [12, 1, 3, 3], "sparsity": 0.1},
+        {"name": "layer1.0|conv1", "type": "Conv2d", "shape_before": [16, 16, 3, 3],
+         "shape_after": [8, 12, 3, 3], "sparsity": 0.5},
+        {"name": "fc", "type": "Linear", "shape_before": [10, 64], "shape_after": [10, 40],
+         "sparsity": 0.0},
+    ]  # fmt: skip
+    r["epochs"] = [
+        {"epoch": i + 1, "loss": 1.0 / (i + 1), "accuracy": 90.0 + i, "weight_sparsity": 0.1 * i,
+         "channel_sparsity": 0.05 * i, "beta": 1.0, "strength": 0.5 + i, "macs_x": 1.0 + 0.5 * i}
+        for i in range(epochs)
+    ]  # fmt: skip
+    r["target"] = rp.target_summary("macs", 2.5, r["reduction"]["macs_x"])
+    r["gates"] = rp.evaluate_gates(r, max_accuracy_drop=1.0)
+    r["timings_s"] = {"train": 120.5, "prune": 1.25, "export": 3.0}
+    r["exit_code"] = exit_code
+    r["outputs"] = ["model.onnx", "model.safetensors"]
+    return r
+
+
+def test_write_report_files(tmp_path):
+    r = synthetic()
+    before = json.dumps(r, sort_keys=True)
+    paths = rp.write_report(r, tmp_path)
+    assert json.dumps(r, sort_keys=True) == before, "the caller's dict must not change"
+    names = [p.name for p in paths]
+    assert names == ["report.json", "report.md", "channels_per_layer.png", "training.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names), "no temp files left"
+    for p in paths:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == PNG_SIGNATURE
+            assert p.stat().st_size > 1000
+
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["schema"] == 1
+    assert data["tool"]["name"] == "compressor"
+    assert data["outputs"] == [
+        "model.onnx", "model.safetensors", "report.json", "report.md",
+        "channels_per_layer.png", "training.png",
+    ]  # fmt: skip
+    data.pop("outputs")
+    expected = json.loads(before)
+    expected.pop("outputs")
+    assert data == expected
+
+
+def test_markdown_content(tmp_path):
+    rp.write_report(synthetic(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    first = md.splitlines()[0]
+    assert first.startswith("## ✅") and "PASS" in first and "resnet20" in first
+    for text in [
+        "2.41x fewer MACs",  # 41.21 M / 17.1 M
+        "3.10x fewer params",
+        "93.60%",
+        "93.10%",
+        "-0.50 pts",
+        "41.21 M",
+        "17.10 M",
+        "272.47 k",
+        "1.05 MiB",
+        "| Latency, batch 1 (ms, ORT CPU median) | 1.50 | 0.750 | 2.00x |",
+        "| Latency, batch 8 (ms, ORT CPU median) | 6.00 | 2.00 | 3.00x |",
+        "channels kept 300 / 448",
+        "| ONNX checker (full) | ✅ passed |",
+        "3.40e-06",
+        "100.00% of 256 samples",
+        "BN recalibrated",
+        "| accuracy_drop | 1 | 0.5 | ✅ pass |",
+        "**Target:** 2.50x fewer MACs asked, 2.41x reached ✅",
+        "<details><summary>Per-layer shapes (3 layers)</summary>",
+        "`layer1.0\\|conv1`",  # pipes escaped inside table cells
+        "16×16×3×3",
+        "| Epoch | Loss | Accuracy |",
+        "compress model.pt --recipe tl1-group",
+        "train 120.5 s",
+        '"lr": 0.01',
+    ]:
+        assert text in md, text
+    # every table row has the header's number of cells
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert all(line.endswith("|") for line in rows)
+
+
+@pytest.mark.parametrize(
+    "code, word",
+    [(EXIT_GATE_FAILED, "GATE FAILED"), (EXIT_VERIFICATION_FAILED, "VERIFICATION FAILED")],
+)
+def test_headline_by_exit_code(code, word):
+    head = rp.render_markdown(synthetic(exit_code=code)).splitlines()[0]
+    assert head.startswith("## ❌") and word in head
+
+
+def test_headline_names_failed_gates():
+    r = synthetic(exit_code=EXIT_GATE_FAILED)
+    r["gates"] = rp.evaluate_gates(r, max_accuracy_drop=0.1)
+    head = rp.render_markdown(r).splitlines()[0]
+    assert "GATE FAILED" in head and "(failed: accuracy_drop)" in head
+    assert "| accuracy_drop | 0.1 | 0.5 | ❌ fail |" in rp.render_markdown(r)
+
+
+def test_zero_epochs_and_no_layers(tmp_path):
+    r = synthetic(epochs=0)
+    r["layers"] = []
+    r["latency_ms"] = None
+    r["compressed"]["accuracy"] = None
+    paths = rp.write_report(r, tmp_path)
+    assert [p.name for p in paths] == ["report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert "training.png" not in data["outputs"] and "channels_per_layer.png" not in data["outputs"]
+    md = (tmp_path / "report.md").read_text()
+    assert "No training epochs were run." in md
+    assert "not measured" in md
+
+
+def test_empty_report_renders(tmp_path):
+    paths = rp.write_report(rp.new_report(), tmp_path)
+    assert [p.name for p in paths] == ["report.json", "report.md"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("## ⏳ compressor: INCOMPLETE")
+    assert "No gates were set." in md
+
+
+def test_error_is_shown():
+    r = rp.new_report()
+    r["exit_code"] = EXIT_VERIFICATION_FAILED
+    r["error"] = "ONNX model disagrees"
+    md = rp.render_markdown(r)
+    assert "VERIFICATION FAILED" in md and "> **Error:** ONNX model disagrees" in md
+
+
+def test_json_is_strict(tmp_path):
+    import numpy as np
+
+    r = synthetic()
+    r["verification"]["torch_vs_onnxruntime_max_abs"] = float("nan")
+    r["compressed"]["params"] = np.int64(88_000)
+    r["baseline"]["macs"] = np.float32(4.0e7)
+    r["layers"][0]["shape_before"] = (16, 1, 3, 3)
+    rp.write_report(r, tmp_path)
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert data["verification"]["torch_vs_onnxruntime_max_abs"] is None
+    assert data["compressed"]["params"] == 88_000
+    assert data["layers"][0]["shape_before"] == [16, 1, 3, 3]
+
+
+def test_only_training_plot_with_partial_epoch_data(tmp_path):
+    r = rp.new_report()
+    r["epochs"] = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4, "accuracy": None}]
+    paths = rp.write_report(r, tmp_path)
+    assert [p.name for p in paths] == ["report.json", "report.md", "training.png"]
+    assert (tmp_path / "training.png").read_bytes()[:8] == PNG_SIGNATURE
+    md = (tmp_path / "report.md").read_text()
+    assert "| Epoch | Loss |" in md and "Strength" not in md
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def _acc(base, comp):
+    return {"baseline": {"accuracy": base}, "compressed": {"accuracy": comp}}
+
+
+def test_accuracy_gate_pass_and_fail():
+    (g,) = rp.evaluate_gates(_acc(93.6, 93.0), max_accuracy_drop=1.0)
+    assert g["name"] == "accuracy_drop" and g["passed"] is True
+    assert math.isclose(g["value"], 0.6) and g["threshold"] == 1.0
+    (g,) = rp.evaluate_gates(_acc(93.6, 92.0), max_accuracy_drop=1.0)
+    assert g["passed"] is False and math.isclose(g["value"], 1.6)
+    (g,) = rp.evaluate_gates(_acc(90.0, 91.0), max_accuracy_drop=0.0)  # improved
+    assert g["passed"] is True
+    assert rp.gates_passed([g]) and rp.gates_passed([])
+
+
+@pytest.mark.parametrize("base, comp", [(None, 93.0), (93.0, None), (None, None)])
+def test_accuracy_gate_not_measured(base, comp):
+    (g,) = rp.evaluate_gates(_acc(base, comp), max_accuracy_drop=1.0)
+    assert g["passed"] is False and g["value"] is None and g["detail"] == "not measured"
+    assert not rp.gates_passed([g])
+
+
+def test_no_gates_without_thresholds():
+    assert rp.evaluate_gates(_acc(93.6, 50.0)) == []
+
+
+def test_target_gate():
+    r = {"reduction": {"macs_x": 1.9, "params_x": 3.0}}
+    (g,) = rp.evaluate_gates(r, target={"kind": "macs", "asked": 2.0})
+    assert g["name"] == "target_macs" and g["passed"] and math.isclose(g["threshold"], 1.9)
+    (g,) = rp.evaluate_gates(r, target={"kind": "macs", "asked": 2.1})
+    assert not g["passed"]
+    (g,) = rp.evaluate_gates(r, target={"kind": "params", "asked": 3.0, "reached": 2.0})
+    assert not g["passed"] and g["value"] == 2.0  # explicit reached wins
+    (g,) = rp.evaluate_gates({"reduction": {}}, target={"kind": "macs", "asked": 2.0})
+    assert not g["passed"] and g["detail"] == "not measured"
+    lat = {"latency_ms": {"speedup": {"batch_1": 1.5}}}
+    (g,) = rp.evaluate_gates(lat, target={"kind": "latency", "asked": 1.5})
+    assert g["passed"]
+    # the report's own target is used when none is passed
+    r["target"] = rp.target_summary("macs", 2.0, 1.9)
+    assert r["target"]["within"] is True
+    gates = rp.evaluate_gates({**r, **_acc(90, 89)}, max_accuracy_drop=0.5)
+    assert [g["name"] for g in gates] == ["accuracy_drop", "target_macs"]
+    assert [g["passed"] for g in gates] == [False, True]
+
+
+def test_helpers():
+    assert rp.reduction_factors({"macs": 10, "params": None}, {"macs": 4, "params": 2}) == {
+        "macs_x": 2.5,
+        "params_x": None,
+        "size_x": None,
+    }
+    lat = rp.latency_section({"baseline": {1: 2.0}, "compressed": {1: 0.5}})
+    assert lat == {
+        "baseline": {"batch_1": 2.0},
+        "compressed": {"batch_1": 0.5},
+        "speedup": {"batch_1": 4.0},
+    }
+    assert rp.target_summary("macs", 2.0, None)["within"] is False
