@@ -190,6 +190,7 @@ class TargetController:
         *,
         total_steps: int,
         reach_fraction: float = 0.6,
+        schedule: str = "cubic",
     ):
         if kind not in ("macs", "params"):
             raise ValueError(f"target kind must be 'macs' or 'params', got {kind!r}")
@@ -197,6 +198,9 @@ class TargetController:
         self.groups, self.strength = groups, strength
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.base = groups.total_macs if kind == "macs" else groups.total_params
+        if schedule not in ("cubic", "geometric"):
+            raise ValueError(f"schedule must be 'cubic' or 'geometric', got {schedule!r}")
+        self.schedule = schedule
         self.frozen = False
         self.reached_factor = 1.0
         self.floor_factor = self._floor_factor()
@@ -218,9 +222,27 @@ class TargetController:
         return self.factor <= self.floor_factor * 1.0000001
 
     def scheduled_factor(self, step: int) -> float:
+        """The reduction factor the zero set should give at ``step``.
+
+        ``cubic``: the removed share of the cost follows Zhu & Gupta's cubic ramp
+        (fast early, gentle near the target). ``geometric``: the factor grows by
+        the same ratio every step, used when seeking the largest reduction within
+        an accuracy budget (each check then asks for a similar relative step).
+        """
+        if self.schedule == "geometric":
+            progress = min(max(step / self.reach_step, 0.0), 1.0)
+            return self.factor**progress
         final_removed = 1.0 - 1.0 / self.factor
         removed = final_removed * cubic_schedule(step / self.reach_step)
         return 1.0 / (1.0 - removed)
+
+    def freeze(self, masks: list[torch.Tensor] | None = None) -> None:
+        """Stop raising the strength; keep ``masks`` (default: the current zero set) as the zero set."""
+        if masks is not None:
+            self.strength.forced_zero = [m.clone() for m in masks]
+            self.reached_factor = self.base / max(self._cost(self.strength.forced_zero), 1.0)
+        self.frozen = True
+        self.strength.frozen = True
 
     @torch.no_grad()
     def update(self, step: int, tensors: Mapping[str, torch.Tensor]) -> None:

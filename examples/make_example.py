@@ -75,7 +75,7 @@ def main() -> None:
                 int((model(xv[i : i + 500]).argmax(1) == torch.from_numpy(yt[i : i + 500])).sum())
                 for i in range(0, len(xv), 500)
             ) / len(xv)
-        print(f"epoch {epoch + 1}: loss {float(loss):.3f}, test accuracy {100 * acc:.2f}% ({time.time() - start:.0f}s)")
+        print(f"epoch {epoch + 1}: loss {loss.item():.3f}, test accuracy {100 * acc:.2f}% ({time.time() - start:.0f}s)")
     torch.save(model.state_dict(), HERE / "model.pt")
 
 
