@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.INFO
+    level = logging.ERROR if quiet else logging.INFO  # --quiet: "only errors on stderr"
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
@@ -125,21 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     except CompressorError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # exit codes are 0-4 only (README); 1 covers an interrupted run
         print(f"compress: interrupted; rerun the same command with --resume to continue from the last "
               f"completed epoch in {args.out}", file=sys.stderr)
-        return 130
+        return EXIT_OTHER
     except Exception as exc:  # a bug: keep the traceback for the report
         logging.getLogger("compressor").exception("unexpected error")
         print(f"compress: internal error: {exc}", file=sys.stderr)
         return EXIT_OTHER
     code = int(report.get("exit_code", 0))
-    if not args.quiet and "reduction" in report:
-        r = report["reduction"]
+    r = report.get("reduction") or {}
+    if not args.quiet and r.get("macs_x") is not None:
         acc_b, acc_c = report["baseline"]["accuracy"], report["compressed"]["accuracy"]
         acc = "accuracy not measured" if acc_b is None else f"accuracy {acc_b:.2f}% -> {acc_c:.2f}%"
         print(f"compress: {r['macs_x']:.2f}x fewer MACs, {r['params_x']:.2f}x fewer params, {acc}; "
               f"exit {code}; outputs in {args.out}", file=sys.stderr)
+    if report.get("error"):  # verification failed: no model was written; say why (also with -q)
+        print(f"compress: error: {report['error']} (exit {code}; report in {args.out})", file=sys.stderr)
     return code
 
 

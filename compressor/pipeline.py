@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import __version__
+from compressor import __version__, export, metrics, train
 from compressor import checkpoint as ckpt
 from compressor import data as data_mod
-from compressor import export, metrics, recipe as recipe_mod, report as report_mod, train
+from compressor import recipe as recipe_mod
+from compressor import report as report_mod
 from compressor.errors import (
     EXIT_GATE_FAILED,
     EXIT_OK,
@@ -92,17 +93,9 @@ def _distributed() -> tuple[bool, int, int]:
     return True, torch.distributed.get_rank(), world
 
 
-def _prepare_out(out: Path, checkpoint: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"Cannot write to the output directory {out}: {exc.strerror or exc}. "
-            "Pass --out with a writable directory."
-        ) from exc
+def _prepare_out(out: Path, checkpoint: Path) -> Path | None:
+    """Create ``out`` if needed and check it can be written; returns the topmost folder it
+    created (None when ``out`` existed), so that a failed run can remove it again."""
     src = checkpoint.resolve()
     for name in OUTPUT_FILES:
         if (out / name).resolve() == src:
@@ -110,6 +103,55 @@ def _prepare_out(out: Path, checkpoint: Path) -> None:
                 f"The checkpoint {checkpoint} would be overwritten by the output {out / name}. "
                 "Pass a different --out."
             )
+    created = None
+    top = out.absolute()
+    while not top.exists() and top.parent != top:
+        created, top = top, top.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        _remove_if_empty(created)
+        raise OutputError(
+            f"Cannot write to the output directory {out}: {exc.strerror or exc}. "
+            "Pass --out with a writable directory."
+        ) from exc
+    return created
+
+
+def _remove_if_empty(created: Path | None) -> None:
+    """Remove a folder this run created when nothing was written into it."""
+    if created is None or not created.is_dir():
+        return
+    if any(not p.is_dir() for p in created.rglob("*")):
+        return
+    shutil.rmtree(created, ignore_errors=True)
+
+
+def _read_resume_state(state_path: Path, fingerprint: str, out: Path) -> dict:
+    """The saved state of an interrupted run in ``out``, checked to belong to this run.
+
+    Read on the CPU (the RNG state must be a CPU tensor; masks are used on the CPU).
+    """
+    if not state_path.exists():
+        raise BadInputError(
+            f"--resume: no interrupted run in {out} (no {state_path}). Run without --resume."
+        )
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BadInputError(
+            f"--resume: cannot read {state_path} ({type(exc).__name__}: {exc}). "
+            "Run without --resume to start over."
+        ) from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise BadInputError(
+            f"--resume: the run in {out} used another checkpoint, recipe, data or seed. "
+            "Resume with the same arguments, or run without --resume into a new --out."
+        )
+    return state
 
 
 def _fingerprint(checkpoint: Path, recipe: dict, data: str | None, seed: int) -> str:
@@ -242,52 +284,58 @@ def compress(
         )
         if not checkpoint.exists():
             raise BadInputError(f"Checkpoint {checkpoint} does not exist. Pass the path of a .pt/.pth/.safetensors file.")
-        if is_main:
-            _prepare_out(out, checkpoint)
-        _seed_everything(seed)
-        tcfg, dcfg = resolved["train"], resolved["data"]
-        needs_data = tcfg["epochs"] > 0 or resolved["recover"]["epochs"] > 0
-        if needs_data and data is None:
-            raise DataError(
-                f"The recipe trains for {tcfg['epochs']} epoch(s) (+{resolved['recover']['epochs']} recovery) "
-                "and needs data: pass --data (ImageFolder dir, .npz, MNIST idx dir or CIFAR-10 dir), "
-                "or --set train.epochs=0 --set recover.epochs=0 to only remove already-zero channels."
-            )
-        splits = None
-        shape = tuple(dcfg["input_shape"]) if dcfg["input_shape"] else None
-        if data is not None:
-            splits = data_mod.load_data(data, mean=dcfg["mean"], std=dcfg["std"], input_shape=shape)
-            shape = shape or tuple(splits.input_shape)
-        in_channels = shape[0] if shape else None
-        loaded = ckpt.load_checkpoint(
-            checkpoint,
-            arch=arch,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            trust_checkpoint=trust_checkpoint,
-        )
-        model = loaded.model
-        if shape is None:
-            shape = _shape_from_metadata(loaded.metadata)
-        if shape is None:
-            raise BadInputError(
-                "Cannot tell the model's input shape without data: pass --input-shape C,H,W (e.g. 3,224,224)."
-            )
-        model.to(dev).eval()
-        example = torch.randn(1, *shape, device=dev)
+        created = _prepare_out(out, checkpoint) if is_main else None
         try:
-            with torch.no_grad():
-                logits = model(example)
-        except Exception as exc:
-            raise DataError(
-                f"The model cannot run on inputs of shape {tuple(shape)} (C, H, W): {str(exc).splitlines()[0]}. "
-                "Pass the right --input-shape or --set data.input_shape=[C,H,W]."
-            ) from exc
-        model_classes = int(logits.shape[-1])
-        if splits is not None:
-            data_mod.check_labels(splits, model_classes)
-            if len(splits.train) == 0 or len(splits.val) == 0:
-                raise DataError(f"The data at {data} has an empty train or val split.")
+            state_path = out / STATE_DIR / "state.pt"
+            fingerprint = _fingerprint(checkpoint, resolved, data, seed)
+            resume_state = _read_resume_state(state_path, fingerprint, out) if resume else None
+            _seed_everything(seed)
+            tcfg, dcfg = resolved["train"], resolved["data"]
+            needs_data = tcfg["epochs"] > 0 or resolved["recover"]["epochs"] > 0
+            if needs_data and data is None:
+                raise DataError(
+                    f"The recipe trains for {tcfg['epochs']} epoch(s) (+{resolved['recover']['epochs']} recovery) "
+                    "and needs data: pass --data (ImageFolder dir, .npz, MNIST idx dir or CIFAR-10 dir), "
+                    "or --set train.epochs=0 --set recover.epochs=0 to only remove already-zero channels."
+                )
+            splits = None
+            shape = tuple(dcfg["input_shape"]) if dcfg["input_shape"] else None
+            if data is not None:
+                splits = data_mod.load_data(data, mean=dcfg["mean"], std=dcfg["std"], input_shape=shape)
+                shape = shape or tuple(splits.input_shape)
+            in_channels = shape[0] if shape else None
+            loaded = ckpt.load_checkpoint(
+                checkpoint,
+                arch=arch,
+                num_classes=num_classes,
+                in_channels=in_channels,
+                trust_checkpoint=trust_checkpoint,
+            )
+            model = loaded.model
+            if shape is None:
+                shape = _shape_from_metadata(loaded.metadata)
+            if shape is None:
+                raise BadInputError(
+                    "Cannot tell the model's input shape without data: pass --input-shape C,H,W (e.g. 3,224,224)."
+                )
+            model.to(dev).eval()
+            example = torch.randn(1, *shape, device=dev)
+            try:
+                with torch.no_grad():
+                    logits = model(example)
+            except Exception as exc:
+                raise DataError(
+                    f"The model cannot run on inputs of shape {tuple(shape)} (C, H, W): {str(exc).splitlines()[0]}. "
+                    "Pass the right --input-shape or --set data.input_shape=[C,H,W]."
+                ) from exc
+            model_classes = int(logits.shape[-1])
+            if splits is not None:
+                data_mod.check_labels(splits, model_classes)
+                if len(splits.train) == 0 or len(splits.val) == 0:
+                    raise DataError(f"The data at {data} has an empty train or val split.")
+        except BaseException:
+            _remove_if_empty(created)  # bad input leaves --out as it was
+            raise
 
     train_loader = val_loader = None
     if splits is not None:
@@ -315,6 +363,10 @@ def compress(
         if is_main:
             export.export_onnx(model, example.cpu(), baseline_onnx, opset=resolved["export"]["opset"])
             baseline["onnx_bytes"] = export.onnx_size_bytes(baseline_onnx)
+        if distributed:  # every rank needs it: --target-size sets the same controller on each
+            box = [baseline.get("onnx_bytes")]
+            torch.distributed.broadcast_object_list(box, src=0)
+            baseline["onnx_bytes"] = box[0]
         log.info("baseline: accuracy %s, %d params, %d MACs", baseline["accuracy"], baseline["params"], baseline["macs"])
 
     # ------------------------------------------------------------- activations
@@ -392,17 +444,9 @@ def compress(
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     history: list[dict] = []
     start_epoch = 0
-    state_path = work / "state.pt"
-    fingerprint = _fingerprint(checkpoint, resolved, data, seed)
-    if resume:
-        if not state_path.exists():
-            raise BadInputError(f"--resume: no interrupted run in {out} (no {state_path}). Run without --resume.")
-        state = torch.load(state_path, map_location=dev, weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise BadInputError(
-                f"--resume: the run in {out} used another checkpoint, recipe, data or seed. "
-                "Resume with the same arguments, or run without --resume into a new --out."
-            )
+    loader_rng = getattr(train_loader, "generator", None)  # None under DDP (DistributedSampler)
+    if resume_state is not None:
+        state = resume_state
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -416,6 +460,8 @@ def compress(
         history = state["history"]
         start_epoch = state["epoch"]
         torch.set_rng_state(state["rng"])
+        if loader_rng is not None and state.get("loader_rng") is not None:
+            loader_rng.set_state(state["loader_rng"])  # the same shuffles as an uninterrupted run
         log.info("resumed after epoch %d", start_epoch)
 
     def before_prox(step: int) -> None:
@@ -482,6 +528,7 @@ def compress(
                 },
                 "history": history,
                 "rng": torch.get_rng_state(),
+                "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
             }
             with atomic_output(state_path) as tmp:
                 torch.save(state, tmp)
@@ -499,7 +546,10 @@ def compress(
             pruned = prune_zero_channels(model, groups, sample, round_to=resolved["prune"]["round_to"])
         except VerificationError as exc:
             verification["notes"].append(str(exc))
-            return _finish_failed(out, resolved, baseline, verification, timer, command, exc, is_main)
+            return _finish_failed(
+                out, resolved, baseline, verification, timer, command, exc, is_main,
+                checkpoint=checkpoint, loaded=loaded, data=data, device=dev, history=history,
+            )
         verification["sparse_vs_pruned_max_abs"] = pruned.max_abs_diff
         verification["sparse_vs_pruned_relative"] = pruned.relative_diff
 
@@ -660,11 +710,7 @@ def _build_report(*, resolved, command, checkpoint, loaded, data, device, baseli
             "size_x": baseline["onnx_bytes"] / max(compressed["onnx_bytes"], 1),
         },
         "verification": verification,
-        "latency_ms": {
-            "baseline": {"batch_1": latency["baseline"][1]},
-            "compressed": {"batch_1": latency["compressed"][1]},
-            "speedup": latency["baseline"][1] / max(latency["compressed"][1], 1e-9),
-        },
+        "latency_ms": report_mod.latency_section(latency),
         "layers": layers,
         "epochs": history,
         "target": target_summary,
@@ -695,19 +741,29 @@ def _build_report(*, resolved, command, checkpoint, loaded, data, device, baseli
     return report
 
 
-def _finish_failed(out, resolved, baseline, verification, timer, command, exc, is_main) -> dict:
-    report = {
-        "schema": 1,
-        "tool": {"name": "compressor", "version": __version__},
-        "command": command,
-        "recipe": resolved,
-        "baseline": baseline,
-        "verification": verification,
-        "error": str(exc),
-        "exit_code": EXIT_VERIFICATION_FAILED,
-    }
+def _finish_failed(out, resolved, baseline, verification, timer, command, exc, is_main, *,
+                   checkpoint=None, loaded=None, data=None, device=None, history=()) -> dict:
+    """Verification failed: no model is written, only the report (json, md, plots) and recipe."""
+    report = report_mod.new_report(
+        command=command,
+        recipe=resolved,
+        input={
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "arch": loaded.arch if loaded is not None else None,
+            "data": data,
+            "device": str(device) if device is not None else None,
+        },
+    )
+    report["baseline"].update(baseline)
+    report["verification"].update(verification)
+    report["epochs"] = list(history)
+    report["error"] = str(exc)
+    report["exit_code"] = EXIT_VERIFICATION_FAILED
+    report["timings_s"] = {k: round(v, 3) for k, v in timer.seconds.items()}
     if is_main:
-        atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))
+        atomic_write_text(out / "recipe.yaml", recipe_mod.dump_recipe(resolved))
+        report["outputs"] = ["recipe.yaml"]
+        report_mod.write_report(report, out)
     return report
 
 

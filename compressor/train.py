@@ -132,7 +132,7 @@ def train_one_epoch(
         loss = F.cross_entropy(model(x), y)
         if not torch.isfinite(loss):
             raise DivergenceError(
-                f"the training loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}. "
+                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. "
                 "Lower `train.lr` or the penalty strength (`penalty.group.strength`); "
                 "the last completed epoch is kept for --resume."
             )

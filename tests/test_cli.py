@@ -1,0 +1,498 @@
+"""The ``compress`` command line: exit codes, outputs, messages, quiet mode.
+
+Every run is tiny (LeNet-5 / ResNet-20 on 8x8 or 12x12 npz data, one short
+epoch); ``cli.main(argv)`` runs in-process so the imports and the ONNX
+exporter's warm-up are paid once.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import compressor
+from compressor import cli
+from compressor.models import lenet5, resnet20
+from compressor.recipe import load_recipe
+
+FAST = [
+    "--set", "train.bn_recalibration_batches=2",
+    "--set", "export.verify_samples=8",
+    "--set", "train.batch_size=32",
+]  # fmt: skip
+BUILTIN_RECIPES = (
+    "tl1-group",
+    "l1-group",
+    "l0-group",
+    "l1l2-group",
+    "group-lasso",
+    "tl1-group-binary",
+)
+OUTPUTS = ("model.onnx", "model.safetensors", "report.json", "report.md", "recipe.yaml")
+PLOTS = ("channels_per_layer.png", "training.png")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _logging_restored():
+    """``cli.main`` installs a handler on the (captured) stderr; undo it afterwards."""
+    logger = logging.getLogger("compressor")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    with _logging_restored():
+        yield
+
+
+def write_npz(path, x_train, y_train, x_val, y_val):
+    np.savez(path, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val)
+    return path
+
+
+def random_npz(path, shape, n_train=128, n_val=64, classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return write_npz(
+        path,
+        rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        rng.integers(0, classes, n_train),
+        rng.integers(0, 256, (n_val, *shape), dtype=np.uint8),
+        rng.integers(0, classes, n_val),
+    )
+
+
+def quadrant_data(n, seed):
+    """12x12 grey images whose class (0-3) is the bright quadrant: learnt in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = rng.integers(0, 60, (n, 1, 12, 12)).astype(np.uint8)
+    for i, c in enumerate(y):
+        r, col = divmod(int(c), 2)
+        x[i, 0, 6 * r : 6 * r + 6, 6 * col : 6 * col + 6] += 180
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LeNet-5 state_dict at 100% val accuracy on quadrant data, and that data (.npz)."""
+    root = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    model = lenet5()
+    x, y = quadrant_data(256, 0)
+    xv, yv = quadrant_data(64, 1)
+    xt, yt = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(30):
+        idx = torch.randint(0, len(xt), (64,))
+        loss = F.cross_entropy(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(torch.from_numpy(xv).float() / 255).argmax(1) == torch.from_numpy(yv)).float()
+    assert acc.mean() == 1.0
+    torch.save(model.state_dict(), root / "lenet5.pt")
+    return root / "lenet5.pt", write_npz(root / "quadrants.npz", x, y, xv, yv)
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    """A random LeNet-5 state_dict (1x12x12 inputs, 10 classes) and random data for it."""
+    root = tmp_path_factory.mktemp("lenet")
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), root / "lenet5.pt")
+    return root / "lenet5.pt", random_npz(root / "data.npz", (1, 12, 12))
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def snapshot(path: Path):
+    st = path.stat()
+    return path.read_bytes(), st.st_mtime_ns
+
+
+# ----------------------------------------------------------------------------- usage
+
+
+def test_list_recipes_lists_the_six_builtins():
+    exe = Path(sys.executable).with_name("compress")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "compressor"]
+    done = subprocess.run([*cmd, "--list-recipes"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+    assert sorted(listed) == sorted(BUILTIN_RECIPES)
+
+
+def test_python_m_help_documents_exit_codes():
+    done = subprocess.run(
+        [sys.executable, "-m", "compressor", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "usage: compress" in text
+    assert "exit codes" in text
+    for code, word in (
+        (0, "success"),
+        (1, "anything else"),
+        (2, "bad input"),
+        (3, "gate"),
+        (4, "verification"),
+    ):
+        assert any(
+            line.strip().startswith(f"{code} ") and word in line for line in text.splitlines()
+        ), code
+
+
+def test_no_checkpoint_is_a_usage_error(capsys):
+    code, _, err = run_cli([], capsys)
+    assert code == 2
+    assert "CHECKPOINT is required" in err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def resnet20_run(tmp_path_factory):
+    """One quiet CLI run on a random ResNet-20 state_dict and random 3x8x8 data."""
+    root = tmp_path_factory.mktemp("r20")
+    torch.manual_seed(0)
+    torch.save(resnet20(num_classes=10, in_channels=3).state_dict(), root / "model.pt")
+    data = random_npz(root / "data.npz", (3, 8, 8))
+    out = root / "out"
+    argv = [
+        root / "model.pt", "--arch", "resnet20", "--data", data, "--out", out, "--device", "cpu",
+        "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", *FAST, "-q",
+    ]  # fmt: skip
+    # capfd cannot serve a module fixture: capture at the file-descriptor level by hand
+    with _logging_restored(), _CaptureFds() as captured:
+        code = cli.main([str(a) for a in argv])
+    return {"code": code, "out": out, "captured": captured, "root": root}
+
+
+class _CaptureFds:
+    """Redirect fds 1 and 2 (and sys.stdout/err) to files; ``.text`` after exit."""
+
+    def __enter__(self):
+        self._files = [tempfile.TemporaryFile(mode="w+") for _ in range(2)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = [os.dup(1), os.dup(2)]
+        self._streams = sys.stdout, sys.stderr
+        os.dup2(self._files[0].fileno(), 1)
+        os.dup2(self._files[1].fileno(), 2)
+        sys.stdout, sys.stderr = self._files
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = self._streams
+        for fd, saved in zip((1, 2), self._saved, strict=True):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self.text = []
+        for f in self._files:
+            f.seek(0)
+            self.text.append(f.read())
+            f.close()
+        return False
+
+
+def test_end_to_end_exit_0_and_every_output(resnet20_run):
+    assert resnet20_run["code"] == 0, resnet20_run["captured"].text
+    out = resnet20_run["out"]
+    for name in (*OUTPUTS, *PLOTS):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not (out / ".compressor-state").exists()
+
+
+def test_quiet_prints_nothing(resnet20_run):
+    stdout, stderr = resnet20_run["captured"].text
+    assert stdout == ""
+    assert stderr == ""
+
+
+def test_report_json_schema_1(resnet20_run):
+    report = json.loads((resnet20_run["out"] / "report.json").read_text())
+    assert report["schema"] == 1
+    assert report["exit_code"] == 0
+    assert isinstance(report["recipe"], dict) and report["recipe"]["train"]["epochs"] == 1
+    for side in ("baseline", "compressed"):
+        for key in ("accuracy", "params", "macs", "onnx_bytes"):
+            assert isinstance(report[side][key], int | float), (side, key)
+    comp = report["compressed"]
+    assert 0 <= comp["weight_sparsity"] <= 1
+    assert 0 < comp["channels_kept"] <= comp["channels_total"]
+    assert comp["params"] <= report["baseline"]["params"]
+    ver = report["verification"]
+    assert ver["onnx_checker"] is True
+    assert ver["sparse_vs_pruned_max_abs"] < 1e-3
+    assert ver["torch_vs_onnxruntime_max_abs"] < 1e-3
+    assert ver["top1_agreement"] == 1.0
+    lat = report["latency_ms"]
+    assert lat["baseline"]["batch_1"] > 0 and lat["compressed"]["batch_1"] > 0
+    assert lat["speedup"]["batch_1"] > 0  # the documented shape: {batch_1: x}
+    assert report["layers"] and {"name", "shape_before", "shape_after"} <= set(report["layers"][0])
+    assert [row["epoch"] for row in report["epochs"]] == [1]
+    assert report["gates"] == []
+    assert set(OUTPUTS) | set(PLOTS) <= set(report["outputs"])
+    md = (resnet20_run["out"] / "report.md").read_text()
+    assert "PASS" in md.splitlines()[0]
+
+
+def test_compact_model_matches_onnxruntime(resnet20_run):
+    import onnxruntime as ort
+
+    out = resnet20_run["out"]
+    model = compressor.load(out / "model.safetensors")
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == expected.shape == (5, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    report = json.loads((out / "report.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == report["compressed"]["params"]
+
+
+def test_recipe_yaml_reloads(resnet20_run):
+    out = resnet20_run["out"]
+    report = json.loads((out / "report.json").read_text())
+    reloaded = load_recipe(str(out / "recipe.yaml"))
+    assert reloaded == report["recipe"]
+    assert reloaded == yaml.safe_load((out / "recipe.yaml").read_text())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_cases(root: Path, lenet_pt: Path, data: Path) -> dict:
+    """name -> (argv, substrings the error message must contain)."""
+    good = torch.load(lenet_pt, weights_only=True)
+    raw = lenet_pt.read_bytes()
+    (root / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (root / "corrupt.pt").write_bytes(
+        bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
+    )
+    torch.save(resnet20(in_channels=1).state_dict(), root / "resnet20.pt")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 1, 12, 12), dtype=np.uint8)
+    write_npz(root / "labels11.npz", x, np.arange(64) % 12, x[:32], np.arange(32) % 12)
+    x3 = rng.integers(0, 256, (64, 3, 12, 12), dtype=np.uint8)
+    write_npz(root / "rgb.npz", x3, np.arange(64) % 10, x3[:32], np.arange(32) % 10)
+    x4 = rng.integers(0, 256, (64, 1, 4, 4), dtype=np.uint8)
+    write_npz(root / "tiny.npz", x4, np.arange(64) % 10, x4[:32], np.arange(32) % 10)
+    write_npz(root / "empty.npz", x[:0], np.zeros(0, dtype=np.int64), x[:32], np.arange(32) % 10)
+    (root / "afile").write_text("not a folder")
+    in_out = root / "in_out"
+    in_out.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in good.items()}, str(in_out / "model.safetensors"))
+    common = ["--arch", "lenet5", "--data", data]
+    return {
+        "truncated": (["truncated.pt", *common], ["truncated.pt", "truncated, corrupt"]),
+        "corrupt": (["corrupt.pt", *common], ["corrupt.pt", "corrupt"]),
+        "wrong_arch": (["resnet20.pt", *common], ["does not fit --arch lenet5"]),
+        "missing_arch": ([lenet_pt, "--data", data], ["--arch"]),
+        "unknown_arch": ([lenet_pt, "--arch", "lenetz", "--data", data], ["lenetz"]),
+        "labels_out_of_range": (
+            [lenet_pt, "--arch", "lenet5", "--data", "labels11.npz"],
+            ["labels go up to 11", "10 outputs"],
+        ),
+        "channels_mismatch": (
+            [lenet_pt, "--arch", "lenet5", "--data", "rgb.npz"],
+            ["1-channel", "3 channel"],
+        ),
+        "input_too_small": (
+            [lenet_pt, "--arch", "lenet5", "--data", "tiny.npz"],
+            ["cannot run on inputs of shape (1, 4, 4)"],
+        ),
+        "empty_train": (
+            [lenet_pt, "--arch", "lenet5", "--data", "empty.npz"],
+            ["train split", "empty"],
+        ),
+        "out_under_a_file": (
+            [lenet_pt, *common, "--out", root / "afile" / "out"],
+            ["Cannot write", "--out"],
+        ),
+        "unknown_recipe_key": (
+            [lenet_pt, *common, "--set", "train.epoch=1"],
+            ["train.epoch", "train.epochs"],
+        ),
+        "missing_data": ([lenet_pt, "--arch", "lenet5"], ["--data"]),
+        "resume_nothing": ([lenet_pt, *common, "--resume"], ["--resume", "no interrupted run"]),
+        "unknown_recipe": ([lenet_pt, *common, "--recipe", "tl1-grop"], ["tl1-grop"]),
+        "overwrite_checkpoint": (
+            [in_out / "model.safetensors", "--arch", "lenet5", "--data", data, "--out", in_out],
+            ["would be overwritten"],
+        ),
+    }
+
+
+BAD_CASES = (
+    "truncated", "corrupt", "wrong_arch", "missing_arch", "unknown_arch", "labels_out_of_range",
+    "channels_mismatch", "input_too_small", "empty_train", "out_under_a_file",
+    "unknown_recipe_key", "missing_data", "resume_nothing", "unknown_recipe", "overwrite_checkpoint",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, lenet):
+    root = tmp_path_factory.mktemp("bad")
+    return root, _bad_cases(root, *lenet)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_exit_2(case, bad_inputs, capsys, monkeypatch):
+    root, cases = bad_inputs
+    argv, expected = cases[case]
+    monkeypatch.chdir(root)
+    checkpoint = root / argv[0]
+    before = snapshot(checkpoint) if checkpoint.is_file() else None
+    if "--out" not in argv:
+        argv = [*argv, "--out", root / f"out-{case}"]
+    out = Path(argv[argv.index("--out") + 1])
+    out_before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+
+    code, stdout, err = run_cli(
+        [*argv, "--device", "cpu", "--set", "train.epochs=1", *FAST], capsys
+    )
+
+    assert code == 2, err
+    assert "compress: error:" in err and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    assert stdout == ""
+    if before is not None:
+        assert snapshot(checkpoint) == before, "the input checkpoint changed"
+    if out_before is None:
+        assert not out.exists(), (
+            f"--out left behind: {list(out.rglob('*')) if out.is_dir() else out}"
+        )
+    else:
+        assert sorted(p.name for p in out.iterdir()) == out_before
+
+
+class _TouchOnLoad:
+    """Unpickling this calls ``Path.touch(marker)``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_pickled_module_is_refused_without_running_it(tmp_path, lenet, capsys):
+    marker = tmp_path / "pwned"
+    model = lenet5()
+    model.payload = _TouchOnLoad(marker)
+    torch.save(model, tmp_path / "whole.pt")
+    assert not marker.exists()
+    before = snapshot(tmp_path / "whole.pt")
+    out = tmp_path / "out"
+
+    code, _, err = run_cli(
+        [tmp_path / "whole.pt", "--data", lenet[1], "--out", out, "--device", "cpu", *FAST], capsys
+    )
+
+    assert code == 2, err
+    assert "--trust-checkpoint" in err
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert snapshot(tmp_path / "whole.pt") == before
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- outcomes
+
+
+def test_keyboard_interrupt_exits_1_and_points_to_resume(monkeypatch, capsys, lenet, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("compressor.pipeline.compress", interrupted)
+    code, _, err = run_cli([lenet[0], "--arch", "lenet5", "--out", tmp_path / "o"], capsys)
+    assert code == 1
+    assert "--resume" in err
+
+
+def test_accuracy_gate_fails_with_exit_3_and_outputs_written(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        [
+            checkpoint, "--arch", "lenet5", "--data", data, "--out", out, "--device", "cpu",
+            "--max-accuracy-drop", "0", "--set", "penalty.group.strength=100",
+            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", *FAST,
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 3, err
+    assert "exit 3" in err  # the summary line
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["exit_code"] == 3
+    assert report["baseline"]["accuracy"] == 100.0
+    (gate,) = report["gates"]
+    assert gate["name"] == "accuracy_drop" and gate["passed"] is False
+    assert gate["value"] > 0 and gate["threshold"] == 0
+    assert "GATE FAILED" in (out / "report.md").read_text().splitlines()[0]
+
+
+def test_divergence_is_a_clear_error_exit_1(lenet, tmp_path, capsys):
+    checkpoint, data = lenet
+    code, _, err = run_cli(
+        [
+            checkpoint, "--arch", "lenet5", "--data", data, "--out", tmp_path / "out", "--device", "cpu",
+            "--set", "train.lr=1e6", "--set", "train.epochs=1", *FAST,
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 1, err
+    assert "compress: error:" in err and "internal error" not in err
+    assert "train.lr" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    assert "--trust-checkpoint" in capsys.readouterr().out

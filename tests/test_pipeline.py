@@ -1,0 +1,255 @@
+"""``compressor.compress(...)``: the Python API, targets, resume, verification failure, resnet18.
+
+Tiny runs only (LeNet-5 on random 1x12x12 npz data, a few steps per epoch);
+``test_resnet18_end_to_end`` is the one real-architecture run (marked slow).
+"""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import compressor
+from compressor import cli
+from compressor.errors import CompressorError, VerificationError
+from compressor.models import lenet5
+from compressor.recipe import load_recipe
+
+FAST = ["train.bn_recalibration_batches=2", "export.verify_samples=8", "train.batch_size=32"]
+REPORT_KEYS = {
+    "schema", "tool", "created", "command", "recipe", "input", "baseline", "compressed",
+    "reduction", "verification", "latency_ms", "layers", "epochs", "target", "activations",
+    "gates", "timings_s", "exit_code", "outputs",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``cli.main`` installs a handler on the (captured) stderr; undo it afterwards."""
+    logger = logging.getLogger("compressor")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def random_npz(path, shape, n_train=128, n_val=64, classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        y_train=rng.integers(0, classes, n_train),
+        x_val=rng.integers(0, 256, (n_val, *shape), dtype=np.uint8),
+        y_val=rng.integers(0, classes, n_val),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    """A random LeNet-5 state_dict (1x12x12 inputs, 10 classes) and random data for it."""
+    root = tmp_path_factory.mktemp("lenet")
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), root / "lenet5.pt")
+    return root / "lenet5.pt", random_npz(root / "data.npz", (1, 12, 12))
+
+
+def target_run_kwargs(checkpoint, data, out) -> dict:
+    """3 epochs of 4 steps toward 2x fewer MACs: the reference and the interrupted runs."""
+    return dict(
+        arch="lenet5",
+        data=str(data),
+        out=out,
+        device="cpu",
+        target_macs=2,
+        overrides=["train.epochs=3", *FAST],
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(lenet, tmp_path_factory):
+    """An uninterrupted API run; returns (report, out)."""
+    checkpoint, data = lenet
+    out = tmp_path_factory.mktemp("reference") / "out"
+    report = compressor.compress(str(checkpoint), **target_run_kwargs(checkpoint, data, out))
+    return report, out
+
+
+# ----------------------------------------------------------------------------- API and target
+
+
+def test_api_returns_the_report(reference):
+    report, out = reference
+    assert isinstance(report, dict)
+    assert REPORT_KEYS <= set(report)
+    assert report["exit_code"] == 0
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["exit_code"] == report["exit_code"]
+    for key in ("baseline", "compressed", "reduction", "verification", "epochs", "gates", "target"):
+        assert on_disk[key] == report[key], key
+    assert load_recipe(str(out / "recipe.yaml")) == report["recipe"]
+
+
+def test_target_macs_is_reached_and_gated(reference):
+    report, _ = reference
+    target = report["target"]
+    assert target["kind"] == "macs" and target["asked"] == 2
+    assert target["reached"] >= 1.9  # within 5% of the asked 2x
+    assert report["reduction"]["macs_x"] == pytest.approx(target["reached"])
+    (gate,) = report["gates"]
+    assert gate["name"] == "target_macs" and gate["passed"] is True
+    assert report["recipe"]["target"]["macs"] == 2
+
+
+def test_api_bad_input_raises_with_exit_code_2(lenet, tmp_path):
+    checkpoint, data = lenet
+    out = tmp_path / "out"
+    with pytest.raises(CompressorError) as info:
+        compressor.compress(
+            str(checkpoint), arch="lenet5", data=str(data), out=out, overrides=["train.lr=-1"]
+        )
+    assert info.value.exit_code == 2
+    assert "train.lr" in str(info.value)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_after_interruption(lenet, reference, tmp_path, monkeypatch, capsys):
+    import compressor.train
+
+    checkpoint, data = lenet
+    out = tmp_path / "out"
+    real = compressor.train.train_one_epoch
+    calls = []
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(kwargs.get("epoch"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compressor.train, "train_one_epoch", interrupt_second_epoch)
+    code = cli.main(
+        [
+            str(checkpoint), "--arch", "lenet5", "--data", str(data), "--out", str(out),
+            "--device", "cpu", "--target-macs", "2", "--set", "train.epochs=3",
+            *(arg for kv in FAST for arg in ("--set", kv)),
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--resume" in err
+    assert calls == [0, 1]
+    assert not (out / "model.onnx").exists()
+    state = torch.load(out / ".compressor-state" / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    before = state["history"][0]
+
+    monkeypatch.setattr(compressor.train, "train_one_epoch", real)
+    report = compressor.compress(
+        str(checkpoint), **target_run_kwargs(checkpoint, data, out), resume=True
+    )
+
+    assert report["exit_code"] == 0
+    assert [row["epoch"] for row in report["epochs"]] == [1, 2, 3]
+    assert report["epochs"][0] == before  # kept from before the interruption, not recomputed
+    assert not (out / ".compressor-state").exists()
+    # the resumed run is the uninterrupted run (same shuffles too): same losses, sparsity, result
+    ref, _ = reference
+    for got, want in zip(report["epochs"], ref["epochs"], strict=True):
+        assert got == pytest.approx(want, rel=1e-7, abs=1e-12)
+    assert report["compressed"]["macs"] == ref["compressed"]["macs"]
+    assert report["target"]["reached"] >= 1.9
+
+
+def test_resume_refuses_another_run(lenet, tmp_path):
+    """State from a run with other arguments is not silently reused."""
+    checkpoint, data = lenet
+    out = tmp_path / "out"
+    (out / ".compressor-state").mkdir(parents=True)
+    torch.save(
+        {"fingerprint": "something else", "epoch": 1}, out / ".compressor-state" / "state.pt"
+    )
+    with pytest.raises(CompressorError) as info:
+        compressor.compress(str(checkpoint), arch="lenet5", data=str(data), out=out, resume=True)
+    assert info.value.exit_code == 2
+    assert "another checkpoint, recipe, data or seed" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def test_verification_failure_exit_4_writes_report_not_model(lenet, tmp_path, monkeypatch, capsys):
+    checkpoint, _ = lenet
+
+    def disagree(*args, **kwargs):
+        raise VerificationError("pruned model differs from the sparse model by 0.5 (max abs)")
+
+    monkeypatch.setattr("compressor.pipeline.prune_zero_channels", disagree)
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            str(checkpoint), "--arch", "lenet5", "--out", str(out), "--device", "cpu",
+            "--input-shape", "1,12,12", "--set", "train.epochs=0", "--set", "export.verify_samples=8",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 4
+    assert "compress: error:" in err and "differs" in err
+    assert not (out / "model.onnx").exists() and not (out / "model.safetensors").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["schema"] == 1 and report["exit_code"] == 4
+    assert "differs" in report["error"]
+    assert report["input"]["arch"] == "lenet5"
+    assert report["baseline"]["params"] > 0
+    md = (out / "report.md").read_text()
+    assert "VERIFICATION FAILED" in md.splitlines()[0]
+    assert "differs" in md
+    assert load_recipe(str(out / "recipe.yaml"))["train"]["epochs"] == 0
+
+
+# ----------------------------------------------------------------------------- real architecture
+
+
+@pytest.mark.slow
+def test_resnet18_end_to_end(tmp_path, capsys):
+    import onnxruntime as ort
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "resnet18.pt")
+    data = random_npz(tmp_path / "data.npz", (3, 32, 32), n_train=64, n_val=32)
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            str(tmp_path / "resnet18.pt"), "--arch", "resnet18", "--data", str(data), "--out", str(out),
+            "--device", "cpu", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
+            *(arg for kv in FAST for arg in ("--set", kv)),
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["arch"] == "resnet18"
+    assert report["verification"]["top1_agreement"] == 1.0
+    assert report["compressed"]["params"] < report["baseline"]["params"]
+    model = compressor.load(out / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
