@@ -25,6 +25,7 @@ import fnmatch
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch_pruning as tp
@@ -46,6 +47,28 @@ class Slice:
     param: str
     index: torch.Tensor
     channel: torch.Tensor
+
+    @cached_property
+    def span(self) -> tuple[int, int] | None:
+        """``(start, length)`` when ``index`` is ``start, start+1, ...`` in order, else None.
+
+        Such rows are the view ``t.narrow(0, start, length)``: the group norms and
+        the shrink then read and scale the tensor in place, with no gather and
+        scatter copies (every member of resnet18's groups is its whole tensor).
+        Computed once, on first use.
+        """
+        n = len(self.index)
+        if n == 0:
+            return None
+        start = int(self.index[0])
+        ok = torch.equal(self.index.cpu(), torch.arange(start, start + n, dtype=self.index.dtype))
+        return (start, n) if ok else None
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The member rows of ``t`` (a view when :attr:`span` is set, else a gathered copy)."""
+        if self.span is not None:
+            return t.narrow(0, *self.span)
+        return t.index_select(0, self.index.to(t.device))
 
 
 @dataclass(frozen=True)
@@ -71,8 +94,24 @@ class ChannelGroup:
     size: int
     members: tuple[Slice, ...]
     consumers: tuple[Consumer, ...]
-    weights_per_channel: int  # |g|: scalars in one unit's slices
+    weights_per_channel: int  # |g|: scalars in one unit's norm slices
     root_unit: torch.Tensor | None = None
+    norm_params: frozenset[str] | None = None  # members that measure a unit (None: all)
+
+    @property
+    def norm_members(self) -> tuple[Slice, ...]:
+        """The slices whose norm measures a unit.
+
+        A conv or linear layer followed by BatchNorm is scale-invariant: its rows
+        can shrink without changing the network, so the loss does not defend
+        their norm, and a penalty on it would zero channels the network needs.
+        Where a group has norm-layer entries, they (gamma and beta, the
+        channel's real output scale and offset) measure the unit; the group
+        shrink still scales and zeroes every member slice.
+        """
+        if self.norm_params is None:
+            return self.members
+        return tuple(m for m in self.members if m.param in self.norm_params)
 
     def root_channels(self, unit_mask: torch.Tensor) -> list[int]:
         """Root-layer channel indices of the units where ``unit_mask`` is True."""
@@ -123,24 +162,27 @@ class ChannelGroups:
     def total_channels(self) -> int:
         return sum(g.size for g in self.groups)
 
-    def channel_norms(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """L2 norm of every channel's member slices, one 1-D tensor per group."""
+    def channel_norms(
+        self, tensors: Mapping[str, torch.Tensor], *, all_members: bool = False
+    ) -> list[torch.Tensor]:
+        """L2 norm of every unit's norm slices (``all_members``: of all its slices), per group."""
         norms = []
         for group in self.groups:
             sq = None
-            for member in group.members:
-                t = tensors[member.param]
-                rows = t.detach().index_select(0, member.index).reshape(len(member.index), -1)
-                contrib = rows.pow(2).sum(1)
+            for member in group.members if all_members else group.norm_members:
+                rows = member.rows(tensors[member.param].detach())
+                # Row norms without a full-size squared copy, then squared back.
+                contrib = torch.linalg.vector_norm(rows.reshape(len(member.index), -1), dim=1)
+                contrib.square_()
                 if sq is None:
                     sq = torch.zeros(group.size, dtype=contrib.dtype, device=contrib.device)
-                sq.index_add_(0, member.channel, contrib)
-            norms.append(sq.sqrt())
+                sq.index_add_(0, member.channel.to(sq.device), contrib)
+            norms.append(sq.sqrt_())
         return norms
 
     def zero_masks(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """True where every member slice of the channel is exactly zero."""
-        return [n == 0 for n in self.channel_norms(tensors)]
+        return [n == 0 for n in self.channel_norms(tensors, all_members=True)]
 
     @torch.no_grad()
     def scale_(self, tensors: Mapping[str, torch.Tensor], factors: Sequence[torch.Tensor]) -> None:
@@ -148,9 +190,13 @@ class ChannelGroups:
         for group, factor in zip(self.groups, factors, strict=True):
             for member in group.members:
                 t = tensors[member.param]
-                f = factor.to(t.dtype).index_select(0, member.channel)
+                f = factor.to(t.device, t.dtype).index_select(0, member.channel.to(t.device))
                 f = f.view(-1, *([1] * (t.dim() - 1)))
-                t.index_copy_(0, member.index, t.index_select(0, member.index) * f)
+                if member.span is not None:
+                    t.narrow(0, *member.span).mul_(f)
+                else:
+                    index = member.index.to(t.device)
+                    t.index_copy_(0, index, t.index_select(0, index) * f)
 
     def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
         """MACs and params of the model once the masked channels are removed.
@@ -343,9 +389,20 @@ def build_groups(
         members, consumers, size, root_unit = _tie_grouped_convs(model, members, consumers, size)
         # A module listed twice (e.g. root and member) would double count; merge by param.
         members = _merge_slices(members)
-        per_channel = sum(len(m.index) * _row_numel(model, m.param) for m in members) // size
+        norm_params = (
+            frozenset(
+                m.param
+                for m in members
+                if isinstance(model.get_submodule(m.param.rsplit(".", 1)[0]), _NORM_LAYERS)
+            )
+            or None
+        )
+        measured = [m for m in members if norm_params is None or m.param in norm_params]
+        per_channel = sum(len(m.index) * _row_numel(model, m.param) for m in measured) // size
         groups.append(
-            ChannelGroup(root, size, tuple(members), tuple(consumers), per_channel, root_unit)
+            ChannelGroup(
+                root, size, tuple(members), tuple(consumers), per_channel, root_unit, norm_params
+            )
         )
 
     layers, total_macs = layer_costs(model, example_input)

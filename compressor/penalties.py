@@ -14,6 +14,13 @@ docstring says it must be a scalar. ``mu = 0`` is the identity for every
 operator. Python-number parameters are validated; tensor parameters are not
 (checking them would synchronise with the device).
 
+The elementwise operators take ``out=`` (a tensor of ``y``'s shape, dtype and
+device, which may be ``y`` itself) and then write the result there and return
+it; the RVSM step writes straight into ``u``. With Python-number parameters
+they run as a few in-place passes over blocks of ``_BLOCK`` elements on the
+CPU (the block and its scratch buffers stay in the L2 cache), or over the
+whole tensor on a GPU, instead of one full-size temporary per arithmetic step.
+
 In RVSM (see DESIGN.md) ``mu = lambda / beta``.
 """
 
@@ -46,6 +53,11 @@ __all__ = [
 INDIVIDUAL_PENALTIES = ("none", "l1", "l0", "tl1", "l1-l2")
 
 Scalar = float | torch.Tensor
+
+# Elements per block of the CPU kernels: the block of y and out plus three scratch
+# buffers (5 x 256 KiB in float32) fit a 2 MiB L2 cache; larger and smaller blocks
+# were slower on resnet18's weights (benchmarks/rvsm_overhead.py, 1 thread).
+_BLOCK = 1 << 16
 
 
 # --------------------------------------------------------------------------- helpers
@@ -83,10 +95,77 @@ def _check_kind(kind: str) -> None:
         )
 
 
+def _check_out(out: torch.Tensor | None, y: torch.Tensor) -> None:
+    """``out``, if given, must be like ``y``: same shape, dtype and device."""
+    if out is None:
+        return
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.shape != y.shape
+        or out.dtype != y.dtype
+        or out.device != y.device
+    ):
+        got = (
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            if isinstance(out, torch.Tensor)
+            else type(out).__name__
+        )
+        raise BadInputError(
+            f"`out` must be a tensor like the input ({tuple(y.shape)} {y.dtype} on {y.device}). "
+            f"Got {got}."
+        )
+
+
+def _new(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """Where the fast kernels write: ``out``, or a new contiguous tensor like ``y``."""
+    return torch.empty_like(y, memory_format=torch.contiguous_format) if out is None else out
+
+
+def _store(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
+
+
+def _blockwise(y: torch.Tensor, out: torch.Tensor, kernel, n_scratch: int) -> torch.Tensor:
+    """Run ``kernel(y_block, out_block, *scratch_blocks)`` over flat blocks of ``y`` and ``out``.
+
+    The kernel must read its ``y`` block before it writes its ``out`` block (so
+    ``out`` may be ``y``). CPU: blocks of ``_BLOCK`` elements; other devices:
+    one block (one launch per op).
+    """
+    n = y.numel()
+    flat_y = y.reshape(-1)
+    dense = out.is_contiguous()
+    flat_out = out.view(-1) if dense else torch.empty(n, dtype=out.dtype, device=out.device)
+    step = _BLOCK if y.device.type == "cpu" else max(n, 1)
+    size = min(n, step)
+    scratch = [torch.empty(size, dtype=y.dtype, device=y.device) for _ in range(n_scratch)]
+    for yb, ob in zip(flat_y.split(step), flat_out.split(step), strict=True):
+        if len(yb) < size:  # the last, shorter block
+            scratch = [b[: len(yb)] for b in scratch]
+        kernel(yb, ob, *scratch)
+    if not dense:
+        out.copy_(flat_out.view(out.shape))
+    return out
+
+
+def _fast(y: torch.Tensor, *params: Scalar) -> bool:
+    """The in-place kernels apply: number parameters, and no autograd graph to record."""
+    return all(isinstance(p, float) for p in params) and not (
+        y.requires_grad and torch.is_grad_enabled()
+    )
+
+
+def _identity(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    _check_out(out, y)
+    if out is None:
+        return y.clone()
+    return out if out is y else out.copy_(y)
+
+
 # --------------------------------------------------------------------------- elementwise
 
 
-def prox_l1(y: torch.Tensor, mu: Scalar) -> torch.Tensor:
+def prox_l1(y: torch.Tensor, mu: Scalar, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Soft thresholding, the prox of the L1 norm.
 
     Objective: ``argmin_x |x| + 1/(2 mu) (x - y)^2`` (elementwise).
@@ -95,10 +174,14 @@ def prox_l1(y: torch.Tensor, mu: Scalar) -> torch.Tensor:
     """
     _check_float(y)
     mu = _param(mu, y, "mu", low=0.0)
-    return torch.sign(y) * torch.clamp_min(y.abs() - mu, 0.0)
+    _check_out(out, y)
+    if _fast(y, mu):
+        # One pass: y - mu above mu, y + mu below -mu, 0 between (the same numbers).
+        return torch._C._nn.softshrink(y, mu, out=_new(out, y))
+    return _store(torch.sign(y) * torch.clamp_min(y.abs() - mu, 0.0), out)
 
 
-def prox_l0(y: torch.Tensor, mu: Scalar) -> torch.Tensor:
+def prox_l0(y: torch.Tensor, mu: Scalar, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Hard thresholding, the prox of the L0 "norm" (number of nonzeros).
 
     Objective: ``argmin_x 1{x != 0} + 1/(2 mu) (x - y)^2`` (elementwise).
@@ -109,8 +192,11 @@ def prox_l0(y: torch.Tensor, mu: Scalar) -> torch.Tensor:
     """
     _check_float(y)
     mu = _param(mu, y, "mu", low=0.0)
+    _check_out(out, y)
     thr = math.sqrt(2.0 * mu) if isinstance(mu, float) else torch.sqrt(2.0 * mu)
-    return torch.where(y.abs() > thr, y, torch.zeros_like(y))
+    if _fast(y, mu):
+        return torch.hardshrink(y, thr, out=_new(out, y))  # one pass
+    return _store(torch.where(y.abs() > thr, y, torch.zeros_like(y)), out)
 
 
 def tl1_threshold(mu: Scalar, a: Scalar):
@@ -130,7 +216,9 @@ def tl1_threshold(mu: Scalar, a: Scalar):
     return math.sqrt(2.0 * mu * (a + 1.0)) - a / 2.0
 
 
-def prox_tl1(y: torch.Tensor, mu: Scalar, a: Scalar = 1.0) -> torch.Tensor:
+def prox_tl1(
+    y: torch.Tensor, mu: Scalar, a: Scalar = 1.0, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Prox of the transformed L1 penalty ``P_a(x) = (a+1)|x| / (a+|x|)``, ``a > 0``.
 
     Objective: ``argmin_x P_a(x) + 1/(2 mu) (x - y)^2`` (elementwise).
@@ -149,20 +237,41 @@ def prox_tl1(y: torch.Tensor, mu: Scalar, a: Scalar = 1.0) -> torch.Tensor:
     _check_float(y)
     mu = _param(mu, y, "mu", low=0.0)
     a = _param(a, y, "a", low=0.0, low_open=True)
+    _check_out(out, y)
     t = tl1_threshold(mu, a)
+    if _fast(y, mu, a):
+        k2 = 27.0 * mu * a * (a + 1.0) / 4.0  # e/2 = k2 / (a+|y|)^3
+
+        def kernel(yb, ob, ay, s, x):
+            torch.hardshrink(yb, t, out=ob)  # d = y where |y| > t, else 0
+            torch.abs(ob, out=ay)
+            torch.add(ay, a, out=s)
+            torch.pow(s, 3, out=x)
+            x.reciprocal_().mul_(k2).clamp_max_(1.0).sqrt_()  # sqrt(e/2) = sin(phi/2)
+            x.asin_().mul_(1.0 / 3.0).sin_().square_()  # sin^2(phi/6)
+            ay.addcmul_(s, x, value=-4.0 / 3.0)  # |d| - 4/3 (a+|d|) sin^2(phi/6)
+            torch.sign(ob, out=s)  # exactly 0 where |y| <= t
+            torch.mul(ay, s, out=ob)
+
+        return _blockwise(y, _new(out, y), kernel, 3)
     ay = y.abs()
     s = a + ay
     e = torch.clamp(27.0 * mu * a * (a + 1.0) / (2.0 * s * s * s), 0.0, 2.0)
     phi = 2.0 * torch.asin(torch.sqrt(e / 2.0))
     mag = ay - (4.0 / 3.0) * s * torch.sin(phi / 6.0) ** 2
-    return torch.where(ay > t, torch.sign(y) * mag, torch.zeros_like(y))
+    return _store(torch.where(ay > t, torch.sign(y) * mag, torch.zeros_like(y)), out)
 
 
 # --------------------------------------------------------------------------- whole-tensor
 
 
 def prox_l1l2(
-    y: torch.Tensor, mu: Scalar, alpha: Scalar = 1.0, *, dim: int | None = None
+    y: torch.Tensor,
+    mu: Scalar,
+    alpha: Scalar = 1.0,
+    *,
+    dim: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prox of ``P(x) = ||x||_1 - alpha ||x||_2`` (L1 minus L2), ``0 < alpha <= 1``.
 
@@ -178,7 +287,8 @@ def prox_l1l2(
 
     With ``dim=None``, ``mu`` and ``alpha`` must be scalars (a number or a
     one-element tensor); with ``dim`` they may broadcast against the reduced
-    shape (``keepdim=True``).
+    shape (``keepdim=True``). ``out``: see the module docstring (the result is
+    computed whole, then copied there).
     """
     _check_float(y)
     mu = _param(mu, y, "mu", low=0.0)
@@ -198,24 +308,28 @@ def prox_l1l2(
                 mu = v
             else:
                 alpha = v
+    _check_out(out, y)
     if y.numel() == 0:
-        return y.clone()
+        return _store(y.clone(), out)
     work = y.reshape(-1) if dim is None else y
     d = 0 if dim is None else dim
     ay = work.abs()
     ymax = ay.amax(dim=d, keepdim=True)
     # Case 1: soft threshold, then push the survivors out by alpha*mu along z.
-    z = torch.sign(work) * torch.clamp_min(ay - mu, 0.0)
+    if _fast(y, mu):
+        z = torch._C._nn.softshrink(work, mu)
+    else:
+        z = torch.sign(work) * torch.clamp_min(ay - mu, 0.0)
     zn = torch.linalg.vector_norm(z, dim=d, keepdim=True)
     x1 = z + alpha * mu * z / torch.where(zn > 0, zn, torch.ones_like(zn))
     # Case 2: keep only the largest entry.
     idx = ay.argmax(dim=d, keepdim=True)
     top = torch.zeros_like(work, dtype=torch.bool).scatter(d, idx, True)
     x2 = torch.where(top, torch.sign(work) * (ay + (alpha - 1.0) * mu), torch.zeros_like(work))
-    out = torch.where(
+    result = torch.where(
         ymax > mu, x1, torch.where(ymax > (1.0 - alpha) * mu, x2, torch.zeros_like(work))
     )
-    return out.reshape(y.shape)
+    return _store(result.reshape(y.shape), out)
 
 
 # --------------------------------------------------------------------------- groups
@@ -265,24 +379,53 @@ def group_shrink(x: torch.Tensor, mu: Scalar, dim: int = 0) -> torch.Tensor:
 
 
 def individual_prox(
-    kind: str, y: torch.Tensor, mu: Scalar, *, a: Scalar = 1.0, alpha: Scalar = 1.0
+    kind: str,
+    y: torch.Tensor,
+    mu: Scalar,
+    *,
+    a: Scalar = 1.0,
+    alpha: Scalar = 1.0,
+    scale: Scalar = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prox of the elementwise penalty ``kind`` (one of :data:`INDIVIDUAL_PENALTIES`).
 
     Objective: ``argmin_x P_kind(x) + 1/(2 mu) ||x - y||^2``; see :func:`prox_l1`,
     :func:`prox_l0`, :func:`prox_tl1` (uses ``a``) and :func:`prox_l1l2` (uses
-    ``alpha``, whole tensor, scalar ``mu``). ``"none"`` returns ``y`` itself.
+    ``alpha``, whole tensor, scalar ``mu``). ``"none"`` returns ``y`` itself
+    (without ``out``), ``mu = 0`` a copy of ``y`` (both: ``y`` copied into ``out``).
+
+    ``scale`` (``s > 0``, a number or a tensor like ``mu``) applies the penalty to ``x / s``: the result is
+    ``s * prox_{P, mu}(y / s)``, computed without dividing ``y`` as the prox of
+    ``P`` itself with other parameters (the same minimiser, rounded differently):
+    ``mu s`` for l1 and l1-l2 (degree-1 homogeneous), ``mu s^2`` for l0, and for
+    tl1 ``a s`` and ``mu s^2 (a+1) / (a s + 1)``, since
+    ``P_a(x / s) = (a+1) / (a s + 1) * P_{a s}(x)``.
     """
     _check_kind(kind)
     if kind == "none":
-        return y
+        return y if out is None else _identity(y, out)
+    _check_float(y)
+    scale = _param(scale, y, "scale", low=0.0, low_open=True)
+    mu = _param(mu, y, "mu", low=0.0)
+    if isinstance(mu, float) and mu == 0.0:
+        return _identity(y, out)
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        if kind == "l0":
+            mu = mu * scale * scale
+        elif kind == "tl1":
+            a = _param(a, y, "a", low=0.0, low_open=True)
+            mu = mu * scale * scale * (a + 1.0) / (a * scale + 1.0)
+            a = a * scale
+        else:
+            mu = mu * scale
     if kind == "l1":
-        return prox_l1(y, mu)
+        return prox_l1(y, mu, out=out)
     if kind == "l0":
-        return prox_l0(y, mu)
+        return prox_l0(y, mu, out=out)
     if kind == "tl1":
-        return prox_tl1(y, mu, a)
-    return prox_l1l2(y, mu, alpha)
+        return prox_tl1(y, mu, a, out=out)
+    return prox_l1l2(y, mu, alpha, out=out)
 
 
 def penalty_value(

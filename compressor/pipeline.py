@@ -44,7 +44,7 @@ from compressor.fileio import atomic_output, atomic_write_text
 from compressor.groups import build_groups
 from compressor.prune import prune_zero_channels
 from compressor.splitting import RVSM
-from compressor.strength import Strength, TargetController
+from compressor.strength import Strength, TargetController, coupling_budget
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +174,26 @@ def _parse_shape(shape) -> tuple[int, int, int] | None:
     return shape
 
 
-def _default_activation_skip(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """The first activation executed (first conv block) and the last one (feeds the classifier)."""
+def _default_activation_skip(model: nn.Module, x: torch.Tensor, bits: int, ste: str) -> list[str]:
+    """The first activation executed (first conv block) and the last one (feeds the classifier).
+
+    Swaps every activation on a copy (functional ``F.relu`` calls included, which
+    get names like ``act_fx_0``) and records the order in which they run.
+    """
+    from compressor import activations
+
+    probe = activations.swap_activations(copy.deepcopy(model), bits=bits, ste=ste, skip=[]).model
+    swapped = (activations.BinaryActivation, activations.QuantizedActivation)
     order: list[str] = []
     hooks = [
         m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-        for n, m in model.named_modules()
-        if isinstance(m, nn.ReLU | nn.ReLU6)
+        for n, m in probe.named_modules()
+        if isinstance(m, swapped)
     ]
     try:
         with torch.no_grad():
-            model.eval()
-            model(x)
+            probe.eval()
+            probe(x)
     finally:
         for h in hooks:
             h.remove()
@@ -375,7 +383,9 @@ def compress(
     if act_cfg["binarize"]:
         from compressor import activations
 
-        skip = list(act_cfg["skip"]) or _default_activation_skip(model, example)
+        skip = list(act_cfg["skip"]) or _default_activation_skip(
+            model, example, act_cfg["bits"], act_cfg["ste"]
+        )
         swap = activations.swap_activations(model, bits=act_cfg["bits"], ste=act_cfg["ste"], skip=skip)
         model = swap.model.to(dev)
         activations_info = {
@@ -412,16 +422,47 @@ def compress(
         target_kind = "size"
         target_factor = max(1.0 + 1e-9, baseline.get("onnx_bytes", 4 * baseline["params"]) / float(tgt["size"]))
     penalty_cfg = copy.deepcopy(pen)
-    if target_kind == "macs" and pen["group"]["weighting"] == "size" and pen["group"]["lambda"] is None:
-        penalty_cfg["group"]["weighting"] = "macs"
-    strength = Strength.from_recipe(penalty_cfg, model, groups, rvsm.individual_names)
     epochs = tcfg["epochs"]
     steps_per_epoch = 0
     if train_loader is not None:
         steps_per_epoch = len(train_loader) if tcfg["max_steps_per_epoch"] is None else min(len(train_loader), tcfg["max_steps_per_epoch"])
     total_steps = max(1, epochs * steps_per_epoch)
+    budget = coupling_budget(
+        lr=tcfg["lr"],
+        momentum=tcfg["momentum"],
+        schedule=tcfg["schedule"],
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        beta=spl["beta"],
+        beta_growth=spl["beta_growth"],
+        beta_every=spl["beta_every"],
+        optimizer=tcfg["optimizer"],
+    )
+    strength = Strength.from_recipe(penalty_cfg, model, groups, rvsm.individual_names, budget=budget)
     controller = None
-    if target_kind is not None:
+    seek = None
+    budget_points = resolved["gates"]["max_accuracy_drop"]
+    if (
+        target_kind is None
+        and budget_points is not None
+        and baseline["accuracy"] is not None
+        and epochs > 0
+        and len(groups) > 0
+    ):
+        # No target but an accuracy budget: seek the largest MACs reduction within it.
+        controller = TargetController(
+            "macs", 1.0 + 1e-9, groups, strength, total_steps=total_steps,
+            reach_fraction=tgt["reach_fraction"], schedule="immediate",
+        )
+        target_kind, target_factor = "seek", controller.floor_factor
+        seek = AccuracySeeker(
+            controller,
+            stages=8,
+            evaluate=lambda: _sparse_accuracy(model, rvsm, train_loader, val_loader, dev, tcfg),
+            baseline_accuracy=baseline["accuracy"],
+            max_drop=budget_points,
+        )
+    elif target_kind is not None:
         controller = TargetController(
             "macs" if target_kind == "macs" else "params",
             target_factor,
@@ -466,7 +507,10 @@ def compress(
 
     def before_prox(step: int) -> None:
         if controller is not None and not controller.frozen:
-            controller.update(step, dict(model.named_parameters()))
+            if seek is not None:
+                seek.check(step)
+            if not controller.frozen:
+                controller.update(step, dict(model.named_parameters()))
 
     for epoch in range(start_epoch, epochs):
         with timer.stage("train"):
@@ -499,7 +543,11 @@ def compress(
             "weight_sparsity": w_sparsity,
             "channel_sparsity": 1 - kept / max(total, 1),
             "beta": rvsm.beta,
-            "strength": strength.group_strength if strength.group_lambda is None else strength.group_lambda,
+            "strength": (
+                controller.threshold if controller is not None
+                else strength.group_strength if strength.group_lambda is None
+                else strength.group_lambda
+            ),
             "macs_x": groups.total_macs / max(macs_now, 1.0),
             "params_x": groups.total_params / max(params_now, 1.0),
         }
@@ -660,10 +708,69 @@ def ckpt_builtin_names() -> set[str]:
     return set(BUILTIN_MODELS)
 
 
+def _sparse_accuracy(model, rvsm, train_loader, val_loader, dev, tcfg) -> float:
+    """Validation accuracy of the sparse model ``u`` after BatchNorm recalibration; restores ``w``."""
+    with rvsm.sparse_weights():
+        saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+        train.recalibrate_bn(model, train_loader, dev, tcfg["bn_recalibration_batches"])
+        acc = train.evaluate(model, val_loader, dev)[0]
+        model.load_state_dict(saved, strict=False)
+    model.train()
+    return acc
+
+
+class AccuracySeeker:
+    """Raises the MACs reduction in stages while the sparse model stays within an accuracy budget.
+
+    The reach part of training is split into ``stages``; each stage asks the
+    controller for ``growth`` times the previous stage's reduction and holds it,
+    so the network adapts to the new zero set. At the end of a stage the sparse
+    model is evaluated (after BatchNorm recalibration): within ``max_drop`` the
+    zero set is kept and the next stage begins; otherwise the controller rolls
+    back to the last zero set that was within budget and freezes it, so the
+    rest of training recovers accuracy. The check is conservative: the final
+    accuracy comes after more training than the check saw.
+    """
+
+    def __init__(self, controller, *, stages, evaluate, baseline_accuracy, max_drop, growth=1.3):
+        self.controller = controller
+        self.every = max(1, controller.reach_step // stages)
+        self.evaluate = evaluate
+        self.baseline_accuracy = baseline_accuracy
+        self.max_drop = max_drop
+        self.growth = growth
+        self.last_good: list[torch.Tensor] | None = None
+        self.log: list[dict] = []
+        controller.factor = min(growth, controller.floor_factor)
+
+    def check(self, step: int) -> None:
+        if step % self.every or self.controller.strength.forced_zero is None:
+            return
+        acc = self.evaluate()
+        factor = self.controller.reached_factor
+        ok = self.baseline_accuracy - acc <= self.max_drop
+        self.log.append({"step": step, "macs_x": factor, "accuracy": acc, "within": ok})
+        log.info("seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (%s)", step, factor, acc, "ok" if ok else "over budget")
+        if ok and step < self.controller.reach_step and self.controller.factor < self.controller.floor_factor:
+            self.last_good = [m.clone() for m in self.controller.strength.forced_zero]
+            self.controller.factor = min(self.controller.factor * self.growth, self.controller.floor_factor)
+            return
+        if ok:
+            self.controller.freeze()
+        else:
+            masks = self.last_good or [torch.zeros_like(m) for m in self.controller.strength.forced_zero]
+            self.controller.freeze(masks)
+        log.info("seek: froze the zero set at %.2fx MACs", self.controller.reached_factor)
+
+
 def _target_summary(target, compressed, baseline) -> dict | None:
     kind, factor, controller = target
     if kind is None:
         return None
+    if kind == "seek":
+        reached = baseline["macs"] / max(compressed["macs"], 1)
+        return {"kind": "seek_macs", "asked": None, "reached": reached, "within": True,
+                "max_reachable": controller.floor_factor if controller else None}
     if kind == "macs":
         reached = baseline["macs"] / max(compressed["macs"], 1)
     elif kind == "params":
@@ -720,7 +827,8 @@ def _build_report(*, resolved, command, checkpoint, loaded, data, device, baseli
     gates = report_mod.evaluate_gates(
         report,
         max_accuracy_drop=resolved["gates"]["max_accuracy_drop"],
-        target=target_summary,
+        # seeking has no asked factor: only the accuracy gate applies
+        target=target_summary if target_summary and target_summary["asked"] is not None else {},
     )
     report["gates"] = gates
     exit_code = EXIT_OK

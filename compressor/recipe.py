@@ -236,7 +236,7 @@ SCHEMA: dict[str, Any] = {
     "penalty": {
         "individual": {
             "kind": Param("tl1", Options(("none", "l1", "l0", "tl1", "l1-l2"))),
-            "strength": Param(0.5, _float(0), help="scale-free strength"),
+            "strength": Param(0.1, _float(0), help="scale-free strength"),
             "lambda": Param(None, _float(0), nullable=True, help="raw lambda; overrides strength"),
             "a": Param(1.0, _float(0, closed="neither"), help="transformed-L1 parameter"),
             "alpha": Param(1.0, _float(0, 1, closed="right"), help="L1-L2 parameter"),
@@ -244,7 +244,7 @@ SCHEMA: dict[str, Any] = {
         "group": {
             "strength": Param(1.0, _float(0)),
             "lambda": Param(None, _float(0), nullable=True),
-            "weighting": Param("size", Options(("size", "macs", "uniform"))),
+            "weighting": Param("uniform", Options(("uniform", "size", "macs"))),
         },
     },
     "splitting": {
@@ -261,7 +261,7 @@ SCHEMA: dict[str, Any] = {
         "momentum": Param(0.9, _float(0, 1, closed="left")),
         "weight_decay": Param(0.0, _float(0)),
         "schedule": Param("cosine", Options(("cosine", "constant", "step"))),
-        "bn_recalibration_batches": Param(100, _int(0)),
+        "bn_recalibration_batches": Param(25, _int(0)),
         "max_steps_per_epoch": Param(None, _int(1), nullable=True),
         "val_fraction": Param(None, _float(0, 1, closed="neither"), nullable=True),
     },

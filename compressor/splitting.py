@@ -32,8 +32,9 @@ class Thresholds:
     """Prox parameters of one step: ``mu`` per individual tensor and per group unit."""
 
     individual: Mapping[str, float]  # param name -> mu (only tensors with an individual penalty)
-    individual_a: Mapping[str, float]  # param name -> TL1 ``a`` (scale of that tensor)
+    individual_a: Mapping[str, float]  # param name -> TL1 ``a``
     group: Sequence[torch.Tensor]  # per group: mu per unit (inf forces zero, 0 leaves it)
+    individual_scale: Mapping[str, float] | None = None  # param name -> s (default 1)
 
 
 class RVSM:
@@ -95,27 +96,38 @@ class RVSM:
         ]
         if not pairs:
             return
-        ws, us = zip(*pairs, strict=True)
-        diffs = torch._foreach_sub(list(ws), list(us))
-        torch._foreach_add_([w.grad for w in ws], diffs, alpha=self.beta)
+        grads = [p.grad for p, _ in pairs]
+        # Two in-place passes (+beta w, then -beta u) instead of allocating w - u.
+        torch._foreach_add_(grads, [p.detach() for p, _ in pairs], alpha=self.beta)
+        torch._foreach_add_(grads, [u for _, u in pairs], alpha=-self.beta)
 
     @torch.no_grad()
     def prox(self, thresholds: Thresholds) -> None:
-        """``u = group_shrink(individual_prox(w))`` with the given thresholds."""
+        """``u = group_shrink(individual_prox(w))`` with the given thresholds.
+
+        With a per-tensor scale ``s`` the individual penalty is ``P(w / s)``,
+        whose prox is ``s * prox_{P, mu / s^2}(w / s)``; ``thresholds.individual``
+        then holds ``mu / s^2`` (the penalty acts on weights measured in units of
+        their tensor's typical size, see ``strength.py``).
+
+        The individual prox writes straight into ``u`` (``mu = 0``: a copy of
+        ``w``), and the group shrink scales ``u`` in place.
+        """
+        scales = thresholds.individual_scale or {}
         for name, p in zip(self.names, self.params, strict=True):
             mu = thresholds.individual.get(name)
             if mu is None:
                 self.u[name].copy_(p)
-            else:
-                self.u[name].copy_(
-                    penalties.individual_prox(
-                        self.individual_kind,
-                        p.detach(),
-                        mu,
-                        a=thresholds.individual_a.get(name, 1.0),
-                        alpha=self.alpha,
-                    )
-                )
+                continue
+            penalties.individual_prox(
+                self.individual_kind,
+                p.detach(),
+                mu,
+                a=thresholds.individual_a.get(name, 1.0),
+                alpha=self.alpha,
+                scale=scales.get(name, 1.0),
+                out=self.u[name],
+            )
         norms = self.groups.channel_norms(self.u)
         factors = [
             penalties.group_shrink_factor(n, mu.to(n.device, n.dtype))

@@ -1,26 +1,34 @@
 """Penalty strengths that mean the same thing on every model, and the target controller.
 
-A raw ``lambda`` is not portable (DESIGN.md, "Practical notes"): its effect grows
-with the learning rate, momentum, step count and group sizes. Recipes therefore
-state strength in units of the weights themselves:
+A raw ``lambda`` is not portable (DESIGN.md, "Practical notes"): in RVSM the
+coupling ``beta (w - u)`` pulls every penalised weight toward its thresholded
+copy, and over a run that pull adds up to about
+``mu * sum_t(beta_t * lr_t) / (1 - momentum)``: it grows with the learning
+rate, the momentum, the number of steps and beta. Recipes therefore state
+strength as the *total pull over the run*, in units of the weights themselves:
 
-* individual ``strength`` s: the prox zeroes a weight when ``|w| <= s * mean|W|``
-  (``W`` its tensor at the start); TL1's ``a`` is likewise relative to ``mean|W|``.
-* group ``strength`` s: the group prox zeroes unit ``u`` of group ``g`` when
-  ``||w_gu|| <= s * c_g * ref_g``, with ``ref_g`` the median unit norm of that
-  group at the start and ``c_g`` the group weighting (``size``: sqrt(|g|),
-  ``macs``: sqrt of the MACs one unit saves, ``uniform``: 1; normalised to mean 1), i.e. an
-  L2,1 penalty with ``mu_g = s c_g ref_g``.
+* individual ``strength`` s: the penalty acts on each tensor's weights in units
+  of their typical size, ``P(W / mean|W|)`` (``mean|W|`` measured at the start;
+  this makes L0 and TL1, whose thresholds grow like ``sqrt(mu)``, scale-free
+  too), with ``mu = s / budget``, where ``budget = sum_t(beta_t lr_t) / (1 -
+  momentum)`` (see :func:`coupling_budget`); s = 1 means a weight of typical
+  size that the loss does not defend is pulled all the way to zero by the end
+  of training. TL1's ``a`` is then relative to ``mean|W|`` as well.
+* group ``strength`` s: ``mu_g = s * c_g * ref_g / budget``, with ``ref_g`` the
+  median unit norm of group ``g`` at the start and ``c_g`` the group weighting
+  (``size``: sqrt(|g|), ``macs``: sqrt of the MACs one unit saves, ``uniform``:
+  1; normalised to mean 1).
 
 ``lambda`` keys keep the papers' parametrisation: ``mu = lambda / beta`` and
 ``mu_g = lambda_g sqrt(|g|) / beta`` (times the MACs weight when asked).
 
-With a target (``--target-macs 4``) a ``TargetController`` sets the group
-strength itself: it follows a cubic schedule (Zhu & Gupta 2017) of the cost to
-remove, reaching the target at ``reach_fraction`` of training; each update it
-ranks units by ``||w_gu|| / (c_g ref_g)`` and picks the threshold at which the
-zero units' removal meets the schedule. Once reached, the zero set is frozen and
-the survivors are no longer shrunk, so the rest of training recovers accuracy.
+With a target (``--target-macs 4``) a ``TargetController`` decides which units
+are zero: it follows a cubic schedule (Zhu & Gupta 2017) of the cost to remove,
+reaching the target at ``reach_fraction`` of training; each update it ranks
+units by ``||w_gu|| / (c_g ref_g)`` and zeroes the lowest ones until their
+removal meets the schedule (the coupling then pulls their ``w`` to zero, so
+the network adapts gradually). Once reached, the zero set is frozen and the
+survivors are no longer shrunk, so the rest of training recovers accuracy.
 """
 
 from __future__ import annotations
@@ -38,10 +46,43 @@ from compressor.splitting import Thresholds
 
 log = logging.getLogger(__name__)
 
+MIN_BUDGET = 4.0  # see coupling_budget
 MIN_KEEP_FRACTION = 0.05  # a target never empties a group below this fraction of its units
 # ``macs`` weighting uses (MACs one unit saves) ** this: 1 would spend the whole penalty on
 # the high-resolution residual stream, whose few channels every block reads.
 MACS_WEIGHT_EXPONENT = 0.5
+
+
+def coupling_budget(
+    *,
+    lr: float,
+    momentum: float,
+    schedule: str,
+    steps_per_epoch: int,
+    epochs: int,
+    beta: float,
+    beta_growth: float,
+    beta_every: int,
+    optimizer: str = "sgd",
+) -> float:
+    """``sum_t(beta_t * lr_t) / (1 - momentum)``: how far the coupling can pull a weight per unit gap.
+
+    Uses the same learning-rate schedule as ``train.make_scheduler``. For Adam(W)
+    the momentum factor is left out (its steps are normalised per coordinate).
+    """
+    from compressor.train import lr_factor
+
+    total = max(1, steps_per_epoch * epochs)
+    budget = 0.0
+    for step in range(total):
+        epoch = step // max(1, steps_per_epoch)
+        beta_t = beta * beta_growth ** (epoch // beta_every)
+        budget += beta_t * lr * lr_factor(schedule, step, total)
+    if optimizer == "sgd" and momentum < 1:
+        budget /= 1.0 - momentum
+    # The prox threshold is mu itself: a run too short to pull anything would
+    # otherwise get a threshold above the weights' own size and zero them all.
+    return max(budget, MIN_BUDGET)
 
 
 def mu_for_threshold(kind: str, threshold: float, a: float = 1.0) -> float:
@@ -100,13 +141,19 @@ class Strength:
     sqrt_sizes: torch.Tensor
     tensor_scale: dict[str, float]  # mean |W| per individually penalised tensor
     unit_sizes: list[int]
+    budget: float = 1.0  # coupling_budget(...) of the run
     forced_zero: list[torch.Tensor] | None = None  # units the target controller zeroes
     frozen: bool = False  # target reached: survivors are no longer shrunk
     history: list[dict] = field(default_factory=list)
 
     @classmethod
     def from_recipe(
-        cls, penalty: Mapping, model: nn.Module, groups: ChannelGroups, individual_names: list[str]
+        cls,
+        penalty: Mapping,
+        model: nn.Module,
+        groups: ChannelGroups,
+        individual_names: list[str],
+        budget: float = 1.0,
     ) -> Strength:
         ind, grp = penalty["individual"], penalty["group"]
         params = dict(model.named_parameters())
@@ -133,6 +180,7 @@ class Strength:
             ),
             tensor_scale=scale,
             unit_sizes=[g.size for g in groups],
+            budget=budget,
         )
 
     def group_mu(self, beta: float) -> list[torch.Tensor]:
@@ -140,7 +188,7 @@ class Strength:
         if self.group_lambda is not None:
             per_group = self.group_lambda * self.sqrt_sizes * self.weights / beta
         else:
-            per_group = (self.group_strength or 0.0) * self.weights * self.ref
+            per_group = (self.group_strength or 0.0) * self.weights * self.ref / self.budget
         if self.frozen:
             per_group = torch.zeros_like(per_group)
         mus = [
@@ -154,19 +202,16 @@ class Strength:
         return mus
 
     def thresholds(self, beta: float) -> Thresholds:
-        individual, a_of = {}, {}
+        individual, a_of, scale_of = {}, {}, {}
         if self.individual_kind != "none":
             for name, scale in self.tensor_scale.items():
+                a_of[name] = self.a
                 if self.individual_lambda is not None:
                     individual[name] = self.individual_lambda / beta
-                    a_of[name] = self.a
                 else:
-                    a_t = self.a * scale
-                    individual[name] = mu_for_threshold(
-                        self.individual_kind, (self.individual_strength or 0.0) * scale, a_t
-                    )
-                    a_of[name] = a_t
-        return Thresholds(individual, a_of, self.group_mu(beta))
+                    individual[name] = (self.individual_strength or 0.0) / self.budget
+                    scale_of[name] = scale
+        return Thresholds(individual, a_of, self.group_mu(beta), scale_of)
 
 
 def cubic_schedule(progress: float) -> float:
@@ -198,10 +243,11 @@ class TargetController:
         self.groups, self.strength = groups, strength
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.base = groups.total_macs if kind == "macs" else groups.total_params
-        if schedule not in ("cubic", "geometric"):
-            raise ValueError(f"schedule must be 'cubic' or 'geometric', got {schedule!r}")
+        if schedule not in ("cubic", "geometric", "immediate"):
+            raise ValueError(f"schedule must be 'cubic', 'geometric' or 'immediate', got {schedule!r}")
         self.schedule = schedule
         self.frozen = False
+        self.threshold = 0.0  # score of the last unit zeroed
         self.reached_factor = 1.0
         self.floor_factor = self._floor_factor()
 
@@ -226,9 +272,11 @@ class TargetController:
 
         ``cubic``: the removed share of the cost follows Zhu & Gupta's cubic ramp
         (fast early, gentle near the target). ``geometric``: the factor grows by
-        the same ratio every step, used when seeking the largest reduction within
-        an accuracy budget (each check then asks for a similar relative step).
+        the same ratio every step. ``immediate``: the factor itself (the accuracy
+        seeker raises it in stages).
         """
+        if self.schedule == "immediate":
+            return self.factor
         if self.schedule == "geometric":
             progress = min(max(step / self.reach_step, 0.0), 1.0)
             return self.factor**progress
@@ -263,12 +311,15 @@ class TargetController:
             keep = max(1, math.ceil(MIN_KEEP_FRACTION * len(sc)))
             sc[torch.topk(sc, keep).indices] = float("inf")
         flat = torch.cat(scores)
-        order = torch.sort(flat).values
-        finite = int(torch.isfinite(order).sum())
+        # rank units (ties broken by position, so equal scores still zero one at a time)
+        order = torch.sort(flat, stable=True)
+        rank = torch.empty_like(order.indices)
+        rank[order.indices] = torch.arange(len(flat))
+        ranks = torch.split(rank, [len(sc) for sc in scores])
+        finite = int(torch.isfinite(order.values).sum())
 
         def masks_at(k: int) -> list[torch.Tensor]:
-            thr = order[k - 1] if k > 0 else -1.0
-            return [sc <= thr for sc in scores]
+            return [r < k for r in ranks]
 
         lo, hi = 0, finite  # smallest k whose cost meets ``want``
         if self.base / max(self._cost(masks_at(hi)), 1.0) < want:
@@ -281,12 +332,12 @@ class TargetController:
                 else:
                     lo = mid + 1
         k = lo
-        threshold = float(order[k - 1]) if k > 0 else 0.0
+        threshold = float(order.values[k - 1]) if k > 0 else 0.0
         masks = masks_at(k)
-        self.strength.group_strength = threshold
+        self.threshold = threshold
         self.strength.forced_zero = masks
         self.reached_factor = self.base / max(self._cost(masks), 1.0)
-        if step >= self.reach_step:
+        if step >= self.reach_step and self.schedule != "immediate":
             self.frozen = True
             self.strength.frozen = True
             log.info(

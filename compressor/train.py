@@ -37,16 +37,21 @@ def make_optimizer(model: nn.Module, train: Mapping, lr: float | None = None) ->
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
-    """Per-step learning-rate schedule: cosine to 0, constant, or /10 at 50% and 75%."""
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Learning-rate multiplier at ``step``: cosine to 0, constant, or /10 at 50% and 75%."""
     total = max(1, total_steps)
     if schedule == "cosine":
-        fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
-    elif schedule == "step":
-        fn = lambda s: 0.1 ** ((s >= 0.5 * total) + (s >= 0.75 * total))  # noqa: E731
-    else:
-        fn = lambda s: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if schedule == "step":
+        return 0.1 ** ((step >= 0.5 * total) + (step >= 0.75 * total))
+    return 1.0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
+    """Per-step learning-rate schedule (see :func:`lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(schedule, s, total_steps)
+    )
 
 
 @torch.no_grad()

@@ -441,6 +441,24 @@ def test_pickled_module_is_refused_without_running_it(tmp_path, lenet, capsys):
 # ----------------------------------------------------------------------------- outcomes
 
 
+def test_accuracy_budget_alone_seeks_a_reduction_within_it(trained, tmp_path, capsys):
+    """--max-accuracy-drop without a target: raise MACs reduction in stages, roll back when over."""
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        [
+            checkpoint, "--arch", "lenet5", "--data", data, "--out", out, "--device", "cpu",
+            "--max-accuracy-drop", "5", "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=8", *FAST,
+        ],
+        capsys,
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"]["kind"] == "seek_macs"
+    drop = report["baseline"]["accuracy"] - report["compressed"]["accuracy"]
+    assert (code == 0) == (drop <= 5), err
+    assert [g["name"] for g in report["gates"]] == ["accuracy_drop"]
+
+
 def test_keyboard_interrupt_exits_1_and_points_to_resume(monkeypatch, capsys, lenet, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -457,7 +475,7 @@ def test_accuracy_gate_fails_with_exit_3_and_outputs_written(trained, tmp_path, 
     code, _, err = run_cli(
         [
             checkpoint, "--arch", "lenet5", "--data", data, "--out", out, "--device", "cpu",
-            "--max-accuracy-drop", "0", "--set", "penalty.group.strength=100",
+            "--max-accuracy-drop", "0", "--target-macs", "8",
             "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", *FAST,
         ],
         capsys,
@@ -469,8 +487,8 @@ def test_accuracy_gate_fails_with_exit_3_and_outputs_written(trained, tmp_path, 
     report = json.loads((out / "report.json").read_text())
     assert report["exit_code"] == 3
     assert report["baseline"]["accuracy"] == 100.0
-    (gate,) = report["gates"]
-    assert gate["name"] == "accuracy_drop" and gate["passed"] is False
+    gate = next(g for g in report["gates"] if g["name"] == "accuracy_drop")
+    assert gate["passed"] is False
     assert gate["value"] > 0 and gate["threshold"] == 0
     assert "GATE FAILED" in (out / "report.md").read_text().splitlines()[0]
 

@@ -91,3 +91,63 @@ def test_groups_through_a_sigmoid_are_kept():
     roots = {g.root for g in groups}
     assert "a" not in roots and "a" in groups.excluded
     assert "b" in roots
+
+
+def _hand_groups():
+    """Two groups over a (6, 2, 3) weight and a bias: rows in order, a shifted range, a permutation."""
+    from compressor.groups import ChannelGroup, ChannelGroups, Slice
+
+    whole = Slice("w", torch.arange(6), torch.tensor([0, 0, 1, 1, 2, 2]))
+    shifted = Slice("b", torch.arange(2, 5), torch.tensor([0, 1, 2]))
+    permuted = Slice("v", torch.tensor([3, 0, 2, 1]), torch.tensor([1, 0, 1, 0]))
+    g1 = ChannelGroup("w", 3, (whole, shifted), (), 1)
+    g2 = ChannelGroup("v", 2, (permuted,), (), 1)
+    return ChannelGroups([g1, g2], {}, 0, 0), (whole, shifted, permuted)
+
+
+def _norms_by_hand(groups, tensors):
+    out = []
+    for g in groups:
+        sq = torch.zeros(g.size, dtype=torch.float64)
+        for m in g.members:
+            t = tensors[m.param].double()
+            for row, ch in zip(m.index.tolist(), m.channel.tolist(), strict=True):
+                sq[ch] += t[row].pow(2).sum()
+        out.append(sq.sqrt())
+    return out
+
+
+def test_member_span_marks_in_order_rows():
+    _, (whole, shifted, permuted) = _hand_groups()
+    assert whole.span == (0, 6)
+    assert shifted.span == (2, 3)
+    assert permuted.span is None
+    t = torch.arange(24.0).reshape(6, 4)
+    assert whole.rows(t).data_ptr() == t.data_ptr()  # a view, no copy
+    torch.testing.assert_close(shifted.rows(t), t[2:5])
+    torch.testing.assert_close(permuted.rows(t), t[[3, 0, 2, 1]])
+
+
+def test_norms_and_scale_on_views_and_gathers_match_by_hand():
+    groups, _ = _hand_groups()
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(6, 2, 3, generator=gen),
+        "b": torch.randn(7, generator=gen),
+        "v": torch.randn(5, 3, generator=gen),
+    }
+    expect = _norms_by_hand(groups, tensors)
+    for got, want in zip(groups.channel_norms(tensors), expect, strict=True):
+        torch.testing.assert_close(got.double(), want)
+    before = {k: v.clone() for k, v in tensors.items()}
+    factors = [torch.tensor([0.5, 0.0, 2.0]), torch.tensor([3.0, 0.25])]
+    groups.scale_(tensors, factors)
+    torch.testing.assert_close(tensors["w"], before["w"] * torch.tensor([0.5, 0.5, 0, 0, 2, 2])[:, None, None])
+    b = before["b"].clone()
+    b[2:5] *= factors[0]
+    torch.testing.assert_close(tensors["b"], b)  # rows outside the span untouched
+    v = before["v"].clone()
+    v[[3, 0, 2, 1]] *= torch.tensor([0.25, 3.0, 0.25, 3.0])[:, None]
+    torch.testing.assert_close(tensors["v"], v)
+    masks = groups.zero_masks(tensors)
+    assert masks[0].tolist() == [False, True, False] and masks[1].tolist() == [False, False]

@@ -29,7 +29,7 @@ def test_defaults_are_valid_and_complete():
     assert validate_recipe(defaults) == defaults
     assert defaults["penalty"]["individual"] == {
         "kind": "tl1",
-        "strength": 0.5,
+        "strength": 0.1,
         "lambda": None,
         "a": 1.0,
         "alpha": 1.0,
@@ -52,7 +52,7 @@ def test_each_builtin_loads(name):
     assert "\n" not in recipe["description"]
     assert recipe_source(name).name == f"{name}.yaml"
     # Strengths stay at their defaults (tuned later).
-    assert recipe["penalty"]["individual"]["strength"] == 0.5
+    assert recipe["penalty"]["individual"]["strength"] == 0.1
     assert recipe["penalty"]["group"]["strength"] == 1.0
 
 
@@ -193,7 +193,7 @@ def test_unknown_top_level_key_and_override_key(tmp_path):
         ),
         (
             "penalty.group.weighting=flops",
-            "must be one of 'size', 'macs', 'uniform'. Got 'flops' instead.",
+            "must be one of 'uniform', 'size', 'macs'. Got 'flops' instead.",
         ),
         (
             "splitting.beta_growth=0.5",

@@ -1,0 +1,105 @@
+"""Smoke tests of the benchmark scripts: their quick modes run and write sane JSON."""
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def latency_json(tmp_path_factory):
+    from benchmarks import latency
+
+    out = tmp_path_factory.mktemp("latency") / "latency.json"
+    latency.main(["--quick", "--models", "resnet18", "--repeats", "3", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def overhead_json(tmp_path_factory):
+    from benchmarks import rvsm_overhead
+
+    out = tmp_path_factory.mktemp("overhead") / "overhead.json"
+    argv = ["--quick", "--batch", "4", "--resolution", "32", "--reps", "2"]
+    rvsm_overhead.main([*argv, "--component-reps", "1", "--out", str(out)])
+    return out
+
+
+def test_latency_quick(latency_json):
+    data = json.loads(latency_json.read_text())
+    assert data["benchmark"] == "latency_vs_macs"
+    assert data["command"].endswith(f"--out {latency_json}")
+    for key in ("cpu_model", "usable_cores", "torch", "onnxruntime", "date"):
+        assert data["machine"][key]
+    (res,) = data["results"]
+    assert res["model"] == "resnet18"
+    dense = res["dense"]
+    assert dense["macs"] > 0 and dense["params"] > 0 and dense["onnx_bytes"] > 0
+    c = res["compact"]["1"]
+    assert c["macs_reduction"] > 1.5
+    assert c["params_reduction"] > 1.5
+    assert c["onnx_bytes"] < dense["onnx_bytes"]
+    assert c["prune_max_abs_diff"] < 1e-4
+    for b in ("1", "4"):
+        assert dense["latency_ms"][b]["median_ms"] > 0
+        assert c["latency_ms"][b]["n"] == 3
+        assert c["latency_ms"][b]["p90_ms"] >= c["latency_ms"][b]["median_ms"] > 0
+        assert c["speedup"][b] > 0
+        assert c["speedup_over_macs_reduction"][b] == pytest.approx(
+            c["speedup"][b] / c["macs_reduction"]
+        )
+    # batch 16 was not timed, so the goal is not judged
+    assert data["summary"]["all_met"] is None
+
+
+def test_rvsm_overhead_quick(overhead_json):
+    data = json.loads(overhead_json.read_text())
+    assert data["benchmark"] == "rvsm_step_overhead"
+    assert data["settings"]["batch"] == 4
+    assert data["plain_step_ms"] > 0 and data["rvsm_step_ms"] > 0
+    assert data["overhead"] == pytest.approx(
+        (data["rvsm_step_ms"] - data["plain_step_ms"]) / data["plain_step_ms"]
+    )
+    assert data["goal_met"] == (data["overhead"] <= 0.10)
+    rvsm = data["steps"]["rvsm"]
+    for phase in ("forward_backward", "coupling", "optimizer", "prox", "total"):
+        assert rvsm[phase]["n"] == 2 and rvsm[phase]["median_ms"] >= 0
+    comp = data["components"]
+    for piece in ("add_coupling_grad", "prox", "prox.channel_norms", "prox.scale_"):
+        assert comp[piece]["median_ms"] > 0
+    assert comp["penalised_elements"] <= comp["model_elements"]
+    assert 0 < data["sparsity_after_run"]["u_zero_fraction"] < 1  # the prox sparsified u
+
+
+def test_render_results(tmp_path, latency_json, overhead_json):
+    from benchmarks import render_results
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "## 1\nhand-written\n"
+        "## 2\n<!-- BEGIN generated: latency -->\nSTALE-TABLE\n<!-- END generated: latency -->\n"
+        "## 3\n<!-- BEGIN generated: overhead -->\n<!-- END generated: overhead -->\n"
+    )
+    argv = ["--results-md", str(md), "--latency", str(latency_json)]
+    argv += ["--overhead", str(overhead_json), "--overhead-variants", str(tmp_path / "none.json")]
+    assert render_results.main(argv) == 0
+    text = md.read_text()
+    assert "hand-written" in text and "STALE-TABLE" not in text
+    assert "| resnet18 | 1 |" in text and "Overhead (rvsm − plain) / plain" in text
+    assert render_results.main([*argv, "--check"]) == 0
+
+
+def test_whatif_tl1_matches_library():
+    """The suggested in-place TL1 prox gives the library's result."""
+    from benchmarks import rvsm_whatif
+    from compressor import penalties
+
+    y = torch.randn(10_000) * 0.1
+    for mu, a in ((1e-3, 0.05), (0.02, 0.02)):
+        out = torch.empty_like(y)
+        rvsm_whatif.tl1_inplace(y, mu, a, out)
+        ref = penalties.prox_tl1(y, mu, a)
+        assert torch.equal(out == 0, ref == 0)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,65 @@
+"""Smoke test of the trade-off benchmark: its --smoke mode runs end to end and writes sane results."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DATA = Path("/work/shared/data/fashion-mnist")
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs the Fashion-MNIST idx files")
+def test_tradeoff_smoke(tmp_path):
+    from benchmarks import tradeoff
+
+    results = tmp_path / "tradeoff_smoke.json"
+    argv = [
+        "--smoke",
+        "--threads",
+        "1",
+        "--results",
+        str(results),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert tradeoff.main(argv) == 0
+    data = json.loads(results.read_text())
+    assert data["benchmark"] == "tradeoff" and data["command"].endswith(str(tmp_path / "cache"))
+    assert data["machine"]["cpu_model"] and data["baseline"]["macs"] > 0
+    runs = {r["key"]: r for r in data["runs"]}
+    assert set(runs) == {"tl1-group@2x/s0", "tp-magnitude@2x/s0"}
+    for r in runs.values():
+        assert 0 <= r["accuracy"] <= 100
+        assert r["macs_x"] >= 1.9 and r["params_x"] > 1
+        assert 0 < r["channels_kept"] < r["channels_total"]
+        assert r["onnx_bytes"] > 0 and r["wall_s"] > 0
+
+    # rerun: every run is already recorded, nothing is trained again
+    assert tradeoff.main(argv) == 0
+    assert json.loads(results.read_text())["runs"] == data["runs"]
+
+    # the table goes between the markers of section 1, other sections are kept
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "# Results\n\n## 1. Accuracy–compression trade-off\n\nold\n\n## 2. Other\n\nkeep me\n"
+    )
+    plot = tmp_path / "tradeoff.png"
+    assert (
+        tradeoff.main(
+            [
+                "--render-only",
+                "--results",
+                str(results),
+                "--results-md",
+                str(md),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
+    text = md.read_text()
+    assert "old" not in text and "keep me" in text and "| tl1-group | 2x |" in text
+    assert text.count(tradeoff.BEGIN_MARK) == 1 and plot.stat().st_size > 0
