@@ -5,7 +5,8 @@ For each torchvision model (random weights, ``num_classes=10``) this script:
 1. builds the coupled channel groups and zeroes 50% of every group's units
    (seeded), the way the RVSM prox leaves a model;
 2. removes the zero units with ``prune_zero_channels`` at ``round_to=1`` and,
-   from a fresh copy, at ``round_to=8`` (each checked for output parity);
+   each from a fresh copy, at ``round_to=8`` and ``16`` (each checked for
+   output parity; 16 is onnxruntime's NCHWc block size on AVX-512 machines);
 3. exports the dense and the compact models to ONNX (checked against PyTorch
    in onnxruntime) and times them in onnxruntime CPU, dense and compact runs
    interleaved in one process (``measure_latency_stats``), so machine noise
@@ -88,6 +89,8 @@ def bench_model(
     threads: int | None,
     exporters: tuple[str, ...],
     workdir: Path,
+    profile_batch: int | None = None,
+    profile_runs: int = 3,
 ) -> dict:
     """Every number of one model: dense, and one compact model per ``round_to``."""
     torch.manual_seed(seed)
@@ -116,13 +119,14 @@ def bench_model(
         result = prune_zero_channels(pruned, groups, samples, round_to=r)
         prune_s = time.perf_counter() - t0
         path = workdir / f"{name}_compact_r{r}.onnx"
-        export_onnx(pruned, x1, path, exporters=exporters)
+        compact_exporter = export_onnx(pruned, x1, path, exporters=exporters)
         parity = verify_or_raise(pruned, path, samples)
         macs, params = count_macs(pruned, x1), count_params(pruned)
         compact[str(r)] = {
             "round_to": r,
             "channels_removed": result.channels_removed,
             "prune_max_abs_diff": result.max_abs_diff,
+            "exporter": compact_exporter,
             "onnx_relative_max_abs": parity["relative_max_abs"],
             "prune_seconds": round(prune_s, 2),
             "macs": macs,
@@ -138,10 +142,24 @@ def bench_model(
     for b in batch_sizes:
         # One call per batch size: all models interleaved (A B C, C B A, ...).
         stats = measure_latency_stats(
-            paths, shape, batch_sizes=(b,), warmup=warmup, repeats=repeats, threads=threads, seed=seed
+            paths,
+            shape,
+            batch_sizes=(b,),
+            warmup=warmup,
+            repeats=repeats,
+            threads=threads,
+            seed=seed,
         )
         for k in paths:
             latency[k][str(b)] = {m: round(v, 4) for m, v in stats[k][b].items()}
+
+    if profile_batch:
+        for k, path in paths.items():
+            prof = op_profile(path, shape, profile_batch, profile_runs, threads, seed)
+            if k == "dense":
+                dense_profile = prof
+            else:
+                compact[k[1:]]["op_profile_ms"] = prof
 
     dense_bytes = onnx_size_bytes(dense_path)
     for r in round_tos:
@@ -150,6 +168,10 @@ def bench_model(
         c["latency_ms"] = latency[f"r{r}"]
         c["speedup"] = {
             b: ratio(latency["dense"][b]["median_ms"], latency[f"r{r}"][b]["median_ms"])
+            for b in latency["dense"]
+        }
+        c["speedup_min"] = {
+            b: ratio(latency["dense"][b]["min_ms"], latency[f"r{r}"][b]["min_ms"])
             for b in latency["dense"]
         }
         c["speedup_p90"] = {
@@ -174,6 +196,7 @@ def bench_model(
             "params": dense_params,
             "onnx_bytes": dense_bytes,
             "latency_ms": latency["dense"],
+            **({"op_profile_ms": dense_profile} if profile_batch else {}),
         },
         "macs_estimate_round_to_1": {
             "macs": est_macs,
@@ -182,6 +205,60 @@ def bench_model(
         },
         "compact": compact,
     }
+
+
+def _conv_kind(args: dict) -> str:
+    shapes = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
+    if len(shapes) < 2 or len(shapes[1]) != 4:
+        return "conv"
+    x, w = shapes[0], shapes[1]
+    in_ch = x[1] * (x[4] if len(x) == 5 else 1)  # NCHWc inputs are (N, C/b, H, W, b)
+    if w[1] == 1 and w[0] >= in_ch > 1:
+        return "depthwise conv"
+    return "1x1 conv" if w[2] == w[3] == 1 else f"{w[2]}x{w[3]} conv"
+
+
+def op_profile(path: Path, shape, batch: int, runs: int, threads: int | None, seed: int) -> dict:
+    """onnxruntime's own per-node timings, summed per kind of op (ms per run).
+
+    Convolutions are split by shape (depthwise, 1x1, kxk) and by kernel: ``NCHWc``
+    (MLAS's blocked-layout kernels, used when channel counts are multiples of the
+    block size: 8 with AVX2, 16 with AVX-512) or the plain NCHW path.
+    """
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.with_suffix("")) + "_profile"
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+    feed = {sess.get_inputs()[0].name: x}
+    sess.run(None, feed)  # warm-up (its events are dropped below by keeping the last runs)
+    for _ in range(runs):
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(nodes) // (runs + 1)
+    nodes = nodes[per_run:]  # drop the warm-up run
+    totals: dict[str, float] = {}
+    for e in nodes:
+        op = e["args"].get("op_name", "?")
+        if op in ("Conv", "FusedConv"):
+            kind = _conv_kind(e["args"])
+            kind += " (NCHWc)" if "_nchwc" in e["name"] else " (plain NCHW)"
+        elif op in ("ReorderInput", "ReorderOutput"):
+            kind = "layout reorder"
+        else:
+            kind = op
+        totals[kind] = totals.get(kind, 0.0) + e["dur"] / 1e3 / runs
+    return dict(sorted(((k, round(v, 3)) for k, v in totals.items()), key=lambda kv: -kv[1]))
 
 
 def summarize(results: list[dict]) -> dict:
@@ -212,7 +289,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
     p.add_argument("--resolution", type=int, default=None, help="input H=W (default 224)")
-    p.add_argument("--round-to", type=int, nargs="+", default=None, help="default: 1 8")
+    p.add_argument("--round-to", type=int, nargs="+", default=None, help="default: 1 8 16")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 16")
     p.add_argument("--fraction", type=float, default=0.5, help="share of each group's units zeroed")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per model and batch")
@@ -231,25 +308,44 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="preferred ONNX exporter (the other is the fallback); default dynamo, "
         "torchscript with --quick (faster to export)",
     )
+    p.add_argument(
+        "--profile-batch",
+        type=int,
+        default=None,
+        help="batch of the per-op onnxruntime profile (default 16; 0 = no profile; off with --quick)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="resnet18 at 64x64, round_to 1, batch 1 4")
-    p.add_argument("--keep-onnx", type=Path, default=None, help="keep the ONNX files in this folder")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
+    p.add_argument(
+        "--keep-onnx", type=Path, default=None, help="keep the ONNX files in this folder"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default benchmarks/results/latency.json, latency_quick.json with --quick)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
+    if args.out is None:
+        args.out = Path(f"benchmarks/results/latency{'_quick' if args.quick else ''}.json")
     quick = args.quick
     models = args.models or (["resnet18"] if quick else list(DEFAULT_MODELS))
     resolution = args.resolution or (64 if quick else 224)
-    round_tos = args.round_to or ([1] if quick else [1, 8])
+    round_tos = args.round_to or ([1] if quick else [1, 8, 16])
     batch_sizes = args.batch_sizes or ([1, 4] if quick else [1, GOAL_BATCH])
     warmup = args.warmup if args.warmup is not None else (2 if quick else 5)
     repeats = args.repeats if args.repeats is not None else (7 if quick else 30)
     exporter = args.exporter or ("torchscript" if quick else "dynamo")
     exporters = (exporter, "torchscript" if exporter == "dynamo" else "dynamo")
     threads = None if args.threads == 0 else args.threads
+    if args.profile_batch is not None:
+        profile_batch = args.profile_batch or None
+    else:
+        profile_batch = None if quick else GOAL_BATCH
     unknown = [m for m in models if not hasattr(torchvision.models, m)]
     if unknown:
         raise SystemExit(f"--models: unknown torchvision model(s) {unknown}")
@@ -275,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
                 threads=threads,
                 exporters=exporters,
                 workdir=workdir,
+                profile_batch=profile_batch,
             )
             res["seconds"] = round(time.perf_counter() - t0, 1)
             results.append(res)
@@ -304,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
             "onnxruntime_threads": threads if threads is not None else "default",
             "exporter_preference": list(exporters),
             "seed": args.seed,
+            "op_profile_batch": profile_batch,
             "timing": "onnxruntime CPUExecutionProvider, sequential execution, all graph "
             "optimizations; dense and compact sessions created up front, runs interleaved "
             "in alternating order; medians and p90 over `repeats` runs",

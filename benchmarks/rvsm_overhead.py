@@ -7,10 +7,12 @@ the same batch, step for step, interleaved (plain, RVSM, RVSM, plain, ...):
 - plain step: forward, backward, ``optimizer.step()``;
 - RVSM step: the same plus ``rvsm.add_coupling_grad()`` (``grad += beta (w - u)``)
   before the optimizer step and ``rvsm.after_optimizer_step(...)`` (the prox:
-  TL1 on every conv/linear weight, then the group shrink) after it, every step.
+  TL1 on every conv/linear weight, then the group shrink) after it, every step
+  (every ``--prox-every`` steps if set).
 
 Reported: medians of both steps and ``overhead = (rvsm - plain) / plain``
-(goal <= 10%), the phases of each step, and the pieces alone, timed in
+(goal <= 10%; with ``--prox-every k`` the medians are of the mean step over
+runs of k consecutive steps, each run holding exactly one prox), the phases of each step, and the pieces alone, timed in
 isolation on the same state: the coupling gradient, the prox and its parts
 (individual prox per tensor, channel norms, shrink factors, ``scale_``), the
 thresholds, and the target controller's per-step update (only used with
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
+from benchmarks import rvsm_whatif  # noqa: E402
 from benchmarks.common import command_line, load_average, machine_info, write_json  # noqa: E402
 from compressor import penalties  # noqa: E402
 from compressor.groups import build_groups  # noqa: E402
@@ -78,7 +81,7 @@ def _time(fn: Callable[[], object], reps: int, warmup: int = 1) -> dict:
 class Steps:
     """The plain and the RVSM training step, each on its own copy of the model."""
 
-    def __init__(self, arch: str, batch: int, resolution: int, seed: int):
+    def __init__(self, arch: str, batch: int, resolution: int, seed: int, prox_every: int = 1):
         torch.manual_seed(seed)
         base = getattr(torchvision.models, arch)(num_classes=10)
         self.plain = copy.deepcopy(base).train()
@@ -86,7 +89,9 @@ class Steps:
         self.x = torch.randn(batch, 3, resolution, resolution)
         self.y = torch.randint(0, 10, (batch,))
         self.groups = build_groups(self.model, self.x[:1])
-        self.rvsm = RVSM(self.model, self.groups, individual_kind="tl1", beta=1.0)
+        self.rvsm = RVSM(
+            self.model, self.groups, individual_kind="tl1", beta=1.0, prox_every=prox_every
+        )
         self.strength = Strength.from_recipe(
             PENALTY, self.model, self.groups, self.rvsm.individual_names
         )
@@ -140,10 +145,20 @@ def interleaved(steps: Steps, reps: int, warmup: int) -> dict:
         for fn, into in order if r % 2 == 0 else reversed(order):
             for k, v in fn().items():
                 into.setdefault(k, []).append(v * 1e3)
-    ratios = [b / a for a, b in zip(plain["total"], rvsm["total"], strict=True)]
+    # Any k consecutive steps hold exactly one prox (k = prox_every): the cost per
+    # step is the mean over such a run; k = 1 is the step itself.
+    every = steps.rvsm.prox_every
+
+    def per_step(ms: list[float]) -> list[float]:
+        return [sum(ms[i : i + every]) / every for i in range(0, len(ms) - every + 1, every)]
+
+    plain_runs, rvsm_runs = per_step(plain["total"]), per_step(rvsm["total"])
+    ratios = [b / a for a, b in zip(plain_runs, rvsm_runs, strict=True)]
     return {
         "plain": {k: _stats(v) for k, v in plain.items()},
         "rvsm": {k: _stats(v) for k, v in rvsm.items()},
+        "plain_per_step": _stats(plain_runs),
+        "rvsm_per_step": _stats(rvsm_runs),
         "paired_ratio_median": statistics.median(ratios),
     }
 
@@ -158,32 +173,22 @@ def prox_parts(steps: Steps) -> dict[str, Callable[[], object]]:
     thr = steps.thresholds()
     cache: dict[str, object] = {}
 
+    scales = thr.individual_scale or {}
+
     def individual():
         for name, p in zip(rvsm.names, rvsm.params, strict=True):
             mu = thr.individual.get(name)
             if mu is None:
                 rvsm.u[name].copy_(p)
             else:
-                rvsm.u[name].copy_(
-                    penalties.individual_prox(
-                        rvsm.individual_kind,
-                        p.detach(),
-                        mu,
-                        a=thr.individual_a.get(name, 1.0),
-                        alpha=rvsm.alpha,
-                    )
-                )
-
-    def individual_no_copy():
-        for name, p in zip(rvsm.names, rvsm.params, strict=True):
-            mu = thr.individual.get(name)
-            if mu is not None:
                 penalties.individual_prox(
                     rvsm.individual_kind,
                     p.detach(),
                     mu,
                     a=thr.individual_a.get(name, 1.0),
                     alpha=rvsm.alpha,
+                    scale=scales.get(name, 1.0),
+                    out=rvsm.u[name],
                 )
 
     def norms():
@@ -199,8 +204,7 @@ def prox_parts(steps: Steps) -> dict[str, Callable[[], object]]:
         groups.scale_(rvsm.u, cache["factors"])
 
     return {
-        "individual_prox_and_copy": individual,
-        "individual_prox_only": individual_no_copy,
+        "individual_prox": individual,
         "channel_norms": norms,
         "group_shrink_factors": factors,
         "scale_": scale,
@@ -224,7 +228,7 @@ def components(steps: Steps, reps: int) -> dict:
         "prox": _time(lambda: rvsm.prox(thr), reps),
     }
     parts = prox_parts(steps)
-    for name in ("individual_prox_and_copy", "individual_prox_only", "channel_norms"):
+    for name in ("individual_prox", "channel_norms"):
         out[f"prox.{name}"] = _time(parts[name], reps)
     parts["channel_norms"]()
     out["prox.group_shrink_factors"] = _time(parts["group_shrink_factors"], reps)
@@ -250,6 +254,41 @@ def controller_update(steps: Steps, reps: int) -> dict:
     ctl = TargetController("macs", 2.0, steps.groups, strength, total_steps=10_000)
     u = steps.rvsm.u
     return _time(lambda: ctl.update(100, u), reps)
+
+
+def estimated_overhead(comp: dict, what_if: dict, plain_ms: float) -> dict:
+    """Overhead if the best candidate of each piece replaced the library's (sum of medians).
+
+    The unchanged pieces (the shrink factors, the thresholds) are taken from ``comp``;
+    the ``u.copy_`` for tensors with no individual penalty is ignored (BN, tiny).
+    """
+    best_ind = min(
+        what_if[k]["median_ms"]
+        for k in ("individual_prox_library", "tl1_inplace", "tl1_compiled")
+        if k in what_if
+    )
+    coupling = min(
+        what_if.get(k, {}).get("median_ms", float("inf"))
+        for k in ("add_coupling_grad_library", "coupling_no_alloc")
+    )
+    if coupling == float("inf"):
+        coupling = comp["add_coupling_grad"]["median_ms"]
+    prox = (
+        best_ind
+        + what_if["norms_no_gather"]["median_ms"]
+        + comp["prox.group_shrink_factors"]["median_ms"]
+        + what_if["scale_in_place"]["median_ms"]
+        + comp["thresholds"]["median_ms"]
+    )
+    library = comp["add_coupling_grad"]["median_ms"] + comp["prox"]["median_ms"]
+    return {
+        "library_pieces_ms": library,
+        "library_pieces_overhead": library / plain_ms,
+        "best_pieces_ms": coupling + prox,
+        "best_pieces_overhead": (coupling + prox) / plain_ms,
+        "best_prox_ms": prox,
+        "best_coupling_ms": coupling,
+    }
 
 
 def profile_step(steps: Steps, reps: int) -> list[dict]:
@@ -281,35 +320,68 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--component-reps", type=int, default=None, help="runs of each piece alone (default 30)"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1; 0 = torch's default). On a machine whose "
+        "cores are busy with other work, 2+ threads make every small op wait for a "
+        "descheduled worker, which inflates the many small ops of the prox most",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler pass")
+    p.add_argument("--no-what-if", action="store_true", help="skip timing the candidate speed-ups")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time a torch.compile'd TL1 prox (needs a C++ compiler; ~20 s to compile)",
+    )
+    p.add_argument(
+        "--prox-every",
+        type=int,
+        default=1,
+        help="refresh u every k steps (the recipe's splitting.prox_every; default 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="few repetitions, no profiler")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/rvsm_overhead.json"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default benchmarks/results/rvsm_overhead.json, rvsm_overhead_quick.json with --quick)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
+    if args.out is None:
+        args.out = Path(f"benchmarks/results/rvsm_overhead{'_quick' if args.quick else ''}.json")
     quick = args.quick
     reps = args.reps if args.reps is not None else (4 if quick else 60)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 5)
     comp_reps = args.component_reps if args.component_reps is not None else (3 if quick else 30)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     info = machine_info()
     started = time.perf_counter()
 
-    steps = Steps(args.arch, args.batch, args.resolution, args.seed)
+    steps = Steps(args.arch, args.batch, args.resolution, args.seed, args.prox_every)
     log.info("interleaving %d plain / RVSM step pairs ...", reps)
     steps_result = interleaved(steps, reps, warmup)
-    plain_ms = steps_result["plain"]["total"]["median_ms"]
-    rvsm_ms = steps_result["rvsm"]["total"]["median_ms"]
+    plain_ms = steps_result["plain_per_step"]["median_ms"]
+    rvsm_ms = steps_result["rvsm_per_step"]["median_ms"]
     overhead = (rvsm_ms - plain_ms) / plain_ms
     log.info("components ...")
     comp = components(steps, comp_reps)
     ctl = controller_update(steps, max(2, comp_reps // 5))
     profile = [] if (quick or args.no_profile) else profile_step(steps, 5)
+    what_if = None
+    if not (quick or args.no_what_if):
+        log.info("candidate speed-ups ...")
+        what_if = rvsm_whatif.run(
+            steps.rvsm, steps.groups, steps.thresholds(), comp_reps, args.compile
+        )
+        what_if["estimated_overhead"] = estimated_overhead(comp, what_if, plain_ms)
     sparsity = {
         "u_zero_fraction": sum(int((t == 0).sum()) for t in steps.rvsm.u.values())
         / sum(t.numel() for t in steps.rvsm.u.values()),
@@ -348,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
             k: v["median_ms"] / plain_ms for k, v in comp.items() if isinstance(v, dict)
         },
         "target_controller_update": ctl,
+        "what_if": what_if,
         "profile_rvsm_step_top_ops": profile,
         "sparsity_after_run": sparsity,
         "seconds": round(time.perf_counter() - started, 1),

@@ -91,7 +91,7 @@ def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
     rvsm.prox(strength.thresholds(rvsm.beta))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
-    for step in range(300):
+    for _ in range(300):
         i = torch.randint(0, len(x), (32,))
         loss = F.cross_entropy(model(x[i]), y[i])
         opt.zero_grad()
@@ -111,3 +111,27 @@ def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
     prune_zero_channels(model, groups, x[:64])
     assert sum(p.numel() for p in model.parameters()) < params_before
     torch.testing.assert_close(model(x), sparse_out, atol=1e-4, rtol=1e-4)
+
+
+def test_prox_with_tensor_scale_is_s_times_prox_of_w_over_s():
+    from compressor import penalties
+
+    torch.manual_seed(1)
+    model = tiny_net()
+    groups = build_groups(model, torch.randn(1, 1, 8, 8))
+    rvsm = RVSM(model, groups, individual_kind="tl1")
+    params = dict(model.named_parameters())
+    names = rvsm.individual_names
+    scales = {n: float(params[n].detach().abs().mean()) for n in names}
+    zero_group = [torch.zeros(g.size) for g in groups]  # factor 1: u is the individual prox
+    thr = Thresholds({n: 0.4 for n in names}, {n: 0.8 for n in names}, zero_group, scales)
+    rvsm.prox(thr)
+    for n in rvsm.names:
+        w = params[n].detach()
+        if n in scales:
+            s = scales[n]
+            expect = s * penalties.prox_tl1(w.double() / s, 0.4, 0.8)
+            torch.testing.assert_close(rvsm.u[n].double(), expect, rtol=1e-5, atol=1e-6 * s)
+            assert 0 < float((rvsm.u[n] == 0).float().mean()) < 1
+        else:
+            assert torch.equal(rvsm.u[n], w)  # no individual penalty: u = w

@@ -1,0 +1,1 @@
+"""Checks of the papers behind compressor's algorithms (see RESULTS.md in this folder)."""
