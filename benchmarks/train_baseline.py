@@ -39,7 +39,17 @@ from compressor.models import resnet20  # noqa: E402
 log = logging.getLogger("benchmarks.train_baseline")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path("/work/shared/data/fashion-mnist")
+DEFAULT_DATA = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist",
+            Path(__file__).resolve().parents[3] / "shared" / "data" / "fashion-mnist",
+        )
+        if p.is_dir()
+    ),
+    Path("/work/shared/data/fashion-mnist"),
+)
 DEFAULT_CACHE = ROOT / "benchmarks" / ".cache"
 
 

@@ -23,3 +23,11 @@ def zero_fraction_of_groups(groups, model, fraction: float, seed: int = 0) -> No
         f[torch.randperm(g.size, generator=gen)[: int(fraction * g.size)]] = 0
         factors.append(f)
     groups.scale_(dict(model.named_parameters()), factors)
+
+
+def fashion_mnist_dir():
+    """``shared/data/fashion-mnist`` beside the repository (as CI lays it out), else /work/shared."""
+    from pathlib import Path
+
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+    return beside if beside.is_dir() else Path("/work/shared/data/fashion-mnist")

@@ -19,8 +19,9 @@ from compressor.data import (
     subset,
 )
 from compressor.errors import DataError
+from tests.helpers import fashion_mnist_dir
 
-FASHION = Path("/work/shared/data/fashion-mnist")
+FASHION = fashion_mnist_dir()
 
 
 def rng(seed=0):

@@ -142,7 +142,9 @@ def test_norms_and_scale_on_views_and_gathers_match_by_hand():
     before = {k: v.clone() for k, v in tensors.items()}
     factors = [torch.tensor([0.5, 0.0, 2.0]), torch.tensor([3.0, 0.25])]
     groups.scale_(tensors, factors)
-    torch.testing.assert_close(tensors["w"], before["w"] * torch.tensor([0.5, 0.5, 0, 0, 2, 2])[:, None, None])
+    torch.testing.assert_close(
+        tensors["w"], before["w"] * torch.tensor([0.5, 0.5, 0, 0, 2, 2])[:, None, None]
+    )
     b = before["b"].clone()
     b[2:5] *= factors[0]
     torch.testing.assert_close(tensors["b"], b)  # rows outside the span untouched

@@ -477,3 +477,81 @@ def test_cuda_matches_cpu():
         m = {"l1-l2": 0.3, "group": mu[:, 0]}.get(name, mu)
         m_cuda = m if isinstance(m, float) else m.cuda()
         torch.testing.assert_close(op(y.cuda(), m_cuda).cpu(), op(y, m))
+
+
+# --------------------------------------------------------------------------- out=, blocks, scale
+
+OUT_OPS = {
+    "l1": lambda y, mu, **kw: prox_l1(y, mu, **kw),
+    "l0": lambda y, mu, **kw: prox_l0(y, mu, **kw),
+    "tl1": lambda y, mu, **kw: prox_tl1(y, mu, 0.7, **kw),
+    "l1-l2": lambda y, mu, **kw: prox_l1l2(y, mu, 0.6, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUT_OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_out_writes_in_place_and_may_be_the_input(name, dtype):
+    op = OUT_OPS[name]
+    y = torch.randn(7, 5, dtype=dtype, generator=torch.Generator().manual_seed(8)) * 2
+    expect = op(y, 0.4)
+    out = torch.full_like(y, 123.0)
+    assert op(y, 0.4, out=out) is out
+    assert torch.equal(out, expect)
+    inplace = y.clone()
+    assert op(inplace, 0.4, out=inplace) is inplace
+    assert torch.equal(inplace, expect)
+    # A non-contiguous input and out (a transposed view) give the same numbers.
+    yt, ot = y.t().contiguous().t(), torch.empty(5, 7, dtype=dtype).t()
+    assert op(yt, 0.4, out=ot) is ot
+    assert torch.equal(ot, expect)
+
+
+@pytest.mark.parametrize("bad", [torch.empty(7, 4), torch.empty(7, 5, dtype=F64), "x"])
+def test_out_must_be_like_the_input(bad):
+    with pytest.raises(BadInputError, match="`out` must be a tensor like the input"):
+        prox_tl1(torch.ones(7, 5), 0.1, out=bad)
+
+
+@pytest.mark.parametrize("kind", ELEMENTWISE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_kernels_match_the_tensor_parameter_path(kind, dtype):
+    """Number parameters take the in-place blocked kernels; tensor ones the plain expressions."""
+    from compressor import penalties
+
+    n = 2 * penalties._BLOCK + 123  # two full blocks and a short one
+    y = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(9)) * 3
+    for mu in (1e-3, 0.2, 0.3, 2.0):  # tl1 at a = 0.7: sub- and supercritical
+        fast = individual_prox(kind, y, mu, a=0.7)
+        plain = individual_prox(kind, y, torch.tensor(mu, dtype=dtype), a=0.7)
+        assert torch.equal(fast == 0, plain == 0)
+        torch.testing.assert_close(fast, plain, rtol=0, atol=4 * torch.finfo(dtype).eps * 3)
+
+
+def test_prox_still_differentiable_without_out():
+    y = torch.randn(6, dtype=F64, requires_grad=True)
+    for op in OUT_OPS.values():
+        op(y, 0.3).sum().backward()
+    assert torch.isfinite(y.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["l1", "l0", "tl1", "l1-l2"])
+@pytest.mark.parametrize("scale", [0.01, 0.37, 1.0, 4.0])
+def test_scale_is_the_prox_of_the_penalty_on_x_over_s(kind, scale):
+    y = torch.randn(4, 9, dtype=F64, generator=torch.Generator().manual_seed(10)) * scale * 2
+    for mu in (0.05, 0.4, 1.5):
+        got = individual_prox(kind, y, mu, a=0.8, alpha=0.6, scale=scale)
+        expect = scale * individual_prox(kind, y / scale, mu, a=0.8, alpha=0.6)
+        torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12 * scale)
+        out = torch.empty_like(y)
+        individual_prox(kind, y, mu, a=0.8, alpha=0.6, scale=scale, out=out)
+        assert torch.equal(out, got)
+
+
+def test_mu_zero_and_none_copy_into_out():
+    y = torch.randn(3, 4)
+    for kind in INDIVIDUAL_PENALTIES:
+        out = torch.zeros_like(y)
+        assert individual_prox(kind, y, 0.0, scale=2.0, out=out) is out
+        assert torch.equal(out, y)
+    assert individual_prox("tl1", y, 0.0) is not y

@@ -1,13 +1,14 @@
 """Smoke test of the trade-off benchmark: its --smoke mode runs end to end and writes sane results."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import fashion_mnist_dir
+
 pytestmark = pytest.mark.slow
 
-DATA = Path("/work/shared/data/fashion-mnist")
+DATA = fashion_mnist_dir()
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs the Fashion-MNIST idx files")

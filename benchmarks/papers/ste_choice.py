@@ -47,7 +47,17 @@ from compressor.models import lenet5, resnet20  # noqa: E402
 log = logging.getLogger("benchmarks.papers.ste_choice")
 
 SCHEMA_VERSION = 1
-DEFAULT_DATA = Path("/work/shared/data/fashion-mnist")
+DEFAULT_DATA = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist",
+            Path(__file__).resolve().parents[3] / "shared" / "data" / "fashion-mnist",
+        )
+        if p.is_dir()
+    ),
+    Path("/work/shared/data/fashion-mnist"),
+)
 MEAN, STD = (0.2860,), (0.3530,)
 MODELS = {
     "lenet5": lambda: lenet5(num_classes=10, in_channels=1),
