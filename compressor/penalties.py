@@ -233,6 +233,11 @@ def prox_tl1(
     argument clamped to [-1, 1]), ``phi = 2 asin(sqrt(e/2))`` and the value is
     ``|y| - 4/3 (a+|y|) sin^2(phi/6)``; at ``mu = 0`` this is exactly ``y``.
     Small ``a`` approaches L0, large ``a`` approaches L1.
+
+    With number parameters (the RVSM step) it runs in place, block by block:
+    ``d = hardshrink(y, t)``, ``sin(phi/2) = min(1, sqrt(k / (a+|d|)^3))`` with
+    ``k = 27 mu a (a+1) / 4``, and the value ``sign(d) * (|d| - 4/3 (a+|d|)
+    sin^2(phi/6))``: the same numbers up to rounding, exact zeros where ``|y| <= t``.
     """
     _check_float(y)
     mu = _param(mu, y, "mu", low=0.0)
@@ -395,9 +400,10 @@ def individual_prox(
     ``alpha``, whole tensor, scalar ``mu``). ``"none"`` returns ``y`` itself
     (without ``out``), ``mu = 0`` a copy of ``y`` (both: ``y`` copied into ``out``).
 
-    ``scale`` (``s > 0``, a number or a tensor like ``mu``) applies the penalty to ``x / s``: the result is
-    ``s * prox_{P, mu}(y / s)``, computed without dividing ``y`` as the prox of
-    ``P`` itself with other parameters (the same minimiser, rounded differently):
+    ``scale`` (``s > 0``, a number or a tensor like ``mu``) applies the penalty
+    to ``x / s``: the result is ``s * prox_{P, mu}(y / s)``, computed without
+    dividing ``y``, as the prox of ``P`` itself with other parameters (the same
+    minimiser, rounded differently):
     ``mu s`` for l1 and l1-l2 (degree-1 homogeneous), ``mu s^2`` for l0, and for
     tl1 ``a s`` and ``mu s^2 (a+1) / (a s + 1)``, since
     ``P_a(x / s) = (a+1) / (a s + 1) * P_{a s}(x)``.
@@ -408,13 +414,14 @@ def individual_prox(
     _check_float(y)
     scale = _param(scale, y, "scale", low=0.0, low_open=True)
     mu = _param(mu, y, "mu", low=0.0)
+    if kind == "tl1":
+        a = _param(a, y, "a", low=0.0, low_open=True)
     if isinstance(mu, float) and mu == 0.0:
         return _identity(y, out)
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         if kind == "l0":
             mu = mu * scale * scale
         elif kind == "tl1":
-            a = _param(a, y, "a", low=0.0, low_open=True)
             mu = mu * scale * scale * (a + 1.0) / (a * scale + 1.0)
             a = a * scale
         else:
