@@ -162,7 +162,11 @@ def test_swap_resnet20_counts_and_skip():
         model.eval()(torch.randn(2, 1, 16, 16))
 
 
-def test_skip_string_unmatched_patterns_and_relu6(caplog):
+def test_skip_string_unmatched_patterns_and_relu6(caplog, monkeypatch):
+    import logging
+
+    # the CLI (tested elsewhere in the same process) may have turned propagation off
+    monkeypatch.setattr(logging.getLogger("compressor"), "propagate", True)
     net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU6(), nn.Conv2d(2, 2, 1), nn.ReLU())
     with caplog.at_level("WARNING", logger="compressor.activations"):
         report = swap_activations(net, bits=2, skip="3")
