@@ -64,3 +64,18 @@ def test_prune_lenet_linear_hidden_layers():
     prune_zero_channels(model, groups, x)
     assert model.fc1.out_features == 300 and model.conv2.out_channels == 30
     torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_prune_exact_with_binary_activations():
+    """A zero group gives BN output 0 and sigma(0) = 0, so removal stays exact with binary units."""
+    from compressor.activations import swap_activations
+
+    model = swap_activations(resnet20(in_channels=1), bits=1, skip=["relu"]).model.eval()
+    randomize_bn(model)
+    x = torch.randn(16, 1, 28, 28)
+    groups = build_groups(model, x[:1])
+    zero_fraction_of_groups(groups, model, 0.4)
+    reference = model(x).detach()
+    result = prune_zero_channels(model, groups, x)
+    assert result.channels_removed > 0
+    torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
