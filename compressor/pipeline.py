@@ -42,6 +42,7 @@ from compressor.errors import (
 )
 from compressor.fileio import atomic_output, atomic_write_text
 from compressor.groups import build_groups
+from compressor.models import BUILTIN_MODELS
 from compressor.prune import prune_zero_channels
 from compressor.splitting import RVSM
 from compressor.strength import Strength, TargetController, coupling_budget
@@ -230,12 +231,6 @@ def parse_factor(value, flag: str) -> float | None:
     if not factor > 1:
         raise BadInputError(f"{flag} must be a reduction factor > 1 (e.g. 4 for 4x fewer). Got {value!r} instead.")
     return factor
-
-
-def _onnx_bytes_and_latency(model, example, work: Path, name: str, opset: int) -> Path:
-    path = work / f"{name}.onnx"
-    export.export_onnx(model, example, path, opset=opset)
-    return path
 
 
 def compress(
@@ -697,15 +692,9 @@ def _shape_from_metadata(metadata: dict | None):
 def _build_kwargs(loaded, num_classes: int, shape) -> dict:
     kwargs = dict((loaded.metadata or {}).get("build_kwargs") or {})
     kwargs.setdefault("num_classes", num_classes)
-    if loaded.arch in ckpt_builtin_names():
+    if loaded.arch in BUILTIN_MODELS:
         kwargs.setdefault("in_channels", shape[0])
     return kwargs
-
-
-def ckpt_builtin_names() -> set[str]:
-    from compressor.models import BUILTIN_MODELS
-
-    return set(BUILTIN_MODELS)
 
 
 def _sparse_accuracy(model, rvsm, train_loader, val_loader, dev, tcfg) -> float:

@@ -30,14 +30,9 @@ from compressor.models import lenet5, resnet20
 
 X = [-1.0, 0.0, 0.5, 1.0, 2.0]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def grad_of(act: nn.Module, values=X, dtype=torch.float32):

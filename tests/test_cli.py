@@ -42,17 +42,12 @@ BUILTIN_RECIPES = (
 OUTPUTS = ("model.onnx", "model.safetensors", "report.json", "report.md", "recipe.yaml")
 PLOTS = ("channels_per_layer.png", "training.png")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
