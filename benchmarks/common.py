@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: machine description and atomic JSON output."""
+"""Shared helpers of the benchmark scripts: machine description, device and atomic JSON output."""
 
 from __future__ import annotations
 
@@ -44,8 +44,55 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine_info() -> dict:
-    """Where and with what a benchmark ran (stored next to its numbers)."""
+def resolve_device(name: str):
+    """``--device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available) as a torch.device."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu, cuda, cuda:N or auto, not {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def device_info(device) -> dict:
+    """The device a benchmark ran on; for CUDA also the card's name and memory and CUDA's version."""
+    import torch
+
+    device = torch.device(device)
+    info = {"device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            {
+                "gpu": torch.cuda.get_device_name(device),
+                "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(),
+            }
+        )
+    return info
+
+
+def synchronize(device) -> None:
+    """Wait for the queued kernels of ``device`` (CUDA); a no-op on the CPU. Call it around timings."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_info(device=None) -> dict:
+    """Where and with what a benchmark ran (stored next to its numbers); ``device``: see :func:`device_info`."""
     import numpy
     import onnxruntime
     import torch
@@ -55,7 +102,7 @@ def machine_info() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    return {
+    info = {
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "logical_cores": os.cpu_count(),
@@ -70,6 +117,9 @@ def machine_info() -> dict:
         "numpy": numpy.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if device is not None:
+        info.update(device_info(device))
+    return info
 
 
 def command_line(script: str, argv: list[str] | None) -> str:

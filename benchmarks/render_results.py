@@ -38,8 +38,9 @@ def _ms(x: float) -> str:
 
 def machine_line(data: dict) -> str:
     m = data["machine"]
+    gpu = f"{m['gpu']} ({m['device']}, CUDA {m.get('cuda')}) with " if m.get("gpu") else ""
     return (
-        f"Machine: {m['cpu_model']} ({', '.join(m.get('cpu_flags', [])) or 'flags n/a'}), "
+        f"Machine: {gpu}{m['cpu_model']} ({', '.join(m.get('cpu_flags', [])) or 'flags n/a'}), "
         f"{m['usable_cores']} usable cores, load average {m.get('load_average_at_start')} at start "
         f"and {m.get('load_average_at_end')} at end (shared with other jobs); "
         f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, Python {m['python']}. "

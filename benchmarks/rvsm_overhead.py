@@ -18,8 +18,14 @@ isolation on the same state: the coupling gradient, the prox and its parts
 thresholds, and the target controller's per-step update (only used with
 ``--target-macs``; not part of the overhead above).
 
+``--device cuda`` runs the models, the batch and the RVSM state on the GPU (same
+seeded weights and batch as on the CPU); every timer reading is then preceded
+by ``torch.cuda.synchronize()``, so each phase is charged with its own kernels,
+and the profiler records CUDA time as well.
+
     .venv/bin/python benchmarks/rvsm_overhead.py            # full run (a few minutes)
     .venv/bin/python benchmarks/rvsm_overhead.py --quick    # smoke run (seconds)
+    .venv/bin/python benchmarks/rvsm_overhead.py --device cuda --out /tmp/rvsm_overhead_gpu.json
 """
 
 from __future__ import annotations
@@ -41,7 +47,14 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from benchmarks import rvsm_whatif  # noqa: E402
-from benchmarks.common import command_line, load_average, machine_info, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    load_average,
+    machine_info,
+    resolve_device,
+    synchronize,
+    write_json,
+)
 from compressor import penalties  # noqa: E402
 from compressor.groups import build_groups  # noqa: E402
 from compressor.splitting import RVSM  # noqa: E402
@@ -67,13 +80,19 @@ def _stats(ms: list[float]) -> dict:
     }
 
 
-def _time(fn: Callable[[], object], reps: int, warmup: int = 1) -> dict:
+def _time(
+    fn: Callable[[], object], reps: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict:
+    """``fn`` timed ``reps`` times; ``sync`` (CUDA) waits for the kernels before each reading."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
     ms = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         ms.append((time.perf_counter() - t0) * 1e3)
     return _stats(ms)
 
@@ -81,13 +100,22 @@ def _time(fn: Callable[[], object], reps: int, warmup: int = 1) -> dict:
 class Steps:
     """The plain and the RVSM training step, each on its own copy of the model."""
 
-    def __init__(self, arch: str, batch: int, resolution: int, seed: int, prox_every: int = 1):
+    def __init__(
+        self,
+        arch: str,
+        batch: int,
+        resolution: int,
+        seed: int,
+        prox_every: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        self.device = torch.device(device)
         torch.manual_seed(seed)
         base = getattr(torchvision.models, arch)(num_classes=10)
-        self.plain = copy.deepcopy(base).train()
-        self.model = copy.deepcopy(base).train()
-        self.x = torch.randn(batch, 3, resolution, resolution)
-        self.y = torch.randint(0, 10, (batch,))
+        self.plain = copy.deepcopy(base).to(self.device).train()
+        self.model = copy.deepcopy(base).to(self.device).train()
+        self.x = torch.randn(batch, 3, resolution, resolution).to(self.device)
+        self.y = torch.randint(0, 10, (batch,)).to(self.device)
         self.groups = build_groups(self.model, self.x[:1])
         self.rvsm = RVSM(
             self.model, self.groups, individual_kind="tl1", beta=1.0, prox_every=prox_every
@@ -102,27 +130,40 @@ class Steps:
     def thresholds(self):
         return self.strength.thresholds(self.rvsm.beta)
 
+    def sync(self) -> None:
+        """Wait for the queued CUDA kernels (a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+
     def plain_step(self) -> dict[str, float]:
+        self.sync()
         t0 = time.perf_counter()
         self.opt_plain.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.plain(self.x), self.y)
         loss.backward()
+        self.sync()
         t1 = time.perf_counter()
         self.opt_plain.step()
+        self.sync()
         t2 = time.perf_counter()
         return {"forward_backward": t1 - t0, "optimizer": t2 - t1, "total": t2 - t0}
 
     def rvsm_step(self) -> dict[str, float]:
+        self.sync()
         t0 = time.perf_counter()
         self.opt_rvsm.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
+        self.sync()
         t1 = time.perf_counter()
         self.rvsm.add_coupling_grad()
+        self.sync()
         t2 = time.perf_counter()
         self.opt_rvsm.step()
+        self.sync()
         t3 = time.perf_counter()
         self.rvsm.after_optimizer_step(self.thresholds)
+        self.sync()
         t4 = time.perf_counter()
         return {
             "forward_backward": t1 - t0,
@@ -222,18 +263,19 @@ def components(steps: Steps, reps: int) -> dict:
     _fill_grads(steps.model)
     rvsm = steps.rvsm
     thr = steps.thresholds()
+    sync = steps.sync
     out = {
-        "add_coupling_grad": _time(rvsm.add_coupling_grad, reps),
-        "thresholds": _time(steps.thresholds, reps),
-        "prox": _time(lambda: rvsm.prox(thr), reps),
+        "add_coupling_grad": _time(rvsm.add_coupling_grad, reps, sync=sync),
+        "thresholds": _time(steps.thresholds, reps, sync=sync),
+        "prox": _time(lambda: rvsm.prox(thr), reps, sync=sync),
     }
     parts = prox_parts(steps)
     for name in ("individual_prox", "channel_norms"):
-        out[f"prox.{name}"] = _time(parts[name], reps)
+        out[f"prox.{name}"] = _time(parts[name], reps, sync=sync)
     parts["channel_norms"]()
-    out["prox.group_shrink_factors"] = _time(parts["group_shrink_factors"], reps)
+    out["prox.group_shrink_factors"] = _time(parts["group_shrink_factors"], reps, sync=sync)
     parts["group_shrink_factors"]()
-    out["prox.scale_"] = _time(parts["scale_"], reps)
+    out["prox.scale_"] = _time(parts["scale_"], reps, sync=sync)
     # Which tensors dominate the individual prox: the five biggest, timed alone.
     sizes = sorted(
         ((p.numel(), n, p) for n, p in zip(rvsm.names, rvsm.params, strict=True)),
@@ -253,7 +295,7 @@ def controller_update(steps: Steps, reps: int) -> dict:
     strength = copy.deepcopy(steps.strength)
     ctl = TargetController("macs", 2.0, steps.groups, strength, total_steps=10_000)
     u = steps.rvsm.u
-    return _time(lambda: ctl.update(100, u), reps)
+    return _time(lambda: ctl.update(100, u), reps, sync=steps.sync)
 
 
 def estimated_overhead(comp: dict, what_if: dict, plain_ms: float) -> dict:
@@ -292,21 +334,27 @@ def estimated_overhead(comp: dict, what_if: dict, plain_ms: float) -> dict:
 
 
 def profile_step(steps: Steps, reps: int) -> list[dict]:
-    """``torch.profiler`` of a few RVSM steps: the top CPU ops by self time."""
+    """``torch.profiler`` of a few RVSM steps: the top CPU ops by self time (and their CUDA time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = steps.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(reps):
             steps.rvsm_step()
     rows = []
     for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]:
-        rows.append(
-            {
-                "op": e.key,
-                "calls_per_step": round(e.count / reps, 1),
-                "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / reps, 3),
-            }
-        )
+        row = {
+            "op": e.key,
+            "calls_per_step": round(e.count / reps, 1),
+            "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / reps, 3),
+        }
+        if cuda:
+            device_us = getattr(e, "self_device_time_total", None)
+            if device_us is None:  # torch before 2.4
+                device_us = e.self_cuda_time_total
+            row["self_device_ms_per_step"] = round(device_us / 1e3 / reps, 3)
+        rows.append(row)
     return rows
 
 
@@ -341,6 +389,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=1,
         help="refresh u every k steps (the recipe's splitting.prox_every; default 1)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models and the batch live: cpu, cuda, cuda:N or auto (cuda when available)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="few repetitions, no profiler")
     p.add_argument(
@@ -362,10 +415,11 @@ def main(argv: list[str] | None = None) -> dict:
     comp_reps = args.component_reps if args.component_reps is not None else (3 if quick else 30)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    info = machine_info()
+    device = resolve_device(args.device)
+    info = machine_info(device)
     started = time.perf_counter()
 
-    steps = Steps(args.arch, args.batch, args.resolution, args.seed, args.prox_every)
+    steps = Steps(args.arch, args.batch, args.resolution, args.seed, args.prox_every, device)
     log.info("interleaving %d plain / RVSM step pairs ...", reps)
     steps_result = interleaved(steps, reps, warmup)
     plain_ms = steps_result["plain_per_step"]["median_ms"]
@@ -379,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (quick or args.no_what_if):
         log.info("candidate speed-ups ...")
         what_if = rvsm_whatif.run(
-            steps.rvsm, steps.groups, steps.thresholds(), comp_reps, args.compile
+            steps.rvsm, steps.groups, steps.thresholds(), comp_reps, args.compile, sync=steps.sync
         )
         what_if["estimated_overhead"] = estimated_overhead(comp, what_if, plain_ms)
     sparsity = {
@@ -408,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": warmup,
             "component_reps": comp_reps,
             "torch_threads": torch.get_num_threads(),
+            "device": str(device),
         },
         "steps": steps_result,
         "plain_step_ms": plain_ms,

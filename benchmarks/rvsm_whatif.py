@@ -72,7 +72,7 @@ def _full_rows(groups, tensors) -> dict[tuple[str, str], bool]:
         for m in g.members:
             rows = tensors[m.param].shape[0]
             full[(g.root, m.param)] = len(m.index) == rows and bool(
-                torch.equal(m.index, torch.arange(rows))
+                torch.equal(m.index.cpu(), torch.arange(rows))
             )
     return full
 
@@ -83,11 +83,11 @@ def norms_no_gather(groups, tensors, full) -> list[torch.Tensor]:
         sq = None
         for m in g.members:
             t = tensors[m.param].detach()
-            rows = t if full[(g.root, m.param)] else t.index_select(0, m.index)
+            rows = t if full[(g.root, m.param)] else t.index_select(0, m.index.to(t.device))
             contrib = torch.linalg.vector_norm(rows.reshape(len(m.index), -1), dim=1).square_()
             if sq is None:
-                sq = torch.zeros(g.size, dtype=contrib.dtype)
-            sq.index_add_(0, m.channel, contrib)
+                sq = torch.zeros(g.size, dtype=contrib.dtype, device=contrib.device)
+            sq.index_add_(0, m.channel.to(sq.device), contrib)
         out.append(sq.sqrt_())
     return out
 
@@ -97,19 +97,25 @@ def scale_in_place(groups, tensors, factors, full) -> None:
     for g, f in zip(groups, factors, strict=True):
         for m in g.members:
             t = tensors[m.param]
-            fm = f.to(t.dtype).index_select(0, m.channel).view(-1, *([1] * (t.dim() - 1)))
+            fm = f.to(t.device, t.dtype).index_select(0, m.channel.to(t.device))
+            fm = fm.view(-1, *([1] * (t.dim() - 1)))
             if full[(g.root, m.param)]:
                 t.mul_(fm)
             else:
-                t.index_copy_(0, m.index, t.index_select(0, m.index) * fm)
+                index = m.index.to(t.device)
+                t.index_copy_(0, index, t.index_select(0, index) * fm)
 
 
-def _stats(fn: Callable[[], object], reps: int) -> float:
+def _stats(fn: Callable[[], object], reps: int, sync: Callable[[], None] | None = None) -> float:
+    """Median ms of ``fn``; ``sync`` (CUDA) waits for the kernels before each timer reading."""
+    sync = sync or (lambda: None)
     fn()
     ms = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         ms.append((time.perf_counter() - t0) * 1e3)
     return sorted(ms)[len(ms) // 2]
 
@@ -128,10 +134,14 @@ def _compare(ref, got, exact) -> dict:
 
 
 @torch.no_grad()
-def run(rvsm, groups, thresholds, reps: int, compile_: bool) -> dict:
-    """Time each candidate (median ms) and the library piece it would replace."""
+def run(rvsm, groups, thresholds, reps: int, compile_: bool, sync=None) -> dict:
+    """Time each candidate (median ms) and the library piece it would replace.
+
+    ``sync``: called around each timing (``torch.cuda.synchronize`` when the state is on a GPU).
+    """
     names, params, u = rvsm.names, rvsm.params, rvsm.u
     thr = thresholds
+    sync = sync or (lambda: None)
 
     def individual(fn):
         def go():
@@ -156,19 +166,21 @@ def run(rvsm, groups, thresholds, reps: int, compile_: bool) -> dict:
         y = p.detach().double()
         exact[name] = y if mu is None else penalties.prox_tl1(y, mu, thr.individual_a[name])
     result["individual_prox_library"] = {
-        "median_ms": _stats(individual(library), reps),
+        "median_ms": _stats(individual(library), reps, sync),
         "max_abs_err_vs_float64": _max_abs(ref, exact),
     }
     candidates = [("tl1_inplace", tl1_inplace)]
     if compile_:
         candidates.append(("tl1_compiled", tl1_compiled))
     for name, fn in candidates:
+        sync()
         t0 = time.perf_counter()
         individual(fn)()
+        sync()
         first = time.perf_counter() - t0
         entry = _compare(ref, u, exact)
         entry["first_call_s"] = round(first, 2)
-        entry["median_ms"] = _stats(individual(fn), reps)
+        entry["median_ms"] = _stats(individual(fn), reps, sync)
         result[name] = entry
     for k, v in ref.items():
         u[k].copy_(v)
@@ -180,15 +192,17 @@ def run(rvsm, groups, thresholds, reps: int, compile_: bool) -> dict:
         float((a - b).abs().max()) / max(float(a.abs().max()), 1e-30)
         for a, b in zip(lib_norms, fast_norms, strict=True)
     )
-    ones = [torch.ones(g.size) for g in groups]
-    result["channel_norms_library"] = {"median_ms": _stats(lambda: groups.channel_norms(u), reps)}
+    ones = [torch.ones(g.size, device=params[0].device) for g in groups]
+    result["channel_norms_library"] = {
+        "median_ms": _stats(lambda: groups.channel_norms(u), reps, sync)
+    }
     result["norms_no_gather"] = {
-        "median_ms": _stats(lambda: norms_no_gather(groups, u, full), reps),
+        "median_ms": _stats(lambda: norms_no_gather(groups, u, full), reps, sync),
         "max_relative_diff": norm_rel,
     }
-    result["scale_library"] = {"median_ms": _stats(lambda: groups.scale_(u, ones), reps)}
+    result["scale_library"] = {"median_ms": _stats(lambda: groups.scale_(u, ones), reps, sync)}
     result["scale_in_place"] = {
-        "median_ms": _stats(lambda: scale_in_place(groups, u, ones, full), reps)
+        "median_ms": _stats(lambda: scale_in_place(groups, u, ones, full), reps, sync)
     }
     result["members_full_rows"] = f"{sum(full.values())}/{len(full)}"
 
@@ -202,6 +216,8 @@ def run(rvsm, groups, thresholds, reps: int, compile_: bool) -> dict:
             torch._foreach_add_(grads, ws, alpha=beta)
             torch._foreach_add_(grads, us, alpha=-beta)
 
-        result["add_coupling_grad_library"] = {"median_ms": _stats(rvsm.add_coupling_grad, reps)}
-        result["coupling_no_alloc"] = {"median_ms": _stats(coupling_no_alloc, reps)}
+        result["add_coupling_grad_library"] = {
+            "median_ms": _stats(rvsm.add_coupling_grad, reps, sync)
+        }
+        result["coupling_no_alloc"] = {"median_ms": _stats(coupling_no_alloc, reps, sync)}
     return result

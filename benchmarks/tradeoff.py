@@ -35,15 +35,27 @@ resumed from its last epoch. At the end the table goes into section 1 of
 
 On a CPU shared with other jobs pass ``--threads 1``: two threads per process on
 an oversubscribed 2-core machine ran about 5x slower than one.
+
+``--device cuda`` (or ``auto``) trains and evaluates every model on the GPU: the
+baseline, compressor's runs (``compress(..., device=...)``) and Torch-Pruning's
+regularisation, pruning and fine-tuning (the data loaders stay on the CPU and
+each batch is copied over). MACs, params, channels and ONNX bytes are counted on
+a CPU copy; the Torch-Pruning ratio is bisected on a CPU copy too (the MACs of a
+uniform ratio do not depend on the device). The results JSON records the device
+(and the card's name) in ``machine``, and each run its device.
+
+    .venv/bin/python benchmarks/tradeoff.py --device cuda --results benchmarks/results/tradeoff_gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -58,7 +70,14 @@ import torch.nn.functional as F  # noqa: E402
 
 import compressor  # noqa: E402
 import compressor.pipeline  # noqa: E402, F401 (import the whole library now: it may change during a long run)
-from benchmarks.common import command_line, load_average, machine_info, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    device_info,
+    load_average,
+    machine_info,
+    resolve_device,
+    write_json,
+)
 from benchmarks.train_baseline import DEFAULT_CACHE, DEFAULT_DATA, load_fmnist, train_baseline  # noqa: E402
 from compressor import recipe as recipe_mod  # noqa: E402
 from compressor import train as train_mod  # noqa: E402
@@ -110,7 +129,7 @@ def prepare_data(
     if test_subset:
         x_test, y_test = x_test[:test_subset], y_test[:test_subset]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(
         tmp,
         x_train=x_train[idx].numpy(),
@@ -139,8 +158,8 @@ def load_baseline_model(path: str | Path) -> torch.nn.Module:
 
 
 def describe_model(model: torch.nn.Module, work: Path, name: str) -> dict:
-    """MACs, params, channel units kept, exact-zero weights and ONNX bytes of ``model``."""
-    model = model.cpu().eval()
+    """MACs, params, channel units kept, exact-zero weights and ONNX bytes of ``model`` (a CPU copy)."""
+    model = copy.deepcopy(model).cpu().eval()
     example = torch.randn(*EXAMPLE_SHAPE)
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / f"{name}.onnx"
@@ -167,6 +186,7 @@ def run_compressor(
     budget_epochs: int,
     recover_epochs: int,
     work: Path,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """One ``compressor.compress`` run; the measures come from its report and compact model."""
     rvsm_epochs = budget_epochs - recover_epochs
@@ -187,7 +207,7 @@ def run_compressor(
         target_macs=target,
         out=str(work),
         overrides=overrides,
-        device="cpu",
+        device=str(device),
         seed=seed,
         resume=resume,
     )
@@ -237,12 +257,17 @@ def _tp():
     return tp
 
 
+def _example(model: torch.nn.Module) -> torch.Tensor:
+    """A random input of ``EXAMPLE_SHAPE`` on ``model``'s device (for Torch-Pruning's tracing)."""
+    return torch.randn(*EXAMPLE_SHAPE, device=next(model.parameters()).device)
+
+
 def tp_prune_(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
     """Torch-Pruning one-shot group-magnitude (L2) pruning, one uniform ratio, classifier ignored."""
     tp = _tp()
     pruner = tp.pruner.BasePruner(
         model,
-        torch.randn(*EXAMPLE_SHAPE),
+        _example(model),
         importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=ratio,
         global_pruning=False,
@@ -255,7 +280,11 @@ def tp_prune_(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
 def tp_ratio_for_target(
     model: torch.nn.Module, target: float, iterations: int = 12
 ) -> tuple[float, float]:
-    """The smallest uniform ratio whose pruning cuts MACs by at least ``target`` (bisection)."""
+    """The smallest uniform ratio whose pruning cuts MACs by at least ``target`` (bisection).
+
+    Done on a CPU copy of ``model``: how many channels a ratio removes does not depend on the device.
+    """
+    model = copy.deepcopy(model).cpu().eval()
     example = torch.randn(*EXAMPLE_SHAPE)
     base = count_macs(model, example)
 
@@ -280,10 +309,11 @@ def tp_ratio_for_target(
     return hi, hi_x
 
 
-def _stream(loader):
-    """Batches of ``loader`` epoch after epoch (each epoch a new seeded shuffle)."""
+def _stream(loader, device: str | torch.device = "cpu"):
+    """Batches of ``loader`` on ``device``, epoch after epoch (each epoch a new seeded shuffle)."""
     while True:
-        yield from loader
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def sgd_steps(model, stream, optimizer, scheduler, steps: int, after_backward=None) -> float:
@@ -317,6 +347,7 @@ def run_torch_pruning(
     sparse_fraction: float,
     reg: float,
     work: Path,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """``tp-magnitude`` (prune, fine-tune) or ``tp-sparse`` (regularise, prune, fine-tune)."""
     tp = _tp()
@@ -326,15 +357,15 @@ def run_torch_pruning(
     splits = load_data(npz)
     train_loader, val_loader = make_loaders(splits, batch_size=cfg["batch_size"], seed=seed)
     total_steps = budget_epochs * len(train_loader)
-    stream = _stream(train_loader)
-    model = load_baseline_model(baseline_path)
+    stream = _stream(train_loader, device)
+    model = load_baseline_model(baseline_path).to(device)
     details: dict = {"total_steps": total_steps}
     sparse_steps = 0
     if method == "tp-sparse":
         sparse_steps = int(round(sparse_fraction * total_steps))
         regulariser = tp.pruner.GroupNormPruner(
             model,
-            torch.randn(*EXAMPLE_SHAPE),
+            _example(model),
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             reg=reg,
             global_pruning=False,
@@ -356,13 +387,13 @@ def run_torch_pruning(
     ratio, planned_x = tp_ratio_for_target(model.eval(), target)
     tp_prune_(model.eval(), ratio)
     details.update({"pruning_ratio": ratio, "planned_macs_x": planned_x})
-    pruned_accuracy = train_mod.evaluate(model, val_loader, torch.device("cpu"))[0]
+    pruned_accuracy = train_mod.evaluate(model, val_loader, device)[0]
     finetune_steps = total_steps - sparse_steps
     optimizer = train_mod.make_optimizer(model, cfg)
     scheduler = train_mod.make_scheduler(optimizer, cfg["schedule"], finetune_steps)
     details["finetune_loss"] = sgd_steps(model, stream, optimizer, scheduler, finetune_steps)
     details.update({"finetune_steps": finetune_steps, "accuracy_after_pruning": pruned_accuracy})
-    accuracy = train_mod.evaluate(model, val_loader, torch.device("cpu"))[0]
+    accuracy = train_mod.evaluate(model, val_loader, device)[0]
     final = describe_model(model, work, "final")
     return {"accuracy": accuracy, **final, "details": details}
 
@@ -431,6 +462,7 @@ def execute(
             budget_epochs=args.budget_epochs,
             recover_epochs=args.recover_epochs,
             work=work,
+            device=args.device,
         )
         family = "compressor"
     else:
@@ -444,6 +476,7 @@ def execute(
             sparse_fraction=args.tp_sparse_fraction,
             reg=args.tp_reg,
             work=work,
+            device=args.device,
         )
         family = "torch-pruning"
     wall = time.perf_counter() - start
@@ -465,6 +498,7 @@ def execute(
         "onnx_bytes": result["onnx_bytes"],
         "wall_s": round(wall, 1),
         "load_average_at_start": load_start,
+        "device": str(args.device),
         "compressor_source": SOURCE,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **({"sparse_accuracy": result["sparse_accuracy"]} if "sparse_accuracy" in result else {}),
@@ -593,7 +627,12 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
         "Drop = baseline accuracy minus the method's (positive is worse). Where two seeds ran, accuracy is "
         "their mean with each seed's value in brackets. Channels: units of compressor's coupled channel "
         "groups counted on the final model. Zero weights: exact zeros in the final model's conv/linear "
-        "weights. Wall time is on a shared, loaded CPU: compare it only loosely."
+        "weights. "
+        + (
+            f"Wall time is on one {machine['gpu']} GPU ({machine['device']})."
+            if machine.get("gpu")
+            else "Wall time is on a shared, loaded CPU: compare it only loosely."
+        )
     )
     lines.append("")
     best, rows = margins(runs, targets)
@@ -618,8 +657,9 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
                 f"margin **{row['margin']:+.2f} points**; {verdict}."
             )
         lines.append("")
+    gpu = f"{machine['gpu']} (CUDA {machine.get('cuda')}) with " if machine.get("gpu") else ""
     lines.append(
-        f"Command: `{results['command']}`. Machine: {machine.get('cpu_model', '?')}, "
+        f"Command: `{results['command']}`. Machine: {gpu}{machine.get('cpu_model', '?')}, "
         f"{machine.get('usable_cores', '?')} usable cores, torch {machine.get('torch', '?')}; "
         f"started {machine.get('date', '?')}. Every run: `{cfg['results']}`; "
         "plot: `benchmarks/tradeoff.png`."
@@ -707,7 +747,7 @@ def plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # processes may plot at once
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
@@ -794,7 +834,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only render RESULTS.md and the plot from the JSON",
     )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only make the baseline, the data and the results JSON (then run methods in parallel processes)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where models train and are evaluated: cpu, cuda, cuda:N or auto (cuda when available)",
+    )
     return p
 
 
@@ -877,6 +927,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(results_path.read_text())
         _render(results, args, plan=None)
         return 0
+    args.device = resolve_device(args.device)
+    log.info("device: %s", device_info(args.device))
 
     if args.baseline_checkpoint is not None:
         # e.g. the bundled example's ResNet-20 (examples/make_example.py: 4 epochs on 30k images)
@@ -894,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
             subset=args.baseline_subset,
             cache_dir=cache,
             test_subset=args.test_subset,
+            device=args.device,
         )
     npz = prepare_data(args.data, cache, args.subset, args.subset_seed, args.test_subset)
     n_train = len(np.load(npz)["y_train"])
@@ -935,6 +988,14 @@ def main(argv: list[str] | None = None) -> int:
                 "pass --results NEW.json or rerun with the same settings."
             )
         results["config"]["targets"] = sorted(set(old["targets"]) | set(args.targets))
+        first = results.get("machine", {}).get("device", "cpu")
+        if first != str(args.device):
+            log.warning(
+                "%s was started on %s; this process runs on %s (each run records its device)",
+                results_path,
+                first,
+                args.device,
+            )
         redo = {m.strip() for m in args.redo.split(",") if m.strip()}
         if redo:
             dropped = [r for r in results["runs"] if r["method"] in redo]
@@ -947,12 +1008,12 @@ def main(argv: list[str] | None = None) -> int:
         measures = describe_model(base_model, cache / "tradeoff_runs", "baseline")
         splits = load_data(npz)
         _, val_loader = make_loaders(splits, batch_size=256, seed=0)
-        test_accuracy = train_mod.evaluate(base_model, val_loader, torch.device("cpu"))[0]
+        test_accuracy = train_mod.evaluate(base_model.to(args.device), val_loader, args.device)[0]
         results = {
             "schema": SCHEMA_VERSION,
             "benchmark": "tradeoff",
             "command": command_line("benchmarks/tradeoff.py", argv),
-            "machine": machine_info(),
+            "machine": machine_info(args.device),
             "config": config,
             "baseline": {
                 "path": baseline_info["path"],
@@ -973,6 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline["macs"],
         baseline["params"],
     )
+    if args.prepare_only:
+        return 0
 
     work_root = cache / ("tradeoff_runs" + results_path.stem.removeprefix("tradeoff"))
     plan = plan_runs(args.methods, args.targets, args.seeds)
@@ -985,10 +1048,11 @@ def main(argv: list[str] | None = None) -> int:
         row = execute(
             method, target, seed, args=args, baseline=baseline, npz=npz, work_root=work_root
         )
-        results = json.loads(results_path.read_text())  # another process may have appended
-        results["runs"] = [r for r in results["runs"] if r["key"] != key] + [row]
-        results["updated"] = row["finished"]
-        write_json(results_path, results)
+        with _locked(results_path):  # processes running other methods append to the same file
+            results = json.loads(results_path.read_text())
+            results["runs"] = [r for r in results["runs"] if r["key"] != key] + [row]
+            results["updated"] = row["finished"]
+            write_json(results_path, results)
         log.info(
             "%s: %.2f%% (drop %+.2f), %.2fx MACs, %.0f s",
             key,
@@ -1011,6 +1075,19 @@ def main(argv: list[str] | None = None) -> int:
             row["margin"],
         )
     return 0
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock (``fcntl.flock`` on ``PATH.lock``) for a read-modify-write of ``path``."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _with_extra_seeds(plan, results, args):

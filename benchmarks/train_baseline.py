@@ -12,8 +12,13 @@ The state_dict is cached in ``benchmarks/.cache/resnet20_fmnist_e{E}_s{S}.pt``
 resumable: a checkpoint (model, optimizer, scheduler, epoch) is written after
 every epoch and picked up by the next run with the same arguments.
 
+``--device cuda`` trains and evaluates on the GPU (the images stay on the CPU,
+where the seeded crops and flips are drawn, and each batch is copied over); the
+cache file is the same whatever the device, and its ``.json`` records the device.
+
     .venv/bin/python benchmarks/train_baseline.py --epochs 8          # the trade-off baseline
     .venv/bin/python benchmarks/train_baseline.py --epochs 1 --subset 10000   # quick one
+    .venv/bin/python benchmarks/train_baseline.py --epochs 15 --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.common import device_info, resolve_device  # noqa: E402
 from compressor.data import load_data  # noqa: E402
 from compressor.fileio import atomic_output, atomic_write_text  # noqa: E402
 from compressor.models import resnet20  # noqa: E402
@@ -90,12 +96,14 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500
 ) -> float:
-    """Top-1 accuracy (percent) of ``model`` on uint8 images ``x``."""
+    """Top-1 accuracy (percent) of ``model`` on uint8 images ``x`` (batches go to the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(x), batch_size):
-        out = model(x[i : i + batch_size].float() / 255.0)
-        correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
+        xb = x[i : i + batch_size].to(device, non_blocking=True)
+        out = model(xb.float() / 255.0)
+        correct += int((out.argmax(1) == y[i : i + batch_size].to(device)).sum())
     return 100.0 * correct / max(len(x), 1)
 
 
@@ -111,6 +119,7 @@ def train_baseline(
     weight_decay: float = 5e-4,
     log_every: int = 100,
     test_subset: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train (or resume, or find cached) the baseline; returns ``{"path", "accuracy", ...}``.
 
@@ -148,6 +157,7 @@ def train_baseline(
             weight_decay=weight_decay,
             log_every=log_every,
             test_subset=test_subset,
+            device=torch.device(device),
         )
     finally:
         if _lock_owner(lock) == os.getpid():
@@ -184,6 +194,7 @@ def _train_and_save(
     weight_decay,
     log_every,
     test_subset,
+    device,
 ):
     (x_train, y_train), (x_test, y_test) = load_fmnist(data_dir)
     if test_subset:  # smoke runs: test on the first images only
@@ -193,7 +204,7 @@ def _train_and_save(
         x_train, y_train = x_train[order], y_train[order]
 
     torch.manual_seed(seed)
-    model = resnet20(num_classes=10, in_channels=1)
+    model = resnet20(num_classes=10, in_channels=1).to(device)
     if path.exists():  # a finished state_dict without its .json: only evaluate it
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         trained_epochs, seconds = epochs, None
@@ -225,6 +236,7 @@ def _train_and_save(
         "optimizer": "sgd nesterov momentum 0.9, one-cycle lr",
         "augmentation": "random crop (pad 2), horizontal flip",
         "train_seconds": seconds,
+        **device_info(device),
     }
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     log.info("baseline: %s, test accuracy %.2f%%", path, accuracy)
@@ -246,6 +258,7 @@ def _train(
     weight_decay,
     log_every,
 ):
+    device = next(model.parameters()).device
     steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
@@ -273,8 +286,8 @@ def _train(
             idx = order[step * batch_size : (step + 1) * batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on one sample
                 continue
-            x = augment(x_train[idx].float() / 255.0, generator)
-            loss = F.cross_entropy(model(x), y_train[idx])
+            x = augment(x_train[idx].float() / 255.0, generator).to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y_train[idx].to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -311,8 +324,8 @@ def _train(
         }
         with atomic_output(resume_path) as tmp:
             torch.save(state, tmp)
-    with atomic_output(path) as tmp:
-        torch.save(model.state_dict(), tmp)
+    with atomic_output(path) as tmp:  # CPU tensors: loadable without a GPU
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     resume_path.unlink(missing_ok=True)
     return epochs, seconds
 
@@ -335,6 +348,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--test-subset", type=int, default=None, help="test on the first N images (smoke)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available)"
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -358,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         weight_decay=args.weight_decay,
         test_subset=args.test_subset,
+        device=resolve_device(args.device),
     )
     print(json.dumps(info, indent=2))
     return 0

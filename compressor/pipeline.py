@@ -493,6 +493,7 @@ def compress(
         if controller is not None:
             controller.frozen = state["controller"]["frozen"]
             controller.reached_factor = state["controller"]["reached_factor"]
+            controller.threshold = state["controller"]["threshold"]
         history = state["history"]
         start_epoch = state["epoch"]
         torch.set_rng_state(state["rng"])
@@ -506,6 +507,14 @@ def compress(
                 seek.check(step)
             if not controller.frozen:
                 controller.update(step, dict(model.named_parameters()))
+        if (
+            controller is not None
+            and controller.frozen
+            and rvsm.held_zero is None
+            and tgt["hold"] == "masked"
+            and strength.forced_zero is not None
+        ):
+            rvsm.hold_zero(strength.forced_zero)
 
     for epoch in range(start_epoch, epochs):
         with timer.stage("train"):
@@ -568,6 +577,7 @@ def compress(
                 "controller": {
                     "frozen": controller.frozen if controller else False,
                     "reached_factor": controller.reached_factor if controller else 1.0,
+                    "threshold": controller.threshold if controller else 0.0,
                 },
                 "history": history,
                 "rng": torch.get_rng_state(),

@@ -269,7 +269,12 @@ SCHEMA: dict[str, Any] = {
         "macs": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),
         "params": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),
         "size": Param(None, _int(1), nullable=True, help="bytes"),
-        "reach_fraction": Param(0.6, _float(0, 1, closed="right")),
+        "reach_fraction": Param(0.3, _float(0, 1, closed="right")),
+        "hold": Param(
+            "masked",
+            Options(("masked", "coupled")),
+            help="after the zero set freezes: keep it exactly zero in w (masked) or only pull it (coupled)",
+        ),
     },
     "prune": {
         "round_to": Param(1, _int(1)),

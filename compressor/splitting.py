@@ -81,6 +81,8 @@ class RVSM:
         self.names = sorted(names)
         self.params = [params[n] for n in self.names]
         self.u = {n: params[n].detach().clone() for n in self.names}
+        # Units held at zero in ``w`` itself (see ``hold_zero``): per group, True = zero.
+        self.held_zero: list[torch.Tensor] | None = None
 
     @property
     def individual_names(self) -> list[str]:
@@ -135,8 +137,30 @@ class RVSM:
         ]
         self.groups.scale_(self.u, factors)
 
+    @torch.no_grad()
+    def hold_zero(self, masks: Sequence[torch.Tensor] | None) -> None:
+        """Keep the units in ``masks`` (per group, True = zero) exactly zero in ``w`` from now on.
+
+        This is the limit ``beta -> inf`` of the coupling on a zero set that will
+        no longer change (the target controller's frozen set): training then
+        fine-tunes the network that will be shipped, instead of a dense ``w``
+        whose removed channels the coupling only pulls toward zero. ``None``
+        releases the hold.
+        """
+        self.held_zero = None if masks is None else [m.clone() for m in masks]
+        self._project_held()
+
+    def _project_held(self) -> None:
+        if self.held_zero is None:
+            return
+        params = dict(zip(self.names, self.params, strict=True))
+        factors = [(~m).to(torch.float32) for m in self.held_zero]
+        self.groups.scale_(params, factors)
+
     def after_optimizer_step(self, thresholds_fn) -> None:
         """Count the step and refresh ``u`` every ``prox_every`` steps (``thresholds_fn()`` is lazy)."""
+        with torch.no_grad():
+            self._project_held()
         self.step_count += 1
         if self.step_count % self.prox_every == 0:
             self.prox(thresholds_fn())
@@ -171,6 +195,7 @@ class RVSM:
             "u": {n: t.detach().cpu().clone() for n, t in self.u.items()},
             "beta": self.beta,
             "step_count": self.step_count,
+            "held_zero": self.held_zero,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -180,6 +205,7 @@ class RVSM:
             self.u[n].copy_(t)
         self.beta = float(state["beta"])
         self.step_count = int(state["step_count"])
+        self.held_zero = state.get("held_zero")
 
 
 def individual_targets(model: nn.Module) -> list[str]:

@@ -28,7 +28,9 @@ reaching the target at ``reach_fraction`` of training; each update it ranks
 units by ``||w_gu|| / (c_g ref_g)`` and zeroes the lowest ones until their
 removal meets the schedule (the coupling then pulls their ``w`` to zero, so
 the network adapts gradually). Once reached, the zero set is frozen and the
-survivors are no longer shrunk, so the rest of training recovers accuracy.
+survivors are no longer shrunk; the pipeline then holds the frozen units at
+exactly zero in ``w`` as well (``RVSM.hold_zero``, recipe ``target.hold:
+masked``), so the rest of training fine-tunes the network that will ship.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ class TargetController:
         strength: Strength,
         *,
         total_steps: int,
-        reach_fraction: float = 0.6,
+        reach_fraction: float = 0.3,
         schedule: str = "cubic",
     ):
         if kind not in ("macs", "params"):

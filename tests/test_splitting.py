@@ -77,6 +77,34 @@ def test_sparse_weights_swaps_and_restores():
     torch.testing.assert_close(model[0].weight.detach(), w)
 
 
+def test_hold_zero_keeps_units_exactly_zero_in_w_through_training_and_resume():
+    torch.manual_seed(0)
+    model = tiny_net()
+    x, y = blob_data(64)
+    groups = build_groups(model, x[:1])
+    rvsm = RVSM(model, groups, individual_kind="none", beta=1.0)
+    masks = [torch.arange(g.size) % 2 == 0 for g in groups]
+    rvsm.hold_zero(masks)
+    params = dict(model.named_parameters())
+    for norms, mask in zip(groups.channel_norms(params, all_members=True), masks, strict=True):
+        assert bool((norms[mask] == 0).all()) and bool((norms[~mask] > 0).all())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    zero = Thresholds({}, {}, [torch.zeros(g.size) for g in groups])
+    for _ in range(5):  # momentum would bring held units back without the projection
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rvsm.add_coupling_grad()
+        opt.step()
+        rvsm.after_optimizer_step(lambda: zero)
+    for norms, mask in zip(groups.channel_norms(params, all_members=True), masks, strict=True):
+        assert bool((norms[mask] == 0).all()) and bool((norms[~mask] > 0).all())
+    other = RVSM(model, groups, individual_kind="none")
+    other.load_state_dict(rvsm.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.held_zero, masks, strict=True))
+    rvsm.hold_zero(None)
+    assert rvsm.held_zero is None
+
+
 def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
     torch.manual_seed(0)
     model = tiny_net()
