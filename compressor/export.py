@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import os
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -232,19 +233,42 @@ def onnx_op_types(path: str | os.PathLike) -> set[str]:
     return ops
 
 
+# --------------------------------------------------------------------------- onnxruntime
+
+
+class _OrtModel:
+    """An onnxruntime CPU session on one ONNX file, fed through its (single) input.
+
+    All sessions share the same options: errors-only logging, sequential
+    execution and, when ``threads`` is given, that many intra-op threads and one
+    inter-op thread (otherwise onnxruntime's defaults).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The model's first output for the batch ``x``."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def bind(self, x: np.ndarray) -> Callable[[], list]:
+        """A call without arguments that runs the batch ``x``; the feed is built once, here,
+        so that timing the call times ``InferenceSession.run`` alone."""
+        return functools.partial(self.session.run, None, {self.input_name: x})
+
+
 # --------------------------------------------------------------------------- verify
-
-
-def _session(path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _batches(inputs, batch_size: int, max_samples: int | None) -> Iterator[torch.Tensor]:
@@ -279,7 +303,7 @@ def verify_onnx(
     batch_size: int = 64,
     max_samples: int | None = None,
 ) -> dict:
-    """Compare ``model`` (a CPU float copy in eval mode) with the ONNX file in onnxruntime.
+    """Compare ``model`` (a CPU copy in eval mode; inputs as float32) with the ONNX file in onnxruntime.
 
     ``inputs`` is a tensor (split into ``batch_size`` batches) or an iterable of
     batches (tensors or ``(x, y)`` tuples). Returns a dict:
@@ -292,8 +316,7 @@ def verify_onnx(
     PyTorch runs on CPU on purpose: on a GPU, TF32 convolutions alone differ by ~1e-3.
     """
     cpu_model = _cpu_eval_copy(model)
-    session = _session(path)
-    name = session.get_inputs()[0].name
+    onnx_model = _OrtModel(path)
     max_abs = 0.0
     ref_max = 0.0
     agree = 0
@@ -303,7 +326,7 @@ def verify_onnx(
         for x in _batches(inputs, batch_size, max_samples):
             x = x.detach().to("cpu", torch.float32)
             ref = cpu_model(x).numpy()
-            got = session.run(None, {name: x.numpy()})[0]
+            got = onnx_model(x.numpy())
             if got.shape != ref.shape:
                 raise VerificationError(
                     f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)}."
@@ -393,21 +416,20 @@ def measure_latency_stats(
     if repeats < 1 or warmup < 0:
         raise BadInputError(f"`repeats` must be >= 1 and `warmup` >= 0. Got {repeats}, {warmup}.")
     names = list(paths)
-    sessions = {k: _session(paths[k], threads) for k in names}
-    in_names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    models = {k: _OrtModel(paths[k], threads) for k in names}
     rng = np.random.default_rng(seed)
     result: dict[str, dict[int, dict[str, float]]] = {k: {} for k in names}
     for batch in batch_sizes:
         x = rng.standard_normal((int(batch), *map(int, input_shape))).astype(np.float32)
-        feeds = {k: {in_names[k]: x} for k in names}
+        runs = {k: models[k].bind(x) for k in names}
         for _ in range(warmup):
             for k in names:
-                sessions[k].run(None, feeds[k])
+                runs[k]()
         times: dict[str, list[float]] = {k: [] for k in names}
         for r in range(repeats):
             for k in names if r % 2 == 0 else reversed(names):
                 t0 = time.perf_counter()
-                sessions[k].run(None, feeds[k])
+                runs[k]()
                 times[k].append((time.perf_counter() - t0) * 1e3)
         for k in names:
             ts = sorted(times[k])

@@ -155,6 +155,31 @@ def test_latency_interleaved(exported):
     assert s["n"] == 4 and 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"]
 
 
+@pytest.mark.parametrize("threads", [None, 2])
+def test_ort_model_session_options(exported, threads):
+    """Verification and latency share one session helper; pin its options and output."""
+    model, path, _, _ = exported["lenet5"]
+    m = ex._OrtModel(path, threads)
+    opts = m.session.get_session_options()
+    assert m.session.get_providers() == ["CPUExecutionProvider"]
+    assert opts.log_severity_level == 3
+    assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads is None:
+        defaults = ort.SessionOptions()
+        assert opts.intra_op_num_threads == defaults.intra_op_num_threads
+        assert opts.inter_op_num_threads == defaults.inter_op_num_threads
+    else:
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()(x).numpy()
+    got = m(x.numpy())
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    outputs = m.bind(x.numpy())()
+    assert len(outputs) == 1
+    np.testing.assert_array_equal(outputs[0], got)
+
+
 def test_atomic_write_success_leaves_no_temp(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"old")
