@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = ".compressor-state"
 OUTPUT_FILES = ("model.onnx", "model.safetensors", "report.json", "report.md", "recipe.yaml")
+# The accuracy seeker's stages span at least this share of training: each stage needs
+# steps for the network to adapt before its accuracy check (spread over 30%, the first
+# stage of the bundled example got 4 steps, failed its check and froze at 1.00x).
+SEEK_MIN_FRACTION = 0.6
 
 
 class _Timer:
@@ -447,7 +451,7 @@ def compress(
         # No target but an accuracy budget: seek the largest MACs reduction within it.
         controller = TargetController(
             "macs", 1.0 + 1e-9, groups, strength, total_steps=total_steps,
-            reach_fraction=tgt["reach_fraction"], schedule="immediate",
+            reach_fraction=max(tgt["reach_fraction"], SEEK_MIN_FRACTION), schedule="immediate",
         )
         target_kind, target_factor = "seek", controller.floor_factor
         seek = AccuracySeeker(
