@@ -46,10 +46,13 @@ VARIANTS = {
     "masked, reach 0.6": ["target.hold=masked", "target.reach_fraction=0.6"],
     "masked, reach 0.3": ["target.hold=masked", "target.reach_fraction=0.3"],
 }
-TRAIN = ["train.epochs=2", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01"]
 
 
-def run(variant: str, target: float, *, npz: Path, work: Path, seed: int) -> dict:
+def train_overrides(epochs: int) -> list[str]:
+    return [f"train.epochs={epochs}", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01"]
+
+
+def run(variant: str, target: float, *, npz: Path, work: Path, seed: int, epochs: int) -> dict:
     """One compress run; accuracy and MACs reduction from its report."""
     start = time.perf_counter()
     report = compressor.compress(
@@ -59,7 +62,7 @@ def run(variant: str, target: float, *, npz: Path, work: Path, seed: int) -> dic
         recipe="tl1-group",
         target_macs=target,
         out=str(work),
-        overrides=TRAIN + VARIANTS[variant],
+        overrides=train_overrides(epochs) + VARIANTS[variant],
         device="cpu",
         seed=seed,
     )
@@ -75,7 +78,7 @@ def run(variant: str, target: float, *, npz: Path, work: Path, seed: int) -> dic
         "accuracy": comp["accuracy"],
         "macs_x": report["baseline"]["macs"] / comp["macs"],
         "channels_kept": comp["channels_kept"],
-        "overrides": TRAIN + VARIANTS[variant],
+        "overrides": train_overrides(epochs) + VARIANTS[variant],
         "wall_s": round(time.perf_counter() - start, 1),
     }
 
@@ -84,8 +87,8 @@ def render(results: dict) -> str:
     targets = sorted({r["target"] for r in results["runs"]})
     lines = [
         "Baseline: the bundled example checkpoint (91.46% on the 10,000 test images); recipe "
-        "`tl1-group`, 2 epochs over a fixed 10,000-image training subset, seed "
-        f"{results['seed']}. Command: `{results['command']}`.",
+        f"`tl1-group`, {results['epochs']} epochs over a fixed {results['subset']:,}-image training "
+        f"subset, seed {results['seed']}. Command: `{results['command']}`.",
         "",
         "| target keys | " + " | ".join(f"{t:g}x: accuracy % (MACs x)" for t in targets) + " |",
         "|---|" + "---|" * len(targets),
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default="4,8", help="comma list of MACs reduction factors")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=int, default=10000, help="training images")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument("--results", type=Path, default=HERE / "results" / "ablation_targets.json")
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = Path(args.cache_dir)
-    npz = prepare_data(args.data, cache, 10000, 0, None)
+    npz = prepare_data(args.data, cache, args.subset, 0, None)
     results = (
         json.loads(args.results.read_text())
         if args.results.exists()
@@ -124,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": command_line("benchmarks/ablation_targets.py", argv),
             "machine": machine_info(),
             "seed": args.seed,
+            "subset": args.subset,
+            "epochs": args.epochs,
             "runs": [],
         }
     )
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 / "ablation_runs"
                 / f"{variant.replace(', ', '_').replace(' ', '')}_{target:g}x"
             )
-            row = run(variant, target, npz=npz, work=work, seed=args.seed)
+            row = run(variant, target, npz=npz, work=work, seed=args.seed, epochs=args.epochs)
             log.info(
                 "%s at %gx: %.2f%% (%.2fx MACs)", variant, target, row["accuracy"], row["macs_x"]
             )

@@ -64,3 +64,21 @@ def test_tradeoff_smoke(tmp_path):
     text = md.read_text()
     assert "old" not in text and "keep me" in text and "| tl1-group | 2x |" in text
     assert text.count(tradeoff.BEGIN_MARK) == 1 and plot.stat().st_size > 0
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs the Fashion-MNIST idx files")
+def test_ablation_targets_smoke(tmp_path):
+    from benchmarks import ablation_targets
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("x\n<!-- BEGIN generated: ablation -->\nold\n<!-- END generated: ablation -->\n")
+    results = tmp_path / "ablation.json"
+    argv = ["--targets", "2", "--subset", "256", "--epochs", "1", "--threads", "1",
+            "--data", str(DATA), "--cache-dir", str(tmp_path / "cache"),
+            "--results", str(results), "--results-md", str(md)]  # fmt: skip
+    assert ablation_targets.main(argv) == 0
+    runs = json.loads(results.read_text())["runs"]
+    assert sorted(r["variant"] for r in runs) == sorted(ablation_targets.VARIANTS)
+    for r in runs:  # every variant lands on the target (within 5%)
+        assert abs(r["macs_x"] - 2) / 2 <= 0.05, r
+    assert "masked, reach 0.3" in md.read_text() and "old" not in md.read_text()
