@@ -460,6 +460,8 @@ def compress(
             evaluate=lambda: _sparse_accuracy(model, rvsm, train_loader, val_loader, dev, tcfg),
             baseline_accuracy=baseline["accuracy"],
             max_drop=budget_points,
+            snapshot=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
+            restore=model.load_state_dict,
         )
     elif target_kind is not None:
         controller = TargetController(
@@ -511,14 +513,20 @@ def compress(
                 seek.check(step)
             if not controller.frozen:
                 controller.update(step, dict(model.named_parameters()))
+        # Hold the zero set in ``w`` once it is frozen, and during the seeker's stages (so
+        # each stage's check sees a network that trained without those channels).
+        zero = strength.forced_zero
         if (
             controller is not None
-            and controller.frozen
-            and rvsm.held_zero is None
+            and (controller.frozen or seek is not None)
             and tgt["hold"] == "masked"
-            and strength.forced_zero is not None
+            and zero is not None
+            and (
+                rvsm.held_zero is None
+                or not all(map(torch.equal, rvsm.held_zero, zero))
+            )
         ):
-            rvsm.hold_zero(strength.forced_zero)
+            rvsm.hold_zero(zero)
 
     for epoch in range(start_epoch, epochs):
         with timer.stage("train"):
@@ -729,14 +737,20 @@ class AccuracySeeker:
     controller for ``growth`` times the previous stage's reduction and holds it,
     so the network adapts to the new zero set. At the end of a stage the sparse
     model is evaluated (after BatchNorm recalibration): within ``max_drop`` the
-    zero set is kept and the next stage begins; otherwise the controller rolls
-    back to the last zero set that was within budget and freezes it, so the
-    rest of training recovers accuracy. The check is conservative: the final
-    accuracy comes after more training than the check saw.
+    zero set is kept (and the model state saved with ``snapshot()``) and the
+    next stage begins; otherwise the model is put back to the last state within
+    budget (``restore(saved)``) and that zero set is frozen, so the rest of
+    training recovers accuracy. The check is conservative: the final accuracy
+    comes after more training than the check saw.
     """
 
-    def __init__(self, controller, *, stages, evaluate, baseline_accuracy, max_drop, growth=1.3):
+    def __init__(
+        self, controller, *, stages, evaluate, baseline_accuracy, max_drop, growth=1.3,
+        snapshot=None, restore=None,
+    ):  # fmt: skip
         self.controller = controller
+        self.snapshot, self.restore = snapshot, restore
+        self.saved = snapshot() if snapshot is not None else None
         self.every = max(1, controller.reach_step // stages)
         self.evaluate = evaluate
         self.baseline_accuracy = baseline_accuracy
@@ -756,12 +770,16 @@ class AccuracySeeker:
         log.info("seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (%s)", step, factor, acc, "ok" if ok else "over budget")
         if ok and step < self.controller.reach_step and self.controller.factor < self.controller.floor_factor:
             self.last_good = [m.clone() for m in self.controller.strength.forced_zero]
+            if self.snapshot is not None:
+                self.saved = self.snapshot()
             self.controller.factor = min(self.controller.factor * self.growth, self.controller.floor_factor)
             return
         if ok:
             self.controller.freeze()
         else:
             masks = self.last_good or [torch.zeros_like(m) for m in self.controller.strength.forced_zero]
+            if self.restore is not None and self.saved is not None:
+                self.restore(self.saved)  # the channels zeroed since then come back with their weights
             self.controller.freeze(masks)
         log.info("seek: froze the zero set at %.2fx MACs", self.controller.reached_factor)
 

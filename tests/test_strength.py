@@ -84,3 +84,40 @@ def test_unreachable_target_is_reported_not_collapsed():
     assert ctl.reached_factor < 1e6
     for g, z in zip(groups, strength.forced_zero, strict=True):
         assert int((~z).sum()) >= 1, f"group {g.root} emptied"
+
+
+def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
+    from compressor.pipeline import AccuracySeeker
+
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    strength = Strength.from_recipe(PENALTY, model, groups, [])
+    ctl = TargetController(
+        "macs", 1.0 + 1e-9, groups, strength, total_steps=100, reach_fraction=0.6,
+        schedule="immediate",
+    )  # fmt: skip
+    accuracies = iter([90.0, 89.5, 80.0])  # baseline 90, budget 1: ok, ok, over budget
+    snapshots, restored = [], []
+
+    def snapshot():
+        snapshots.append(len(snapshots))
+        return snapshots[-1]
+
+    seek = AccuracySeeker(
+        ctl, stages=3, evaluate=lambda: next(accuracies), baseline_accuracy=90.0, max_drop=1.0,
+        snapshot=snapshot, restore=restored.append,
+    )  # fmt: skip
+    tensors = dict(model.named_parameters())
+    factors = []
+    for step in range(1, 61):
+        seek.check(step)
+        if not ctl.frozen:
+            ctl.update(step, tensors)
+        factors.append(ctl.reached_factor)
+        if ctl.frozen:
+            break
+    assert [row["within"] for row in seek.log] == [True, True, False]
+    # the second good stage's zero set and model state are what the run keeps
+    assert restored == [2] and snapshots == [0, 1, 2]
+    assert ctl.frozen and 1.0 < ctl.reached_factor < max(factors)
+    assert all(torch.equal(a, b) for a, b in zip(strength.forced_zero, seek.last_good, strict=True))
