@@ -53,6 +53,10 @@ MIN_KEEP_FRACTION = 0.05  # a target never empties a group below this fraction o
 # ``macs`` weighting uses (MACs one unit saves) ** this: 1 would spend the whole penalty on
 # the high-resolution residual stream, whose few channels every block reads.
 MACS_WEIGHT_EXPONENT = 0.5
+# When the next unit in rank order would overshoot the scheduled factor by more than this,
+# the controller skips it for later-ranked, cheaper units (see TargetController.update).
+OVERSHOOT_TOLERANCE = 0.02
+REFINE_CANDIDATES = 64
 
 
 def coupling_budget(
@@ -286,6 +290,28 @@ class TargetController:
         removed = final_removed * cubic_schedule(step / self.reach_step)
         return 1.0 / (1.0 - removed)
 
+    def _refine(self, order, k, finite, sizes, want) -> list[torch.Tensor] | None:
+        """A zero set that meets ``want`` without overshooting it by more than the tolerance.
+
+        The first ``k - 1`` units in rank order, then later-ranked units one at a
+        time (at most ``REFINE_CANDIDATES``), skipping any whose removal alone
+        would overshoot: one channel of a high-resolution stream can remove a
+        large share of the MACs, so the plain rank order may land well past the
+        target. None when no such set is found.
+        """
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        flat[order[: k - 1]] = True
+        limit = want * (1 + OVERSHOOT_TOLERANCE)
+        for unit in order[k - 1 : min(finite, k - 1 + REFINE_CANDIDATES)].tolist():
+            flat[unit] = True
+            masks = list(torch.split(flat.clone(), sizes))
+            factor = self.base / max(self._cost(masks), 1.0)
+            if factor > limit:
+                flat[unit] = False
+            elif factor >= want:
+                return masks
+        return None
+
     def freeze(self, masks: list[torch.Tensor] | None = None) -> None:
         """Stop raising the strength; keep ``masks`` (default: the current zero set) as the zero set."""
         if masks is not None:
@@ -336,6 +362,8 @@ class TargetController:
         k = lo
         threshold = float(order.values[k - 1]) if k > 0 else 0.0
         masks = masks_at(k)
+        if k > 0 and self.base / max(self._cost(masks), 1.0) > want * (1 + OVERSHOOT_TOLERANCE):
+            masks = self._refine(order.indices, k, finite, [len(sc) for sc in scores], want) or masks
         self.threshold = threshold
         self.strength.forced_zero = masks
         self.reached_factor = self.base / max(self._cost(masks), 1.0)

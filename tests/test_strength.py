@@ -121,3 +121,18 @@ def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
     assert restored == [2] and snapshots == [0, 1, 2]
     assert ctl.frozen and 1.0 < ctl.reached_factor < max(factors)
     assert all(torch.equal(a, b) for a, b in zip(strength.forced_zero, seek.last_good, strict=True))
+
+
+@pytest.mark.parametrize("factor", [3.0, 4.0, 8.0, 12.0])
+def test_controller_lands_close_to_the_target_not_one_big_channel_past_it(factor):
+    from compressor.strength import OVERSHOOT_TOLERANCE
+
+    model, groups, strength, ctl = _controller(factor)
+    torch.manual_seed(0)
+    with torch.no_grad():  # spread the BatchNorm scales so the ranking mixes stages
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 1.0)
+    ctl.update(50, dict(model.named_parameters()))
+    assert ctl.frozen
+    assert factor <= ctl.reached_factor <= factor * (1 + OVERSHOOT_TOLERANCE)
