@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from compressor.fileio import atomic_write_text
@@ -133,3 +134,22 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def timed_ms(fn, reps: int, warmup: int = 1, sync=None) -> list[float]:
+    """Milliseconds of ``reps`` calls of ``fn`` after ``warmup`` untimed ones.
+
+    ``sync`` (CUDA: ``torch.cuda.synchronize``) waits for queued kernels before
+    each timer reading.
+    """
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        ms.append((time.perf_counter() - start) * 1e3)
+    return ms

@@ -53,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
     resolve_device,
     synchronize,
+    timed_ms,
     write_json,
 )
 from compressor import penalties  # noqa: E402
@@ -84,17 +85,7 @@ def _time(
     fn: Callable[[], object], reps: int, warmup: int = 1, sync: Callable[[], None] | None = None
 ) -> dict:
     """``fn`` timed ``reps`` times; ``sync`` (CUDA) waits for the kernels before each reading."""
-    sync = sync or (lambda: None)
-    for _ in range(warmup):
-        fn()
-    ms = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return _stats(ms)
+    return _stats(timed_ms(fn, reps, warmup, sync))
 
 
 class Steps:
@@ -214,23 +205,8 @@ def prox_parts(steps: Steps) -> dict[str, Callable[[], object]]:
     thr = steps.thresholds()
     cache: dict[str, object] = {}
 
-    scales = thr.individual_scale or {}
-
     def individual():
-        for name, p in zip(rvsm.names, rvsm.params, strict=True):
-            mu = thr.individual.get(name)
-            if mu is None:
-                rvsm.u[name].copy_(p)
-            else:
-                penalties.individual_prox(
-                    rvsm.individual_kind,
-                    p.detach(),
-                    mu,
-                    a=thr.individual_a.get(name, 1.0),
-                    alpha=rvsm.alpha,
-                    scale=scales.get(name, 1.0),
-                    out=rvsm.u[name],
-                )
+        rvsm.individual_prox_(thr)
 
     def norms():
         cache["norms"] = groups.channel_norms(rvsm.u)

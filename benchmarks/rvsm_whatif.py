@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.common import timed_ms
 from compressor import penalties
 
 
@@ -108,15 +109,7 @@ def scale_in_place(groups, tensors, factors, full) -> None:
 
 def _stats(fn: Callable[[], object], reps: int, sync: Callable[[], None] | None = None) -> float:
     """Median ms of ``fn``; ``sync`` (CUDA) waits for the kernels before each timer reading."""
-    sync = sync or (lambda: None)
-    fn()
-    ms = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ms.append((time.perf_counter() - t0) * 1e3)
+    ms = timed_ms(fn, reps, warmup=1, sync=sync)
     return sorted(ms)[len(ms) // 2]
 
 

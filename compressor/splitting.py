@@ -80,6 +80,7 @@ class RVSM:
             names |= set(individual_targets(model))
         self.names = sorted(names)
         self.params = [params[n] for n in self.names]
+        self.param_by_name = dict(zip(self.names, self.params, strict=True))
         self.u = {n: params[n].detach().clone() for n in self.names}
         # Units held at zero in ``w`` itself (see ``hold_zero``): per group, True = zero.
         self.held_zero: list[torch.Tensor] | None = None
@@ -115,6 +116,17 @@ class RVSM:
         The individual prox writes straight into ``u`` (``mu = 0``: a copy of
         ``w``), and the group shrink scales ``u`` in place.
         """
+        self.individual_prox_(thresholds)
+        norms = self.groups.channel_norms(self.u)
+        factors = [
+            penalties.group_shrink_factor(n, mu.to(n.device, n.dtype))
+            for n, mu in zip(norms, thresholds.group, strict=True)
+        ]
+        self.groups.scale_(self.u, factors)
+
+    @torch.no_grad()
+    def individual_prox_(self, thresholds: Thresholds) -> None:
+        """The first half of :meth:`prox`: ``u = individual_prox(w)`` (a copy of ``w`` where no mu)."""
         scales = thresholds.individual_scale or {}
         for name, p in zip(self.names, self.params, strict=True):
             mu = thresholds.individual.get(name)
@@ -130,12 +142,6 @@ class RVSM:
                 scale=scales.get(name, 1.0),
                 out=self.u[name],
             )
-        norms = self.groups.channel_norms(self.u)
-        factors = [
-            penalties.group_shrink_factor(n, mu.to(n.device, n.dtype))
-            for n, mu in zip(norms, thresholds.group, strict=True)
-        ]
-        self.groups.scale_(self.u, factors)
 
     @torch.no_grad()
     def hold_zero(self, masks: Sequence[torch.Tensor] | None) -> None:
@@ -153,9 +159,8 @@ class RVSM:
     def _project_held(self) -> None:
         if self.held_zero is None:
             return
-        params = dict(zip(self.names, self.params, strict=True))
         factors = [(~m).to(torch.float32) for m in self.held_zero]
-        self.groups.scale_(params, factors)
+        self.groups.scale_(self.param_by_name, factors)
 
     def after_optimizer_step(self, thresholds_fn) -> None:
         """Count the step and refresh ``u`` every ``prox_every`` steps (``thresholds_fn()`` is lazy)."""
