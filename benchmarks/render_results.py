@@ -187,6 +187,13 @@ def render_latency_repeat(data: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _fused(settings: dict) -> str:
+    """Which kernels ran: ``splitting.fused`` (runs before it existed were eager)."""
+    if settings.get("fused_in_use"):
+        return "fused kernels (`torch.compile`)"
+    return "eager kernels"
+
+
 def render_overhead(data: dict, variants: list[dict] = ()) -> str:
     s = data["settings"]
     steps = data["steps"]
@@ -200,7 +207,8 @@ def render_overhead(data: dict, variants: list[dict] = ()) -> str:
         f"{'x'.join(map(str, s['input_shape']))}, {s['optimizer']}, torch {s['torch_threads']} "
         f"thread(s), TL1 (strength {s['penalty']['individual']['strength']}) + group shrink "
         f"(strength {s['penalty']['group']['strength']}, weighting "
-        f"{s['penalty']['group']['weighting']}), prox every {s['prox_every']} step; "
+        f"{s['penalty']['group']['weighting']}), prox every {s['prox_every']} step, "
+        f"{_fused(s)}; "
         f"{s['reps']} interleaved step pairs after {s['warmup']} warm-up pairs.",
         "",
         "| step | forward+backward | coupling | optimizer | prox | total (median) |",
@@ -223,7 +231,7 @@ def render_overhead(data: dict, variants: list[dict] = ()) -> str:
             lines.append(
                 f"- batch {vs['batch']} of {'x'.join(map(str, vs['input_shape']))}, "
                 f"{vs['torch_threads']} torch thread(s), prox every "
-                f"{'step' if every == 1 else f'{every} steps'}, {vs['reps']} pairs: plain "
+                f"{'step' if every == 1 else f'{every} steps'}, {_fused(vs)}, {vs['reps']} pairs: plain "
                 f"{_ms(v['plain_step_ms'])} ms, RVSM {_ms(v['rvsm_step_ms'])} ms, "
                 f"**overhead {100 * v['overhead']:.0f}%** (prox alone "
                 f"{_ms(v['components']['prox']['median_ms'])} ms); `{v['command']}` "
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="*",
         default=[
-            HERE / "results" / "rvsm_overhead_prox2.json",
+            HERE / "results" / "rvsm_overhead_eager.json",
             HERE / "results" / "rvsm_overhead_prox4.json",
             HERE / "results" / "rvsm_overhead_threads0.json",
             HERE / "results" / "rvsm_overhead_224.json",

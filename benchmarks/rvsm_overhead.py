@@ -99,6 +99,7 @@ class Steps:
         seed: int,
         prox_every: int = 1,
         device: str | torch.device = "cpu",
+        fused: str = "auto",
     ):
         self.device = torch.device(device)
         torch.manual_seed(seed)
@@ -109,7 +110,8 @@ class Steps:
         self.y = torch.randint(0, 10, (batch,)).to(self.device)
         self.groups = build_groups(self.model, self.x[:1])
         self.rvsm = RVSM(
-            self.model, self.groups, individual_kind="tl1", beta=1.0, prox_every=prox_every
+            self.model, self.groups, individual_kind="tl1", beta=1.0, prox_every=prox_every,
+            fused=fused,
         )
         self.strength = Strength.from_recipe(
             PENALTY, self.model, self.groups, self.rvsm.individual_names
@@ -366,6 +368,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="refresh u every k steps (the recipe's splitting.prox_every; default 1)",
     )
     p.add_argument(
+        "--fused",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the recipe's splitting.fused: torch.compile'd coupling and TL1 prox (auto: on for resnet18)",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="where the models and the batch live: cpu, cuda, cuda:N or auto (cuda when available)",
@@ -395,7 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine_info(device)
     started = time.perf_counter()
 
-    steps = Steps(args.arch, args.batch, args.resolution, args.seed, args.prox_every, device)
+    steps = Steps(
+        args.arch, args.batch, args.resolution, args.seed, args.prox_every, device, fused=args.fused
+    )
     log.info("interleaving %d plain / RVSM step pairs ...", reps)
     steps_result = interleaved(steps, reps, warmup)
     plain_ms = steps_result["plain_per_step"]["median_ms"]
@@ -434,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
             "penalty": PENALTY,
             "beta": steps.rvsm.beta,
             "prox_every": steps.rvsm.prox_every,
+            "fused": args.fused,
+            "fused_in_use": steps.rvsm.fused,
             "reps": reps,
             "warmup": warmup,
             "component_reps": comp_reps,

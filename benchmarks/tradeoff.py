@@ -15,6 +15,10 @@ test set. Methods:
   ``GroupMagnitudeImportance(p=2)``, one uniform ratio for every layer, the
   classifier ignored), the ratio bisected so that MACs fall by at least the
   target, then the whole budget of plain fine-tuning;
+- ``tp-magnitude-kd``: the same, with the fine-tuning loss that compressor uses
+  by default (its recipe's ``distill:`` section: cross-entropy mixed with
+  distillation from the unpruned baseline), so that the two differ only in how
+  they choose and remove channels;
 - ``tp-sparse``: Torch-Pruning's ``GroupNormPruner`` regularised training
   (``regularize(model)`` after each backward, ``--tp-reg``, constant lr) for
   ``--tp-sparse-fraction`` of the budget, then the same one-shot pruning to the
@@ -66,7 +70,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import compressor  # noqa: E402
 import compressor.pipeline  # noqa: E402, F401 (import the whole library now: it may change during a long run)
@@ -96,11 +99,13 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 SECTION_TITLE = "## 1. Accuracy–compression trade-off"
 COMPRESSOR_METHODS = ("group-lasso", "l1-group", "l0-group", "tl1-group", "l1l2-group")
-TP_METHODS = ("tp-magnitude", "tp-sparse")
+TP_METHODS = ("tp-magnitude", "tp-sparse")  # Torch-Pruning as it ships
+TP_KD_METHODS = ("tp-magnitude-kd",)  # with compressor's distillation added
 # Run order: the main comparison first, so a stopped run still has whole curves for it.
 ALL_METHODS = (
     "tp-magnitude",
     "tl1-group",
+    "tp-magnitude-kd",
     "group-lasso",
     "tp-sparse",
     "l1-group",
@@ -316,13 +321,18 @@ def _stream(loader, device: str | torch.device = "cpu"):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def sgd_steps(model, stream, optimizer, scheduler, steps: int, after_backward=None) -> float:
-    """``steps`` plain SGD steps (BatchNorm in train mode); returns the mean loss."""
+def sgd_steps(
+    model, stream, optimizer, scheduler, steps: int, after_backward=None, teacher=None, distill=None
+) -> float:
+    """``steps`` plain SGD steps (BatchNorm in train mode); returns the mean loss.
+
+    With ``teacher`` and ``distill`` the loss is compressor's ``train.training_loss``.
+    """
     model.train()
     total = 0.0
     for step in range(steps):
         x, y = next(stream)
-        loss = F.cross_entropy(model(x), y)
+        loss = train_mod.training_loss(model(x), y, x, teacher, distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
@@ -349,7 +359,7 @@ def run_torch_pruning(
     work: Path,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """``tp-magnitude`` (prune, fine-tune) or ``tp-sparse`` (regularise, prune, fine-tune)."""
+    """``tp-magnitude`` (prune, fine-tune), ``tp-magnitude-kd`` (the same, distilled) or ``tp-sparse``."""
     tp = _tp()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -360,6 +370,11 @@ def run_torch_pruning(
     stream = _stream(train_loader, device)
     model = load_baseline_model(baseline_path).to(device)
     details: dict = {"total_steps": total_steps}
+    teacher = distill = None
+    if method == "tp-magnitude-kd":
+        teacher = load_baseline_model(baseline_path).to(device).requires_grad_(False)
+        distill = recipe_mod.load_recipe("tl1-group")["distill"]
+        details["distill"] = dict(distill)
     sparse_steps = 0
     if method == "tp-sparse":
         sparse_steps = int(round(sparse_fraction * total_steps))
@@ -391,7 +406,9 @@ def run_torch_pruning(
     finetune_steps = total_steps - sparse_steps
     optimizer = train_mod.make_optimizer(model, cfg)
     scheduler = train_mod.make_scheduler(optimizer, cfg["schedule"], finetune_steps)
-    details["finetune_loss"] = sgd_steps(model, stream, optimizer, scheduler, finetune_steps)
+    details["finetune_loss"] = sgd_steps(
+        model, stream, optimizer, scheduler, finetune_steps, teacher=teacher, distill=distill
+    )
     details.update({"finetune_steps": finetune_steps, "accuracy_after_pruning": pruned_accuracy})
     accuracy = train_mod.evaluate(model, val_loader, device)[0]
     final = describe_model(model, work, "final")
@@ -523,13 +540,13 @@ def _cells(runs: list[dict], method: str, target: float) -> list[dict]:
     return [r for r in runs if r["method"] == method and r["target"] == target]
 
 
-def margins(runs: list[dict], targets) -> tuple[str | None, list[dict]]:
-    """Per target: the best compressor recipe (over all targets) against the best Torch-Pruning method."""
+def margins(runs: list[dict], targets, references=TP_METHODS) -> tuple[str | None, list[dict]]:
+    """Per target: the best compressor recipe (over all targets) against the best of ``references``."""
     best = best_recipe(runs)
     rows = []
     for t in targets:
         ours = _cells(runs, best, t) if best else []
-        theirs = {m: _cells(runs, m, t) for m in TP_METHODS}
+        theirs = {m: _cells(runs, m, t) for m in references}
         theirs = {m: rs for m, rs in theirs.items() if rs}
         if not ours or not theirs:
             continue
@@ -657,6 +674,20 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
                 f"margin **{row['margin']:+.2f} points**; {verdict}."
             )
         lines.append("")
+    _, kd_rows = margins(runs, targets, references=TP_KD_METHODS)
+    if kd_rows:
+        lines.append(
+            "**The same recipe against Torch-Pruning fine-tuned with compressor's distillation** "
+            "(what is left is the difference in choosing and removing channels):"
+        )
+        lines.append("")
+        for row in kd_rows:
+            lines.append(
+                f"- {row['target']:g}x: {row['accuracy']:.2f}% at {row['macs_x']:.2f}x vs "
+                f"{row['reference']} {row['reference_accuracy']:.2f}% at {row['reference_macs_x']:.2f}x: "
+                f"margin **{row['margin']:+.2f} points**."
+            )
+        lines.append("")
     gpu = f"{machine['gpu']} (CUDA {machine.get('cuda')}) with " if machine.get("gpu") else ""
     lines.append(
         f"Command: `{results['command']}`. Machine: {gpu}{machine.get('cpu_model', '?')}, "
@@ -709,7 +740,7 @@ def plot(results: dict, path: Path) -> None:
 
     runs = results["runs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip(ALL_METHODS, "os^vD<>", strict=True))
+    markers = dict(zip(ALL_METHODS, "osPv^D<>", strict=True))
     for m in ALL_METHODS:
         targets = sorted({r["target"] for r in runs if r["method"] == m})
         if not targets:
@@ -717,7 +748,7 @@ def plot(results: dict, path: Path) -> None:
         cells = [_cells(runs, m, t) for t in targets]
         xs = [float(np.mean([r["macs_x"] for r in c])) for c in cells]
         ys = [float(np.mean([r["accuracy"] for r in c])) for c in cells]
-        style = "--" if m in TP_METHODS else "-"
+        style = "--" if m in TP_METHODS + TP_KD_METHODS else "-"
         (line,) = ax.plot(xs, ys, marker=markers[m], linestyle=style, label=m)
         seeds = [r for c in cells if len(c) > 1 for r in c]
         if seeds:

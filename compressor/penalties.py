@@ -216,6 +216,15 @@ def tl1_threshold(mu: Scalar, a: Scalar):
     return math.sqrt(2.0 * mu * (a + 1.0)) - a / 2.0
 
 
+def tl1_scaled_params(mu: Scalar, a: Scalar, scale: Scalar):
+    """``(mu', a')`` with ``s prox_{P_a, mu}(y / s) = prox_{P_a', mu'}(y)``.
+
+    ``P_a(x / s) = (a+1) / (a s + 1) * P_{a s}(x)``, so ``a' = a s`` and
+    ``mu' = mu s^2 (a+1) / (a s + 1)``.
+    """
+    return mu * scale * scale * (a + 1.0) / (a * scale + 1.0), a * scale
+
+
 def prox_tl1(
     y: torch.Tensor, mu: Scalar, a: Scalar = 1.0, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -422,8 +431,7 @@ def individual_prox(
         if kind == "l0":
             mu = mu * scale * scale
         elif kind == "tl1":
-            mu = mu * scale * scale * (a + 1.0) / (a * scale + 1.0)
-            a = a * scale
+            mu, a = tl1_scaled_params(mu, a, scale)
         else:
             mu = mu * scale
     if kind == "l1":

@@ -376,6 +376,12 @@ def compress(
             baseline["onnx_bytes"] = box[0]
         log.info("baseline: accuracy %s, %d params, %d MACs", baseline["accuracy"], baseline["params"], baseline["macs"])
 
+    # The input model, frozen, as the distillation teacher (the recipe's ``distill:``).
+    distill = resolved["distill"]
+    teacher = None
+    if distill["weight"] > 0 and train_loader is not None:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
     # ------------------------------------------------------------- activations
     act_cfg = resolved["activations"]
     activations_info = None
@@ -410,6 +416,7 @@ def compress(
         beta_growth=spl["beta_growth"],
         beta_every=spl["beta_every"],
         prox_every=spl["prox_every"],
+        fused=spl["fused"],
     )
     tgt = resolved["target"]
     target_kind, target_factor = None, None
@@ -543,6 +550,8 @@ def compress(
                 thresholds=lambda: strength.thresholds(rvsm.beta),
                 max_steps=tcfg["max_steps_per_epoch"],
                 epoch=epoch,
+                teacher=teacher,
+                distill=distill,
             )
         with timer.stage("evaluate"):
             with rvsm.sparse_weights():
@@ -630,6 +639,7 @@ def compress(
                 train.train_one_epoch(
                     rec_model, train_loader, opt, sched, dev, masks=masks,
                     max_steps=tcfg["max_steps_per_epoch"], epoch=epoch,
+                    teacher=teacher, distill=distill,
                 )
     compressed_accuracy = train.evaluate(model, val_loader, dev)[0] if val_loader is not None else None
 

@@ -252,6 +252,11 @@ SCHEMA: dict[str, Any] = {
         "beta_growth": Param(1.25, _float(1)),
         "beta_every": Param(1, _int(1), help="epochs"),
         "prox_every": Param(1, _int(1), help="steps"),
+        "fused": Param(
+            "auto",
+            Options(("auto", "on", "off")),
+            help="torch.compile the coupling and TL1 prox (auto: from 1M penalised weights)",
+        ),
     },
     "train": {
         "epochs": Param(3, _int(0)),
@@ -279,6 +284,14 @@ SCHEMA: dict[str, Any] = {
     "prune": {
         "round_to": Param(1, _int(1)),
         "keep": Param([], ListOf(Str()), help="module-name fnmatch patterns"),
+    },
+    "distill": {
+        "weight": Param(
+            0.7,
+            _float(0, 1),
+            help="share of the loss that matches the input model's softened outputs (0: off)",
+        ),
+        "temperature": Param(4.0, _float(0, closed="neither")),
     },
     "recover": {
         "epochs": Param(0, _int(0)),

@@ -23,8 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor import penalties
+from compressor import kernels, penalties
 from compressor.groups import ChannelGroups
+
+FUSED_MIN_ELEMENTS = 1 << 20
+"""``fused="auto"`` compiles the fused kernels from this many penalised weights on:
+below it, the eager step is already cheap and the compile (seconds) would not pay off."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,11 @@ class RVSM:
         penalty on every conv and linear weight.
     alpha:
         The L1-L2 parameter.
+    fused:
+        ``"on"``: the coupling and the TL1 prox run as fused ``torch.compile``
+        loops (:mod:`compressor.kernels`; they fall back to eager by themselves
+        where compiling fails); ``"off"``: eager; ``"auto"``: on from
+        ``FUSED_MIN_ELEMENTS`` penalised weights.
     """
 
     def __init__(
@@ -64,7 +73,10 @@ class RVSM:
         beta_growth: float = 1.0,
         beta_every: int = 1,
         prox_every: int = 1,
+        fused: str = "auto",
     ):
+        if fused not in ("auto", "on", "off"):
+            raise ValueError(f"fused must be 'auto', 'on' or 'off', got {fused!r}")
         self.model = model
         self.groups = groups
         self.individual_kind = individual_kind
@@ -82,6 +94,8 @@ class RVSM:
         self.params = [params[n] for n in self.names]
         self.param_by_name = dict(zip(self.names, self.params, strict=True))
         self.u = {n: params[n].detach().clone() for n in self.names}
+        elements = sum(p.numel() for p in self.params)
+        self.fused = fused == "on" or (fused == "auto" and elements >= FUSED_MIN_ELEMENTS)
         # Units held at zero in ``w`` itself (see ``hold_zero``): per group, True = zero.
         self.held_zero: list[torch.Tensor] | None = None
 
@@ -100,6 +114,9 @@ class RVSM:
         if not pairs:
             return
         grads = [p.grad for p, _ in pairs]
+        if self.fused:
+            kernels.add_coupling_grad_(grads, [p.detach() for p, _ in pairs], [u for _, u in pairs], self.beta)
+            return
         # Two in-place passes (+beta w, then -beta u) instead of allocating w - u.
         torch._foreach_add_(grads, [p.detach() for p, _ in pairs], alpha=self.beta)
         torch._foreach_add_(grads, [u for _, u in pairs], alpha=-self.beta)
@@ -128,20 +145,28 @@ class RVSM:
     def individual_prox_(self, thresholds: Thresholds) -> None:
         """The first half of :meth:`prox`: ``u = individual_prox(w)`` (a copy of ``w`` where no mu)."""
         scales = thresholds.individual_scale or {}
+        fused_tl1 = []  # (w, u, mu, a), all in one fused call
         for name, p in zip(self.names, self.params, strict=True):
             mu = thresholds.individual.get(name)
             if mu is None:
                 self.u[name].copy_(p)
                 continue
+            a = thresholds.individual_a.get(name, 1.0)
+            if self.fused and self.individual_kind == "tl1":
+                mu_s, a_s = penalties.tl1_scaled_params(mu, a, scales.get(name, 1.0))
+                fused_tl1.append((p.detach(), self.u[name], float(mu_s), float(a_s)))
+                continue
             penalties.individual_prox(
                 self.individual_kind,
                 p.detach(),
                 mu,
-                a=thresholds.individual_a.get(name, 1.0),
+                a=a,
                 alpha=self.alpha,
                 scale=scales.get(name, 1.0),
                 out=self.u[name],
             )
+        if fused_tl1:
+            kernels.prox_tl1_many_(*zip(*fused_tl1, strict=True))
 
     @torch.no_grad()
     def hold_zero(self, masks: Sequence[torch.Tensor] | None) -> None:

@@ -103,6 +103,43 @@ def recalibrate_bn(model: nn.Module, loader, device: torch.device, batches: int)
         model.eval()
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch.
+
+    Knowledge distillation (Hinton, Vinyals & Dean, "Distilling the knowledge in a
+    neural network", 2015, eq. 2 and the T^2 scaling that keeps its gradients
+    comparable to the cross-entropy's as T changes).
+    """
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+def training_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    x: torch.Tensor,
+    teacher: nn.Module | None,
+    distill: Mapping | None,
+) -> torch.Tensor:
+    """Cross-entropy, mixed with :func:`distillation_loss` against ``teacher`` when given.
+
+    ``(1 - w) CE + w KD`` with ``w = distill["weight"]``; the teacher (the input
+    model, frozen, eval mode) runs without gradient on the same batch.
+    """
+    ce = F.cross_entropy(logits, labels)
+    if teacher is None or not distill or distill["weight"] <= 0:
+        return ce
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    w = distill["weight"]
+    return (1 - w) * ce + w * distillation_loss(logits, teacher_logits, distill["temperature"])
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -117,13 +154,16 @@ def train_one_epoch(
     masks: Mapping[str, torch.Tensor] | None = None,
     log_every: int = 50,
     epoch: int = 0,
+    teacher: nn.Module | None = None,
+    distill: Mapping | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
     With ``rvsm``: adds the coupling gradient ``beta (w - u)`` after backward and
     refreshes ``u`` after the optimizer step (``before_prox(step)`` lets the
     target controller set the strength first). With ``masks`` (recovery): zero
-    weights stay zero. A non-finite loss raises ``DivergenceError`` before any
+    weights stay zero. With ``teacher`` and ``distill`` (the recipe's section):
+    the loss is :func:`training_loss`. A non-finite loss raises ``DivergenceError`` before any
     weight is updated with it.
     """
     model.train()
@@ -134,7 +174,7 @@ def train_one_epoch(
         if step >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = training_loss(model(x), y, x, teacher, distill)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. "

@@ -89,7 +89,7 @@ def test_train_baseline_on_device(tiny, tmp_path, device):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["tp-magnitude", "tp-sparse"])
+@pytest.mark.parametrize("method", ["tp-magnitude", "tp-magnitude-kd", "tp-sparse"])
 def test_torch_pruning_on_device(tiny, tmp_path, device, method):
     from benchmarks import tradeoff
 
@@ -108,6 +108,7 @@ def test_torch_pruning_on_device(tiny, tmp_path, device, method):
     )
     assert 0 <= result["accuracy"] <= 100 and result["onnx_bytes"] > 0
     assert result["details"]["planned_macs_x"] >= 2.0
+    assert ("distill" in result["details"]) == (method == "tp-magnitude-kd")
     base = tradeoff.describe_model(tradeoff.load_baseline_model(baseline), tmp_path, "base")
     assert base["macs"] / result["macs"] == pytest.approx(result["details"]["planned_macs_x"])
 
