@@ -49,7 +49,14 @@ VARIANTS = {
 
 
 def train_overrides(epochs: int) -> list[str]:
-    return [f"train.epochs={epochs}", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01"]
+    """The schedule's effect alone: distillation off (as when the recorded runs were made)."""
+    return [
+        f"train.epochs={epochs}",
+        "recover.epochs=0",
+        "train.batch_size=128",
+        "train.lr=0.01",
+        "distill.weight=0",
+    ]
 
 
 def run(variant: str, target: float, *, npz: Path, work: Path, seed: int, epochs: int) -> dict:

@@ -610,7 +610,9 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
         f"target_macs=X)` with {_n(cfg['budget_epochs'] - cfg['recover_epochs'], 'RVSM epoch')} and "
         f"{_n(cfg['recover_epochs'], 'recovery epoch')}. `tp-magnitude`: Torch-Pruning one-shot "
         f"`GroupMagnitudeImportance(p=2)`, one uniform ratio bisected to reach at least the target, "
-        f"classifier ignored, then the whole budget of fine-tuning. `tp-sparse`: `GroupNormPruner` "
+        f"classifier ignored, then the whole budget of fine-tuning. `tp-magnitude-kd`: the same, "
+        f"fine-tuned with compressor's default loss (cross-entropy mixed with distillation from the "
+        f"baseline, `distill:` weight 0.7, temperature 4), as compressor's recipes are. `tp-sparse`: `GroupNormPruner` "
         f"regularisation (reg {cfg['tp_reg']:g}, constant lr) for {cfg['tp_sparse_fraction']:.0%} of the "
         f"steps, the same pruning, then fine-tuning for the rest."
     )

@@ -43,7 +43,7 @@ launch() {  # launch NAME ARGS...: one tradeoff.py process, logged to $LOGS/NAME
     "$PY" benchmarks/tradeoff.py "${common[@]}" --plot "$LOGS/$name.png" "$@" >"$LOGS/$name.log" 2>&1 &
     jobs[$name]=$!
 }
-for method in tl1-group group-lasso l1-group l0-group l1l2-group tp-magnitude tp-sparse; do
+for method in tl1-group group-lasso l1-group l0-group l1l2-group tp-magnitude tp-magnitude-kd tp-sparse; do
     launch "$method" --methods "$method"
 done
 launch tl1-group-seed1 --methods tl1-group --targets "$SEED1_TARGETS" --seeds 1

@@ -103,3 +103,26 @@ def test_whatif_tl1_matches_library():
         ref = penalties.prox_tl1(y, mu, a)
         assert torch.equal(out == 0, ref == 0)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_tradeoff_margins_against_each_reference_set():
+    from benchmarks import tradeoff
+
+    def run(method, target, accuracy, macs_x):
+        return {"method": method, "target": target, "accuracy": accuracy, "macs_x": macs_x}
+
+    runs = [
+        run("tl1-group", 4.0, 92.4, 4.0),
+        run("l1-group", 4.0, 92.0, 4.0),
+        run("tp-magnitude", 4.0, 92.2, 4.7),
+        run("tp-sparse", 4.0, 91.2, 4.7),
+        run("tp-magnitude-kd", 4.0, 92.6, 4.7),
+    ]
+    best, rows = tradeoff.margins(runs, [4.0])
+    assert best == "tl1-group"
+    assert rows[0]["reference"] == "tp-magnitude"  # the better one as Torch-Pruning ships
+    assert rows[0]["margin"] == pytest.approx(0.2) and rows[0]["met"] is False
+    _, kd = tradeoff.margins(runs, [4.0], references=tradeoff.TP_KD_METHODS)
+    assert kd[0]["reference"] == "tp-magnitude-kd" and kd[0]["margin"] == pytest.approx(-0.2)
+    _, none = tradeoff.margins(runs[:2], [4.0])
+    assert none == []

@@ -12,6 +12,7 @@ from torch import nn
 from compressor import kernels, penalties
 from compressor.groups import build_groups
 from compressor.splitting import RVSM, Thresholds
+from tests.test_splitting import blob_data, tiny_net
 
 
 def test_ratio_polynomial_matches_the_trigonometric_form():
@@ -100,27 +101,12 @@ def test_a_failing_compile_falls_back_to_eager_once(monkeypatch, caplog):
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0].message
 
 
-def _tiny_net():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
-
-
 def test_rvsm_fused_and_eager_steps_agree():
-    x = torch.randn(16, 3, 8, 8)
-    y = torch.randint(0, 4, (16,))
+    x, y = blob_data(n=32)
     states = {}
     for mode in ("on", "off"):
-        model = _tiny_net()
+        torch.manual_seed(0)
+        model = tiny_net()
         groups = build_groups(model, x[:2])
         rvsm = RVSM(model, groups, individual_kind="tl1", fused=mode)
         assert rvsm.fused == (mode == "on")
@@ -147,8 +133,8 @@ def test_rvsm_fused_and_eager_steps_agree():
 
 
 def test_rvsm_auto_turns_fusion_on_for_big_models_only():
-    small = _tiny_net()
-    x = torch.randn(2, 3, 8, 8)
+    small = tiny_net()
+    x = torch.randn(2, 1, 8, 8)
     assert not RVSM(small, build_groups(small, x), individual_kind="tl1").fused
     with pytest.raises(ValueError, match="fused"):
         RVSM(small, build_groups(small, x), fused="yes")
