@@ -603,6 +603,9 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
         f"{base['macs'] / 1e6:.1f} M MACs, {base['params']:,} params."
     )
     lines.append("")
+    # The distillation the tp-magnitude-kd runs recorded (compressor's recipe default then).
+    kd = next((r["details"]["distill"] for r in runs if "distill" in r.get("details", {})), None)
+    kd_setting = f"`distill:` weight {kd['weight']:g}, temperature {kd['temperature']:g}" if kd else "`distill:`"
     lines.append(
         f"Same budget for every method: {_n(cfg['budget_epochs'], 'epoch')} ({cfg['optimizer_steps']} SGD "
         f"steps, batch 128, lr 0.01 cosine, momentum 0.9) over a fixed {cfg['subset']:,}-image subset of "
@@ -612,7 +615,7 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
         f"`GroupMagnitudeImportance(p=2)`, one uniform ratio bisected to reach at least the target, "
         f"classifier ignored, then the whole budget of fine-tuning. `tp-magnitude-kd`: the same, "
         f"fine-tuned with compressor's default loss (cross-entropy mixed with distillation from the "
-        f"baseline, `distill:` weight 0.7, temperature 4), as compressor's recipes are. `tp-sparse`: `GroupNormPruner` "
+        f"baseline, {kd_setting}), as compressor's recipes are. `tp-sparse`: `GroupNormPruner` "
         f"regularisation (reg {cfg['tp_reg']:g}, constant lr) for {cfg['tp_sparse_fraction']:.0%} of the "
         f"steps, the same pruning, then fine-tuning for the rest."
     )

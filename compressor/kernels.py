@@ -30,7 +30,6 @@ for the process.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -107,14 +106,12 @@ class _Compiled:
         self.fn = fn
         self.compiled = None
         self.failed = False
-        self.lock = threading.Lock()
 
     def get(self):
         if self.failed:
             return None
-        with self.lock:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+        if self.compiled is None:  # lazily: importing the compiler stack costs start-up time
+            self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
         return self.compiled
 
     def disable(self, exc: BaseException) -> None:
@@ -180,12 +177,12 @@ def prox_tl1_many_(
             rest.append((y, out, mu, a))
             continue
         device = y.device
-        fused.append((y, out, mu, a))
+        fused.append((y, out, mu, a, flat_y, flat_out))
         rows.append((penalties.tl1_threshold(mu, a), 27.0 * mu * a * (a + 1.0) / 4.0, a))
     if fused:
         params = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
-        if not _run(_TL1, [_flat(f[0]) for f in fused], [_flat(f[1]) for f in fused], params):
-            rest = fused + rest
+        if not _run(_TL1, [f[4] for f in fused], [f[5] for f in fused], params):
+            rest = [f[:4] for f in fused] + rest
     for y, out, mu, a in rest:
         penalties.prox_tl1(y, mu, a, out=out)
 
@@ -198,8 +195,12 @@ def prox_tl1_(y: torch.Tensor, out: torch.Tensor, mu: float, a: float) -> torch.
 
 
 @torch.no_grad()
-def add_coupling_grad_(grads, weights, us, beta: float) -> None:
-    """``grad += beta (w - u)`` for each triple: one fused call for all, else two eager passes."""
+def add_coupling_grad_(grads, weights, us, beta: float) -> bool:
+    """``grad += beta (w - u)`` for each triple in one fused call; False (nothing done) when it cannot run.
+
+    It cannot for mixed dtypes or devices, non-contiguous tensors, or once compiling
+    failed; the caller then takes its eager path (``RVSM.add_coupling_grad``).
+    """
     flats = [(_flat(g), _flat(w), _flat(u)) for g, w, u in zip(grads, weights, us, strict=True)]
     same = (
         len({(g.dtype, g.device) for g in grads} | {(t.dtype, t.device) for t in [*weights, *us]})
@@ -207,9 +208,7 @@ def add_coupling_grad_(grads, weights, us, beta: float) -> None:
     )
     if grads and same and all(f is not None for triple in flats for f in triple):
         beta_t = torch.tensor(beta, dtype=grads[0].dtype).to(grads[0].device, non_blocking=True)
-        if _run(
+        return _run(
             _COUPLING, [f[0] for f in flats], [f[1] for f in flats], [f[2] for f in flats], beta_t
-        ):
-            return
-    torch._foreach_add_(list(grads), list(weights), alpha=beta)
-    torch._foreach_add_(list(grads), list(us), alpha=-beta)
+        )
+    return False

@@ -114,12 +114,13 @@ class RVSM:
         if not pairs:
             return
         grads = [p.grad for p, _ in pairs]
-        if self.fused:
-            kernels.add_coupling_grad_(grads, [p.detach() for p, _ in pairs], [u for _, u in pairs], self.beta)
+        ws = [p.detach() for p, _ in pairs]
+        us = [u for _, u in pairs]
+        if self.fused and kernels.add_coupling_grad_(grads, ws, us, self.beta):
             return
         # Two in-place passes (+beta w, then -beta u) instead of allocating w - u.
-        torch._foreach_add_(grads, [p.detach() for p, _ in pairs], alpha=self.beta)
-        torch._foreach_add_(grads, [u for _, u in pairs], alpha=-self.beta)
+        torch._foreach_add_(grads, ws, alpha=self.beta)
+        torch._foreach_add_(grads, us, alpha=-self.beta)
 
     @torch.no_grad()
     def prox(self, thresholds: Thresholds) -> None:

@@ -261,13 +261,17 @@ class TargetController:
         macs, params = self.groups.estimate_cost(masks)
         return macs if self.kind == "macs" else params
 
+    def _factor(self, masks) -> float:
+        """The reduction factor (base cost / cost) once the ``masks`` units are removed."""
+        return self.base / max(self._cost(masks), 1.0)
+
     def _floor_factor(self) -> float:
         masks = []
         for g in self.groups:
             m = torch.ones(g.size, dtype=torch.bool)
             m[: max(1, math.ceil(MIN_KEEP_FRACTION * g.size))] = False
             masks.append(m)
-        return self.base / max(self._cost(masks), 1.0)
+        return self._factor(masks)
 
     @property
     def reachable(self) -> bool:
@@ -305,7 +309,7 @@ class TargetController:
         for unit in order[k - 1 : min(finite, k - 1 + REFINE_CANDIDATES)].tolist():
             flat[unit] = True
             masks = list(torch.split(flat.clone(), sizes))
-            factor = self.base / max(self._cost(masks), 1.0)
+            factor = self._factor(masks)
             if factor > limit:
                 flat[unit] = False
             elif factor >= want:
@@ -316,7 +320,7 @@ class TargetController:
         """Stop raising the strength; keep ``masks`` (default: the current zero set) as the zero set."""
         if masks is not None:
             self.strength.forced_zero = [m.clone() for m in masks]
-            self.reached_factor = self.base / max(self._cost(self.strength.forced_zero), 1.0)
+            self.reached_factor = self._factor(self.strength.forced_zero)
         self.frozen = True
         self.strength.frozen = True
 
@@ -350,23 +354,26 @@ class TargetController:
             return [r < k for r in ranks]
 
         lo, hi = 0, finite  # smallest k whose cost meets ``want``
-        if self.base / max(self._cost(masks_at(hi)), 1.0) < want:
+        if self._factor(masks_at(hi)) < want:
             lo = hi
         else:
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self.base / max(self._cost(masks_at(mid)), 1.0) >= want:
+                if self._factor(masks_at(mid)) >= want:
                     hi = mid
                 else:
                     lo = mid + 1
         k = lo
         threshold = float(order.values[k - 1]) if k > 0 else 0.0
         masks = masks_at(k)
-        if k > 0 and self.base / max(self._cost(masks), 1.0) > want * (1 + OVERSHOOT_TOLERANCE):
-            masks = self._refine(order.indices, k, finite, [len(sc) for sc in scores], want) or masks
+        factor = self._factor(masks)
+        if k > 0 and factor > want * (1 + OVERSHOOT_TOLERANCE):
+            refined = self._refine(order.indices, k, finite, [len(sc) for sc in scores], want)
+            if refined is not None:
+                masks, factor = refined, self._factor(refined)
         self.threshold = threshold
         self.strength.forced_zero = masks
-        self.reached_factor = self.base / max(self._cost(masks), 1.0)
+        self.reached_factor = factor
         if step >= self.reach_step and self.schedule != "immediate":
             self.frozen = True
             self.strength.frozen = True
