@@ -261,50 +261,6 @@ def render_overhead(data: dict, variants: list[dict] = ()) -> str:
         f"model's {comp['model_elements']:,} weights; {comp['groups']} groups with "
         f"{comp['group_members']} member slices.",
     ]
-    wi = data.get("what_if")
-    if wi:
-        lines += [
-            "",
-            "Candidate speed-ups (`benchmarks/rvsm_whatif.py`, same state, median ms):",
-            "",
-            "| piece | library | candidate | check |",
-            "|---|---|---|---|",
-        ]
-        lib = wi["individual_prox_library"]
-        for name in ("tl1_inplace", "tl1_compiled"):
-            if name in wi:
-                c = wi[name]
-                lines.append(
-                    f"| TL1 prox, all tensors → `{name}` | {_ms(lib['median_ms'])} | "
-                    f"{_ms(c['median_ms'])} | same zeros: {c['same_zeros_as_library']}; max abs err "
-                    f"vs float64 {c['max_abs_err_vs_float64']:.1e} (library "
-                    f"{lib['max_abs_err_vs_float64']:.1e}) |"
-                )
-        lines.append(
-            f"| `channel_norms` → `norms_no_gather` | {_ms(wi['channel_norms_library']['median_ms'])} | "
-            f"{_ms(wi['norms_no_gather']['median_ms'])} | max rel diff "
-            f"{wi['norms_no_gather']['max_relative_diff']:.1e} |"
-        )
-        lines.append(
-            f"| `scale_` → `scale_in_place` | {_ms(wi['scale_library']['median_ms'])} | "
-            f"{_ms(wi['scale_in_place']['median_ms'])} | members covering whole tensors: "
-            f"{wi['members_full_rows']} |"
-        )
-        if "coupling_no_alloc" in wi:
-            lines.append(
-                f"| `add_coupling_grad` → `coupling_no_alloc` | "
-                f"{_ms(wi['add_coupling_grad_library']['median_ms'])} | "
-                f"{_ms(wi['coupling_no_alloc']['median_ms'])} | |"
-            )
-        est = wi.get("estimated_overhead")
-        if est:
-            lines += [
-                "",
-                f"Sum of the pieces: library {_ms(est['library_pieces_ms'])} ms "
-                f"({100 * est['library_pieces_overhead']:.0f}% of the plain step); with the best "
-                f"candidate of each {_ms(est['best_pieces_ms'])} ms "
-                f"(**{100 * est['best_pieces_overhead']:.0f}%**).",
-            ]
     prof = data.get("profile_rvsm_step_top_ops")
     if prof:
         lines += [

@@ -46,7 +46,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
-from benchmarks import rvsm_whatif  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     command_line,
     load_average,
@@ -56,7 +55,6 @@ from benchmarks.common import (  # noqa: E402
     timed_ms,
     write_json,
 )
-from compressor import penalties  # noqa: E402
 from compressor.groups import build_groups  # noqa: E402
 from compressor.splitting import RVSM  # noqa: E402
 from compressor.strength import Strength, TargetController  # noqa: E402
@@ -110,7 +108,11 @@ class Steps:
         self.y = torch.randint(0, 10, (batch,)).to(self.device)
         self.groups = build_groups(self.model, self.x[:1])
         self.rvsm = RVSM(
-            self.model, self.groups, individual_kind="tl1", beta=1.0, prox_every=prox_every,
+            self.model,
+            self.groups,
+            individual_kind="tl1",
+            beta=1.0,
+            prox_every=prox_every,
             fused=fused,
         )
         self.strength = Strength.from_recipe(
@@ -200,34 +202,35 @@ def interleaved(steps: Steps, reps: int, warmup: int) -> dict:
 def prox_parts(steps: Steps) -> dict[str, Callable[[], object]]:
     """The phases of ``RVSM.prox`` as separate callables (same calls, same order, same data).
 
-    This mirrors ``compressor.splitting.RVSM.prox`` so each phase can be timed
-    alone; the whole prox is timed through the real method as well.
+    This follows ``compressor.splitting.RVSM.prox`` so each phase can be timed
+    alone (each after the ones before it): with the one-pass fused prox, the
+    group norms and shrink factors of ``w`` and then the fused pass; otherwise
+    the individual prox, the norms and factors of ``u``, and ``scale_``. The
+    whole prox is timed through the real method as well.
     """
     rvsm, groups = steps.rvsm, steps.groups
     thr = steps.thresholds()
     cache: dict[str, object] = {}
+    if rvsm.fused and rvsm.can_fuse_prox(thr):
+
+        def factors_of_w():
+            cache["factors"] = rvsm.group_factors(rvsm.param_by_name, thr)
+
+        return {
+            "group_factors": factors_of_w,
+            "sparse_group_pass": lambda: rvsm.sparse_group_pass_(thr, cache["factors"]),
+        }
 
     def individual():
         rvsm.individual_prox_(thr)
 
-    def norms():
-        cache["norms"] = groups.channel_norms(rvsm.u)
-
-    def factors():
-        cache["factors"] = [
-            penalties.group_shrink_factor(n, mu.to(n.device, n.dtype))
-            for n, mu in zip(cache["norms"], thr.group, strict=True)
-        ]
+    def factors_of_u():
+        cache["factors"] = rvsm.group_factors(rvsm.u, thr)
 
     def scale():
         groups.scale_(rvsm.u, cache["factors"])
 
-    return {
-        "individual_prox": individual,
-        "channel_norms": norms,
-        "group_shrink_factors": factors,
-        "scale_": scale,
-    }
+    return {"individual_prox": individual, "group_factors": factors_of_u, "scale_": scale}
 
 
 def _fill_grads(model: torch.nn.Module) -> None:
@@ -247,13 +250,8 @@ def components(steps: Steps, reps: int) -> dict:
         "thresholds": _time(steps.thresholds, reps, sync=sync),
         "prox": _time(lambda: rvsm.prox(thr), reps, sync=sync),
     }
-    parts = prox_parts(steps)
-    for name in ("individual_prox", "channel_norms"):
-        out[f"prox.{name}"] = _time(parts[name], reps, sync=sync)
-    parts["channel_norms"]()
-    out["prox.group_shrink_factors"] = _time(parts["group_shrink_factors"], reps, sync=sync)
-    parts["group_shrink_factors"]()
-    out["prox.scale_"] = _time(parts["scale_"], reps, sync=sync)
+    for name, part in prox_parts(steps).items():
+        out[f"prox.{name}"] = _time(part, reps, sync=sync)  # leaves its result for the next
     # Which tensors dominate the individual prox: the five biggest, timed alone.
     sizes = sorted(
         ((p.numel(), n, p) for n, p in zip(rvsm.names, rvsm.params, strict=True)),
@@ -274,41 +272,6 @@ def controller_update(steps: Steps, reps: int) -> dict:
     ctl = TargetController("macs", 2.0, steps.groups, strength, total_steps=10_000)
     u = steps.rvsm.u
     return _time(lambda: ctl.update(100, u), reps, sync=steps.sync)
-
-
-def estimated_overhead(comp: dict, what_if: dict, plain_ms: float) -> dict:
-    """Overhead if the best candidate of each piece replaced the library's (sum of medians).
-
-    The unchanged pieces (the shrink factors, the thresholds) are taken from ``comp``;
-    the ``u.copy_`` for tensors with no individual penalty is ignored (BN, tiny).
-    """
-    best_ind = min(
-        what_if[k]["median_ms"]
-        for k in ("individual_prox_library", "tl1_inplace", "tl1_compiled")
-        if k in what_if
-    )
-    coupling = min(
-        what_if.get(k, {}).get("median_ms", float("inf"))
-        for k in ("add_coupling_grad_library", "coupling_no_alloc")
-    )
-    if coupling == float("inf"):
-        coupling = comp["add_coupling_grad"]["median_ms"]
-    prox = (
-        best_ind
-        + what_if["norms_no_gather"]["median_ms"]
-        + comp["prox.group_shrink_factors"]["median_ms"]
-        + what_if["scale_in_place"]["median_ms"]
-        + comp["thresholds"]["median_ms"]
-    )
-    library = comp["add_coupling_grad"]["median_ms"] + comp["prox"]["median_ms"]
-    return {
-        "library_pieces_ms": library,
-        "library_pieces_overhead": library / plain_ms,
-        "best_pieces_ms": coupling + prox,
-        "best_pieces_overhead": (coupling + prox) / plain_ms,
-        "best_prox_ms": prox,
-        "best_coupling_ms": coupling,
-    }
 
 
 def profile_step(steps: Steps, reps: int) -> list[dict]:
@@ -355,12 +318,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "descheduled worker, which inflates the many small ops of the prox most",
     )
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler pass")
-    p.add_argument("--no-what-if", action="store_true", help="skip timing the candidate speed-ups")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="also time a torch.compile'd TL1 prox (needs a C++ compiler; ~20 s to compile)",
-    )
     p.add_argument(
         "--prox-every",
         type=int,
@@ -415,13 +372,6 @@ def main(argv: list[str] | None = None) -> dict:
     comp = components(steps, comp_reps)
     ctl = controller_update(steps, max(2, comp_reps // 5))
     profile = [] if (quick or args.no_profile) else profile_step(steps, 5)
-    what_if = None
-    if not (quick or args.no_what_if):
-        log.info("candidate speed-ups ...")
-        what_if = rvsm_whatif.run(
-            steps.rvsm, steps.groups, steps.thresholds(), comp_reps, args.compile, sync=steps.sync
-        )
-        what_if["estimated_overhead"] = estimated_overhead(comp, what_if, plain_ms)
     sparsity = {
         "u_zero_fraction": sum(int((t == 0).sum()) for t in steps.rvsm.u.values())
         / sum(t.numel() for t in steps.rvsm.u.values()),
@@ -463,7 +413,6 @@ def main(argv: list[str] | None = None) -> dict:
             k: v["median_ms"] / plain_ms for k, v in comp.items() if isinstance(v, dict)
         },
         "target_controller_update": ctl,
-        "what_if": what_if,
         "profile_rvsm_step_top_ops": profile,
         "sparsity_after_run": sparsity,
         "seconds": round(time.perf_counter() - started, 1),

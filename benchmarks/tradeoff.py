@@ -605,7 +605,11 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
     lines.append("")
     # The distillation the tp-magnitude-kd runs recorded (compressor's recipe default then).
     kd = next((r["details"]["distill"] for r in runs if "distill" in r.get("details", {})), None)
-    kd_setting = f"`distill:` weight {kd['weight']:g}, temperature {kd['temperature']:g}" if kd else "`distill:`"
+    kd_setting = (
+        f"`distill:` weight {kd['weight']:g}, temperature {kd['temperature']:g}"
+        if kd
+        else "`distill:`"
+    )
     lines.append(
         f"Same budget for every method: {_n(cfg['budget_epochs'], 'epoch')} ({cfg['optimizer_steps']} SGD "
         f"steps, batch 128, lr 0.01 cosine, momentum 0.9) over a fixed {cfg['subset']:,}-image subset of "

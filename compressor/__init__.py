@@ -1,8 +1,8 @@
 """compressor: compress a trained PyTorch CNN into a smaller, verified ONNX model.
 
-    import compressor
-    report = compressor.compress("model.pt", arch="resnet18", data="data/", target_macs=4)
-    model = compressor.load("compressed/model.safetensors")
+import compressor
+report = compressor.compress("model.pt", arch="resnet18", data="data/", target_macs=4)
+model = compressor.load("compressed/model.safetensors")
 """
 
 __version__ = "0.1.0"

@@ -31,7 +31,9 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,0.5,0.5, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 0.5,0.5,0.5, got {text!r}"
+        ) from exc
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,26 +44,56 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", nargs="?", help="state_dict .pt/.pth, .safetensors, or compressor's model.safetensors")
-    p.add_argument("--recipe", default="tl1-group", help="built-in recipe name or a YAML path (default: tl1-group)")
-    p.add_argument("--data", help="ImageFolder dir (train/, val/), .npz, MNIST idx dir, or CIFAR-10 batches dir")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="state_dict .pt/.pth, .safetensors, or compressor's model.safetensors",
+    )
+    p.add_argument(
+        "--recipe",
+        default="tl1-group",
+        help="built-in recipe name or a YAML path (default: tl1-group)",
+    )
+    p.add_argument(
+        "--data",
+        help="ImageFolder dir (train/, val/), .npz, MNIST idx dir, or CIFAR-10 batches dir",
+    )
     p.add_argument("--arch", help="torchvision model name, resnet20/lenet5, or pkg.module:callable")
-    p.add_argument("--num-classes", type=int, help="classifier outputs (default: read from the checkpoint)")
+    p.add_argument(
+        "--num-classes", type=int, help="classifier outputs (default: read from the checkpoint)"
+    )
     p.add_argument("--input-shape", help="C,H,W of one input (default: from the data)")
-    p.add_argument("--mean", type=_floats, help="normalisation mean per channel, e.g. 0.485,0.456,0.406")
+    p.add_argument(
+        "--mean", type=_floats, help="normalisation mean per channel, e.g. 0.485,0.456,0.406"
+    )
     p.add_argument("--std", type=_floats, help="normalisation std per channel")
     p.add_argument("--out", default="compressed", help="output directory (default: ./compressed)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.epochs=3 (repeatable)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
-                   help="gate: fail (exit 3) if accuracy falls by more than POINTS percentage points")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="gate: fail (exit 3) if accuracy falls by more than POINTS percentage points",
+    )
     p.add_argument("--target-macs", metavar="X", help="reach X times fewer MACs (e.g. 4 or 4x)")
     p.add_argument("--target-params", metavar="X", help="reach X times fewer parameters")
-    p.add_argument("--target-size", type=int, metavar="BYTES", help="reach an ONNX file of at most BYTES")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow loading a pickled nn.Module (unpickling runs code from the file)")
+    p.add_argument(
+        "--target-size", type=int, metavar="BYTES", help="reach an ONNX file of at most BYTES"
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow loading a pickled nn.Module (unpickling runs code from the file)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
@@ -126,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compress: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # exit codes are 0-4 only (README); 1 covers an interrupted run
-        print(f"compress: interrupted; rerun the same command with --resume to continue from the last "
-              f"completed epoch in {args.out}", file=sys.stderr)
+        print(
+            f"compress: interrupted; rerun the same command with --resume to continue from the last "
+            f"completed epoch in {args.out}",
+            file=sys.stderr,
+        )
         return EXIT_OTHER
     except Exception as exc:  # a bug: keep the traceback for the report
         logging.getLogger("compressor").exception("unexpected error")
@@ -138,10 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet and r.get("macs_x") is not None:
         acc_b, acc_c = report["baseline"]["accuracy"], report["compressed"]["accuracy"]
         acc = "accuracy not measured" if acc_b is None else f"accuracy {acc_b:.2f}% -> {acc_c:.2f}%"
-        print(f"compress: {r['macs_x']:.2f}x fewer MACs, {r['params_x']:.2f}x fewer params, {acc}; "
-              f"exit {code}; outputs in {args.out}", file=sys.stderr)
+        print(
+            f"compress: {r['macs_x']:.2f}x fewer MACs, {r['params_x']:.2f}x fewer params, {acc}; "
+            f"exit {code}; outputs in {args.out}",
+            file=sys.stderr,
+        )
     if report.get("error"):  # verification failed: no model was written; say why (also with -q)
-        print(f"compress: error: {report['error']} (exit {code}; report in {args.out})", file=sys.stderr)
+        print(
+            f"compress: error: {report['error']} (exit {code}; report in {args.out})",
+            file=sys.stderr,
+        )
     return code
 
 

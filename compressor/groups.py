@@ -198,6 +198,38 @@ class ChannelGroups:
                     index = member.index.to(t.device)
                     t.index_copy_(0, index, t.index_select(0, index) * f)
 
+    def row_factor_index(self, rows: Mapping[str, int]) -> torch.Tensor:
+        """Where each row's shrink factor sits in ``cat(factors + [1])``, for tensors ``rows``.
+
+        ``rows`` maps tensor names to their row counts (dim 0), in the order the
+        rows are laid out; a row outside every group points at the final 1.
+        :meth:`row_factors` then gives every row's factor with one gather, so a
+        fused loop can scale all member slices at once (the same products as
+        :meth:`scale_`).
+        """
+        offsets, total = {}, 0
+        for name, n in rows.items():
+            offsets[name] = total
+            total += n
+        group_offset, units = [], 0
+        for group in self.groups:
+            group_offset.append(units)
+            units += group.size
+        index = torch.full((total,), units, dtype=torch.long)  # the trailing 1
+        for group, start in zip(self.groups, group_offset, strict=True):
+            for member in group.members:
+                if member.param in offsets:
+                    positions = offsets[member.param] + member.index.cpu()
+                    index[positions] = start + member.channel.cpu()
+        return index
+
+    @staticmethod
+    def row_factors(factors: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Every row's factor (``index`` from :meth:`row_factor_index`); factors per group and unit."""
+        one = torch.ones(1, dtype=factors[0].dtype, device=factors[0].device) if factors else None
+        flat = torch.cat([*factors, one]) if factors else torch.ones(1, device=index.device)
+        return flat.index_select(0, index.to(flat.device))
+
     def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
         """MACs and params of the model once the masked channels are removed.
 

@@ -8,17 +8,24 @@ of the RVSM step's cost (``benchmarks/rvsm_overhead.py``). Here each is one
 loop that ``torch.compile`` generates (Inductor: vectorised C++ on the CPU,
 Triton on CUDA) over the flat views of all the tensors, one call per step.
 
-The TL1 loop also drops the two transcendentals. The prox's magnitude is
-``|y| - 4/3 (a+|y|) sin^2(phi/6)`` with ``sin(phi/2) = x`` (see
-:func:`~compressor.penalties.prox_tl1`), i.e. ``c = sin(asin(x) / 3)``, the root
-in ``[0, 1/2]`` of the triple-angle cubic ``4c^3 - 3c + x = 0``. The ratio
-``c / x = sin(theta/3) / sin(theta)`` is analytic in ``v = sqrt(1 - x)`` on the
-whole range ``x`` in ``[0, 1]`` (``asin`` has its square-root branch point at
-``x = 1``, which ``v`` absorbs), so a degree-10 polynomial in ``2v - 1``
-(a Chebyshev fit, made at import from the formula itself) gives it to 4e-8;
-in float32 the evaluated ``c`` is within a few ulps of the true value (under
-4e-7 relative, ``tests/test_kernels.py``), like the ``asin``/``sin`` route.
-The exact zero set is the eager function's rule: zero exactly where ``|y| <= t``.
+The TL1 loop also drops the two transcendentals and one square root. The
+prox's magnitude is ``|y| - 4/3 (a+|y|) c^2`` with ``c = sin(theta/3)``,
+``sin(theta) = x`` and ``x^2 = q = k / (a+|y|)^3`` (see
+:func:`~compressor.penalties.prox_tl1`), so ``c^2 = q H`` with
+``H = (sin(theta/3) / sin(theta))^2``. ``H`` is an even function of ``theta``,
+hence analytic in ``z = cos(theta) = sqrt(1 - q)`` on the whole range ``z`` in
+``[0, 1]`` (its nearest singularity is at ``z = -1``), so a degree-10
+polynomial in ``2z - 1`` (a Chebyshev fit, made at import from the formula
+itself) gives it to 2e-8 relative. One division and one square root per weight
+remain; in float32 the evaluated ``c^2`` is within a few ulps of the true
+value (``tests/test_kernels.py``). The exact zero set is the eager function's
+rule: zero exactly where ``|y| <= t``.
+
+With coupled channel groups whose units are measured by norm-layer entries
+(every BatchNorm network), the group shrink factors are known before the prox
+(the norm entries have no elementwise penalty, so their prox is the identity),
+and :func:`sparse_group_prox_` applies them in the same loop: the whole
+``u = group_shrink(individual_prox(w))`` is one pass over the weights.
 
 Only float32 tensors take the fused TL1 loop (the polynomial is fitted to
 float32 accuracy); other dtypes, and every call when ``torch.compile`` cannot
@@ -44,17 +51,17 @@ _FIT_NODES = 4000
 
 
 def fit_ratio_polynomial(degree: int = RATIO_DEGREE) -> tuple[float, ...]:
-    """Power-basis coefficients (constant first) of ``p(w) ~ sin(asin(x)/3) / x``, ``w = 2 sqrt(1-x) - 1``.
+    """Power-basis coefficients (constant first) of ``p(w) ~ (sin(theta/3) / sin(theta))^2``, ``w = 2 cos(theta) - 1``.
 
     A least-squares fit at Chebyshev nodes of ``w`` in ``[-1, 1]`` (near-minimax),
-    converted to powers of ``w`` (the coefficients stay below 0.4 in magnitude, so
-    Horner's rule is stable). At ``x = 0`` the ratio's limit is ``1/3``.
+    converted to powers of ``w`` (the coefficients stay below 0.2 in magnitude, so
+    Horner's rule is stable). At ``theta = 0`` the ratio's limit is ``1/9``.
     """
     w = np.cos(np.pi * (np.arange(_FIT_NODES) + 0.5) / _FIT_NODES)
-    v = (w + 1.0) / 2.0
-    x = 1.0 - v * v
+    theta = np.arccos((w + 1.0) / 2.0)
+    x = np.sin(theta)
     safe = np.where(x > 0, x, 1.0)
-    ratio = np.where(x > 0, np.sin(np.arcsin(x) / 3.0) / safe, 1.0 / 3.0)
+    ratio = np.where(x > 0, (np.sin(theta / 3.0) / safe) ** 2, 1.0 / 9.0)
     cheb = np.polynomial.chebyshev.chebfit(w, ratio, degree)
     return tuple(float(c) for c in np.polynomial.chebyshev.cheb2poly(cheb))
 
@@ -62,29 +69,45 @@ def fit_ratio_polynomial(degree: int = RATIO_DEGREE) -> tuple[float, ...]:
 RATIO_COEFFS = fit_ratio_polynomial()
 
 
-def sin_third_asin(x: torch.Tensor) -> torch.Tensor:
-    """``sin(asin(x) / 3)`` for ``x`` in ``[0, 1]`` by the fitted polynomial (float32 accuracy)."""
-    w = 2.0 * torch.sqrt(1.0 - x) - 1.0
+def sin_third_asin_squared(q: torch.Tensor) -> torch.Tensor:
+    """``sin(asin(sqrt(q)) / 3)^2`` for ``q`` in ``[0, 1]`` by the fitted polynomial (float32 accuracy)."""
+    w = 2.0 * torch.sqrt(1.0 - q) - 1.0
     acc = torch.full_like(w, RATIO_COEFFS[-1])
     for c in RATIO_COEFFS[-2::-1]:
         acc = acc * w + c
-    return x * acc
+    return q * acc
 
 
-def _tl1_loop(
-    y: torch.Tensor, out: torch.Tensor, t: torch.Tensor, k2: torch.Tensor, a: torch.Tensor
-) -> None:
+def _tl1_values(
+    y: torch.Tensor, t: torch.Tensor, k2: torch.Tensor, a: torch.Tensor
+) -> torch.Tensor:
+    """``prox_tl1(y)`` with ``t`` its threshold and ``k2 = 27 mu a (a+1) / 4``."""
     ay = y.abs()
     s = ay + a
-    x = torch.sqrt(torch.clamp(k2 / (s * s * s), 0.0, 1.0))  # sin(phi/2)
-    c = sin_third_asin(x)  # sin(phi/6)
-    mag = ay - (4.0 / 3.0) * s * c * c
-    out.copy_(torch.where(ay > t, torch.copysign(mag, y), torch.zeros_like(y)))
+    c2 = sin_third_asin_squared(torch.clamp(k2 / (s * s * s), 0.0, 1.0))  # sin^2(phi/6)
+    mag = ay - (4.0 / 3.0) * s * c2
+    return torch.where(ay > t, torch.copysign(mag, y), torch.zeros_like(y))
 
 
 def _tl1_loops(ys: list[torch.Tensor], outs: list[torch.Tensor], params: torch.Tensor) -> None:
     for i in range(len(ys)):  # unrolled by the compiler: one call per step, not per tensor
-        _tl1_loop(ys[i], outs[i], params[i, 0], params[i, 1], params[i, 2])
+        outs[i].copy_(_tl1_values(ys[i], params[i, 0], params[i, 1], params[i, 2]))
+
+
+def _sparse_group_loops(
+    ys: list[torch.Tensor],
+    outs: list[torch.Tensor],
+    params: torch.Tensor,
+    row_factors: torch.Tensor,
+    prox: list[bool],
+) -> None:
+    start = 0
+    for i in range(len(ys)):  # each y is a (rows, -1) view; its rows' factors follow the last's
+        rows = ys[i].shape[0]
+        factor = row_factors[start : start + rows].unsqueeze(1)
+        start += rows
+        value = _tl1_values(ys[i], params[i, 0], params[i, 1], params[i, 2]) if prox[i] else ys[i]
+        outs[i].copy_(value * factor)
 
 
 def _coupling_loops(
@@ -124,6 +147,7 @@ class _Compiled:
 
 
 _TL1 = _Compiled(_tl1_loops)
+_SPARSE_GROUP = _Compiled(_sparse_group_loops)
 _COUPLING = _Compiled(_coupling_loops)
 
 
@@ -144,8 +168,8 @@ def _run(kernel: _Compiled, *args) -> bool:
 
 
 def fused_available(kernel: str = "tl1") -> bool:
-    """Whether the fused ``kernel`` (``"tl1"`` or ``"coupling"``) has not failed in this process."""
-    return not {"tl1": _TL1, "coupling": _COUPLING}[kernel].failed
+    """Whether the fused ``kernel`` (``"tl1"``, ``"sparse_group"`` or ``"coupling"``) has not failed."""
+    return not {"tl1": _TL1, "sparse_group": _SPARSE_GROUP, "coupling": _COUPLING}[kernel].failed
 
 
 @torch.no_grad()
@@ -178,13 +202,53 @@ def prox_tl1_many_(
             continue
         device = y.device
         fused.append((y, out, mu, a, flat_y, flat_out))
-        rows.append((penalties.tl1_threshold(mu, a), 27.0 * mu * a * (a + 1.0) / 4.0, a))
+        rows.append(_tl1_row(mu, a))
     if fused:
         params = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
         if not _run(_TL1, [f[4] for f in fused], [f[5] for f in fused], params):
             rest = [f[:4] for f in fused] + rest
     for y, out, mu, a in rest:
         penalties.prox_tl1(y, mu, a, out=out)
+
+
+def _tl1_row(mu: float, a: float) -> tuple[float, float, float]:
+    """What the fused TL1 loop needs of ``(mu, a)``: the threshold, ``k2 = 27 mu a (a+1) / 4``, ``a``."""
+    return penalties.tl1_threshold(mu, a), 27.0 * mu * a * (a + 1.0) / 4.0, a
+
+
+@torch.no_grad()
+def sparse_group_prox_(
+    ys: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
+    mus: Sequence[float | None],
+    as_: Sequence[float],
+    row_factors: torch.Tensor,
+) -> bool:
+    """``outs[i] = f_i * prox_tl1(ys[i], mus[i], as_[i])`` for every ``i`` in one fused call.
+
+    ``f_i`` scales each row (dim 0) of tensor ``i``: ``row_factors`` holds the
+    factors of all rows, tensor after tensor (the group shrink factors of the
+    rows' channels, 1 outside the groups). ``mus[i]`` None or 0: no prox, the
+    scaled copy ``f_i * ys[i]``. Returns False, with nothing written, where it
+    cannot run (not all float32 and contiguous on one device, a different
+    number of rows, or compiling failed); the caller then takes the eager path.
+    """
+    tensors = [*ys, *outs, row_factors]
+    if (
+        not ys
+        or len({(t.dtype, t.device) for t in tensors}) != 1
+        or ys[0].dtype != torch.float32
+        or not all(t.is_contiguous() for t in tensors)
+        or row_factors.dim() != 1
+        or row_factors.numel() != sum(y.shape[0] if y.dim() else 1 for y in ys)
+    ):
+        return False
+    views_y = [y.view(y.shape[0] if y.dim() else 1, -1) for y in ys]
+    views_out = [o.view(v.shape) for o, v in zip(outs, views_y, strict=True)]
+    prox = [bool(mu) for mu in mus]
+    rows = [_tl1_row(mu, a) if mu else (0.0, 0.0, 1.0) for mu, a in zip(mus, as_, strict=True)]
+    params = torch.tensor(rows, dtype=torch.float32).to(ys[0].device, non_blocking=True)
+    return _run(_SPARSE_GROUP, views_y, views_out, params, row_factors, prox)
 
 
 @torch.no_grad()

@@ -81,7 +81,9 @@ def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError("--device cuda was asked but no CUDA device is available. Use --device cpu or auto.")
+        raise BadInputError(
+            "--device cuda was asked but no CUDA device is available. Use --device cpu or auto."
+        )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise BadInputError(f"--device must be auto, cpu or cuda[:N]. Got {device!r} instead.")
     return torch.device(device)
@@ -161,7 +163,9 @@ def _read_resume_state(state_path: Path, fingerprint: str, out: Path) -> dict:
 
 def _fingerprint(checkpoint: Path, recipe: dict, data: str | None, seed: int) -> str:
     st = checkpoint.stat()
-    blob = json.dumps([str(checkpoint.resolve()), st.st_size, recipe, data, seed], sort_keys=True, default=str)
+    blob = json.dumps(
+        [str(checkpoint.resolve()), st.st_size, recipe, data, seed], sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -172,10 +176,14 @@ def _parse_shape(shape) -> tuple[int, int, int] | None:
         try:
             shape = [int(v) for v in shape.replace("x", ",").split(",") if v.strip()]
         except ValueError as exc:
-            raise BadInputError(f"--input-shape must look like C,H,W (e.g. 3,32,32). Got {shape!r} instead.") from exc
+            raise BadInputError(
+                f"--input-shape must look like C,H,W (e.g. 3,32,32). Got {shape!r} instead."
+            ) from exc
     shape = tuple(int(v) for v in shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise BadInputError(f"--input-shape must be three positive ints C,H,W. Got {shape} instead.")
+        raise BadInputError(
+            f"--input-shape must be three positive ints C,H,W. Got {shape} instead."
+        )
     return shape
 
 
@@ -207,7 +215,9 @@ def _default_activation_skip(model: nn.Module, x: torch.Tensor, bits: int, ste: 
     return sorted({order[0], order[-1]})
 
 
-def _apply_cli_to_recipe(recipe: dict, *, mean, std, input_shape, max_accuracy_drop, targets) -> dict:
+def _apply_cli_to_recipe(
+    recipe: dict, *, mean, std, input_shape, max_accuracy_drop, targets
+) -> dict:
     recipe = copy.deepcopy(recipe)
     if mean is not None:
         recipe["data"]["mean"] = list(mean)
@@ -231,9 +241,13 @@ def parse_factor(value, flag: str) -> float | None:
     try:
         factor = float(text)
     except ValueError as exc:
-        raise BadInputError(f"{flag} must be a reduction factor like 4 or 4x. Got {value!r} instead.") from exc
+        raise BadInputError(
+            f"{flag} must be a reduction factor like 4 or 4x. Got {value!r} instead."
+        ) from exc
     if not factor > 1:
-        raise BadInputError(f"{flag} must be a reduction factor > 1 (e.g. 4 for 4x fewer). Got {value!r} instead.")
+        raise BadInputError(
+            f"{flag} must be a reduction factor > 1 (e.g. 4 for 4x fewer). Got {value!r} instead."
+        )
     return factor
 
 
@@ -290,7 +304,9 @@ def compress(
             },
         )
         if not checkpoint.exists():
-            raise BadInputError(f"Checkpoint {checkpoint} does not exist. Pass the path of a .pt/.pth/.safetensors file.")
+            raise BadInputError(
+                f"Checkpoint {checkpoint} does not exist. Pass the path of a .pt/.pth/.safetensors file."
+            )
         created = _prepare_out(out, checkpoint) if is_main else None
         try:
             state_path = out / STATE_DIR / "state.pt"
@@ -308,7 +324,9 @@ def compress(
             splits = None
             shape = tuple(dcfg["input_shape"]) if dcfg["input_shape"] else None
             if data is not None:
-                splits = data_mod.load_data(data, mean=dcfg["mean"], std=dcfg["std"], input_shape=shape)
+                splits = data_mod.load_data(
+                    data, mean=dcfg["mean"], std=dcfg["std"], input_shape=shape
+                )
                 shape = shape or tuple(splits.input_shape)
             in_channels = shape[0] if shape else None
             loaded = ckpt.load_checkpoint(
@@ -350,7 +368,10 @@ def compress(
             splits, batch_size=tcfg["batch_size"], seed=seed, distributed=distributed
         )
         verify_inputs = torch.stack(
-            [splits.val[i][0] for i in range(min(len(splits.val), resolved["export"]["verify_samples"]))]
+            [
+                splits.val[i][0]
+                for i in range(min(len(splits.val), resolved["export"]["verify_samples"]))
+            ]
         )
     else:
         gen = torch.Generator().manual_seed(seed)
@@ -362,19 +383,28 @@ def compress(
     # ---------------------------------------------------------------- baseline
     with timer.stage("baseline"):
         baseline = {
-            "accuracy": train.evaluate(model, val_loader, dev)[0] if val_loader is not None else None,
+            "accuracy": train.evaluate(model, val_loader, dev)[0]
+            if val_loader is not None
+            else None,
             "params": metrics.count_params(model),
             "macs": metrics.count_macs(model, example),
         }
         baseline_onnx = work / "baseline.onnx"
         if is_main:
-            export.export_onnx(model, example.cpu(), baseline_onnx, opset=resolved["export"]["opset"])
+            export.export_onnx(
+                model, example.cpu(), baseline_onnx, opset=resolved["export"]["opset"]
+            )
             baseline["onnx_bytes"] = export.onnx_size_bytes(baseline_onnx)
         if distributed:  # every rank needs it: --target-size sets the same controller on each
             box = [baseline.get("onnx_bytes")]
             torch.distributed.broadcast_object_list(box, src=0)
             baseline["onnx_bytes"] = box[0]
-        log.info("baseline: accuracy %s, %d params, %d MACs", baseline["accuracy"], baseline["params"], baseline["macs"])
+        log.info(
+            "baseline: accuracy %s, %d params, %d MACs",
+            baseline["accuracy"],
+            baseline["params"],
+            baseline["macs"],
+        )
 
     # The input model, frozen, as the distillation teacher (the recipe's ``distill:``).
     distill = resolved["distill"]
@@ -391,7 +421,9 @@ def compress(
         skip = list(act_cfg["skip"]) or _default_activation_skip(
             model, example, act_cfg["bits"], act_cfg["ste"]
         )
-        swap = activations.swap_activations(model, bits=act_cfg["bits"], ste=act_cfg["ste"], skip=skip)
+        swap = activations.swap_activations(
+            model, bits=act_cfg["bits"], ste=act_cfg["ste"], skip=skip
+        )
         model = swap.model.to(dev)
         activations_info = {
             "bits": act_cfg["bits"],
@@ -426,12 +458,18 @@ def compress(
         target_kind, target_factor = "params", float(tgt["params"])
     elif tgt["size"] is not None:
         target_kind = "size"
-        target_factor = max(1.0 + 1e-9, baseline.get("onnx_bytes", 4 * baseline["params"]) / float(tgt["size"]))
+        target_factor = max(
+            1.0 + 1e-9, baseline.get("onnx_bytes", 4 * baseline["params"]) / float(tgt["size"])
+        )
     penalty_cfg = copy.deepcopy(pen)
     epochs = tcfg["epochs"]
     steps_per_epoch = 0
     if train_loader is not None:
-        steps_per_epoch = len(train_loader) if tcfg["max_steps_per_epoch"] is None else min(len(train_loader), tcfg["max_steps_per_epoch"])
+        steps_per_epoch = (
+            len(train_loader)
+            if tcfg["max_steps_per_epoch"] is None
+            else min(len(train_loader), tcfg["max_steps_per_epoch"])
+        )
     total_steps = max(1, epochs * steps_per_epoch)
     budget = coupling_budget(
         lr=tcfg["lr"],
@@ -444,7 +482,9 @@ def compress(
         beta_every=spl["beta_every"],
         optimizer=tcfg["optimizer"],
     )
-    strength = Strength.from_recipe(penalty_cfg, model, groups, rvsm.individual_names, budget=budget)
+    strength = Strength.from_recipe(
+        penalty_cfg, model, groups, rvsm.individual_names, budget=budget
+    )
     controller = None
     seek = None
     budget_points = resolved["gates"]["max_accuracy_drop"]
@@ -457,8 +497,13 @@ def compress(
     ):
         # No target but an accuracy budget: seek the largest MACs reduction within it.
         controller = TargetController(
-            "macs", 1.0 + 1e-9, groups, strength, total_steps=total_steps,
-            reach_fraction=max(tgt["reach_fraction"], SEEK_MIN_FRACTION), schedule="immediate",
+            "macs",
+            1.0 + 1e-9,
+            groups,
+            strength,
+            total_steps=total_steps,
+            reach_fraction=max(tgt["reach_fraction"], SEEK_MIN_FRACTION),
+            schedule="immediate",
         )
         target_kind, target_factor = "seek", controller.floor_factor
         seek = AccuracySeeker(
@@ -482,7 +527,9 @@ def compress(
         if not controller.reachable:
             log.warning(
                 "target %.2fx %s is beyond what removing channels can give here (at most %.2fx)",
-                target_factor, target_kind, controller.floor_factor,
+                target_factor,
+                target_kind,
+                controller.floor_factor,
             )
     rvsm.prox(strength.thresholds(rvsm.beta))  # u0 = prox(w0)
 
@@ -490,7 +537,9 @@ def compress(
     scheduler = train.make_scheduler(optimizer, tcfg["schedule"], total_steps)
     train_model = model
     if distributed:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
     history: list[dict] = []
     start_epoch = 0
     loader_rng = getattr(train_loader, "generator", None)  # None under DDP (DistributedSampler)
@@ -528,10 +577,7 @@ def compress(
             and (controller.frozen or seek is not None)
             and tgt["hold"] == "masked"
             and zero is not None
-            and (
-                rvsm.held_zero is None
-                or not all(map(torch.equal, rvsm.held_zero, zero))
-            )
+            and (rvsm.held_zero is None or not all(map(torch.equal, rvsm.held_zero, zero)))
         ):
             rvsm.hold_zero(zero)
 
@@ -569,8 +615,10 @@ def compress(
             "channel_sparsity": 1 - kept / max(total, 1),
             "beta": rvsm.beta,
             "strength": (
-                controller.threshold if controller is not None
-                else strength.group_strength if strength.group_lambda is None
+                controller.threshold
+                if controller is not None
+                else strength.group_strength
+                if strength.group_lambda is None
                 else strength.group_lambda
             ),
             "macs_x": groups.total_macs / max(macs_now, 1.0),
@@ -579,7 +627,12 @@ def compress(
         history.append(row)
         log.info(
             "epoch %d/%d: loss %.4f, sparse accuracy %.2f%%, %.2fx MACs, %.1f%% channels zero",
-            epoch + 1, epochs, loss, acc, row["macs_x"], 100 * row["channel_sparsity"],
+            epoch + 1,
+            epochs,
+            loss,
+            acc,
+            row["macs_x"],
+            100 * row["channel_sparsity"],
         )
         rvsm.end_epoch(epoch)
         if is_main:
@@ -612,17 +665,32 @@ def compress(
         rvsm.finalize()
         if train_loader is not None:
             train.recalibrate_bn(model, train_loader, dev, tcfg["bn_recalibration_batches"])
-        sparse_accuracy = train.evaluate(model, val_loader, dev)[0] if val_loader is not None else None
+        sparse_accuracy = (
+            train.evaluate(model, val_loader, dev)[0] if val_loader is not None else None
+        )
         weight_sparsity = metrics.weight_sparsity(model)
         sample = verify_inputs.to(dev)
         verification = {"onnx_checker": False, "samples": len(verify_inputs), "notes": []}
         try:
-            pruned = prune_zero_channels(model, groups, sample, round_to=resolved["prune"]["round_to"])
+            pruned = prune_zero_channels(
+                model, groups, sample, round_to=resolved["prune"]["round_to"]
+            )
         except VerificationError as exc:
             verification["notes"].append(str(exc))
             return _finish_failed(
-                out, resolved, baseline, verification, timer, command, exc, is_main,
-                checkpoint=checkpoint, loaded=loaded, data=data, device=dev, history=history,
+                out,
+                resolved,
+                baseline,
+                verification,
+                timer,
+                command,
+                exc,
+                is_main,
+                checkpoint=checkpoint,
+                loaded=loaded,
+                data=data,
+                device=dev,
+                history=history,
             )
         verification["sparse_vs_pruned_max_abs"] = pruned.max_abs_diff
         verification["sparse_vs_pruned_relative"] = pruned.relative_diff
@@ -637,11 +705,20 @@ def compress(
             rec_model = nn.parallel.DistributedDataParallel(model) if distributed else model
             for epoch in range(rec["epochs"]):
                 train.train_one_epoch(
-                    rec_model, train_loader, opt, sched, dev, masks=masks,
-                    max_steps=tcfg["max_steps_per_epoch"], epoch=epoch,
-                    teacher=teacher, distill=distill,
+                    rec_model,
+                    train_loader,
+                    opt,
+                    sched,
+                    dev,
+                    masks=masks,
+                    max_steps=tcfg["max_steps_per_epoch"],
+                    epoch=epoch,
+                    teacher=teacher,
+                    distill=distill,
                 )
-    compressed_accuracy = train.evaluate(model, val_loader, dev)[0] if val_loader is not None else None
+    compressed_accuracy = (
+        train.evaluate(model, val_loader, dev)[0] if val_loader is not None else None
+    )
 
     # ----------------------------------------------------------------- export
     model.eval()
@@ -732,7 +809,11 @@ def _build_kwargs(loaded, num_classes: int, shape) -> dict:
 def _sparse_accuracy(model, rvsm, train_loader, val_loader, dev, tcfg) -> float:
     """Validation accuracy of the sparse model ``u`` after BatchNorm recalibration; restores ``w``."""
     with rvsm.sparse_weights():
-        saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+        saved = {
+            k: v.clone()
+            for k, v in model.state_dict().items()
+            if "running" in k or "num_batches" in k
+        }
         train.recalibrate_bn(model, train_loader, dev, tcfg["bn_recalibration_batches"])
         acc = train.evaluate(model, val_loader, dev)[0]
         model.load_state_dict(saved, strict=False)
@@ -777,19 +858,35 @@ class AccuracySeeker:
         factor = self.controller.reached_factor
         ok = self.baseline_accuracy - acc <= self.max_drop
         self.log.append({"step": step, "macs_x": factor, "accuracy": acc, "within": ok})
-        log.info("seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (%s)", step, factor, acc, "ok" if ok else "over budget")
-        if ok and step < self.controller.reach_step and self.controller.factor < self.controller.floor_factor:
+        log.info(
+            "seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (%s)",
+            step,
+            factor,
+            acc,
+            "ok" if ok else "over budget",
+        )
+        if (
+            ok
+            and step < self.controller.reach_step
+            and self.controller.factor < self.controller.floor_factor
+        ):
             self.last_good = [m.clone() for m in self.controller.strength.forced_zero]
             if self.snapshot is not None:
                 self.saved = self.snapshot()
-            self.controller.factor = min(self.controller.factor * self.growth, self.controller.floor_factor)
+            self.controller.factor = min(
+                self.controller.factor * self.growth, self.controller.floor_factor
+            )
             return
         if ok:
             self.controller.freeze()
         else:
-            masks = self.last_good or [torch.zeros_like(m) for m in self.controller.strength.forced_zero]
+            masks = self.last_good or [
+                torch.zeros_like(m) for m in self.controller.strength.forced_zero
+            ]
             if self.restore is not None and self.saved is not None:
-                self.restore(self.saved)  # the channels zeroed since then come back with their weights
+                self.restore(
+                    self.saved
+                )  # the channels zeroed since then come back with their weights
             self.controller.freeze(masks)
         log.info("seek: froze the zero set at %.2fx MACs", self.controller.reached_factor)
 
@@ -800,8 +897,13 @@ def _target_summary(target, compressed, baseline) -> dict | None:
         return None
     if kind == "seek":
         reached = baseline["macs"] / max(compressed["macs"], 1)
-        return {"kind": "seek_macs", "asked": None, "reached": reached, "within": True,
-                "max_reachable": controller.floor_factor if controller else None}
+        return {
+            "kind": "seek_macs",
+            "asked": None,
+            "reached": reached,
+            "within": True,
+            "max_reachable": controller.floor_factor if controller else None,
+        }
     if kind == "macs":
         reached = baseline["macs"] / max(compressed["macs"], 1)
     elif kind == "params":
@@ -819,8 +921,26 @@ def _target_summary(target, compressed, baseline) -> dict | None:
     }
 
 
-def _build_report(*, resolved, command, checkpoint, loaded, data, device, baseline, compressed,
-                  verification, latency, pruned, model, history, target, activations, timer, onnx_path) -> dict:
+def _build_report(
+    *,
+    resolved,
+    command,
+    checkpoint,
+    loaded,
+    data,
+    device,
+    baseline,
+    compressed,
+    verification,
+    latency,
+    pruned,
+    model,
+    history,
+    target,
+    activations,
+    timer,
+    onnx_path,
+) -> dict:
     target_summary = _target_summary(target, compressed, baseline)
     sparsity = {row["name"]: row["sparsity"] for row in metrics.layer_sparsity(model)}
     layers = [
@@ -839,7 +959,12 @@ def _build_report(*, resolved, command, checkpoint, loaded, data, device, baseli
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command,
         "recipe": resolved,
-        "input": {"checkpoint": str(checkpoint), "arch": loaded.arch, "data": data, "device": str(device)},
+        "input": {
+            "checkpoint": str(checkpoint),
+            "arch": loaded.arch,
+            "data": data,
+            "device": str(device),
+        },
         "baseline": baseline,
         "compressed": compressed,
         "reduction": {
@@ -868,7 +993,9 @@ def _build_report(*, resolved, command, checkpoint, loaded, data, device, baseli
         exit_code = EXIT_VERIFICATION_FAILED
     elif activations is None and (verification.get("torch_vs_onnxruntime_relative") or 0) > 1e-3:
         exit_code = EXIT_VERIFICATION_FAILED
-        verification["notes"].append("onnxruntime outputs differ from PyTorch by more than 1e-3 of the output scale")
+        verification["notes"].append(
+            "onnxruntime outputs differ from PyTorch by more than 1e-3 of the output scale"
+        )
     elif activations is not None and verification.get("top1_agreement", 0) < 1.0:
         verification["notes"].append(
             "binary activations: some units sit within float rounding of 0 and flip between PyTorch and "
@@ -880,8 +1007,22 @@ def _build_report(*, resolved, command, checkpoint, loaded, data, device, baseli
     return report
 
 
-def _finish_failed(out, resolved, baseline, verification, timer, command, exc, is_main, *,
-                   checkpoint=None, loaded=None, data=None, device=None, history=()) -> dict:
+def _finish_failed(
+    out,
+    resolved,
+    baseline,
+    verification,
+    timer,
+    command,
+    exc,
+    is_main,
+    *,
+    checkpoint=None,
+    loaded=None,
+    data=None,
+    device=None,
+    history=(),
+) -> dict:
     """Verification failed: no model is written, only the report (json, md, plots) and recipe."""
     report = report_mod.new_report(
         command=command,

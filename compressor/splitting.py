@@ -94,6 +94,9 @@ class RVSM:
         self.params = [params[n] for n in self.names]
         self.param_by_name = dict(zip(self.names, self.params, strict=True))
         self.u = {n: params[n].detach().clone() for n in self.names}
+        # Params whose entries measure a group unit (its BatchNorm gamma and beta, if any).
+        self._norm_params = {m.param for g in groups.groups for m in g.norm_members}
+        self._row_index: torch.Tensor | None = None  # see sparse_group_pass_
         elements = sum(p.numel() for p in self.params)
         self.fused = fused == "on" or (fused == "auto" and elements >= FUSED_MIN_ELEMENTS)
         # Units held at zero in ``w`` itself (see ``hold_zero``): per group, True = zero.
@@ -132,15 +135,68 @@ class RVSM:
         their tensor's typical size, see ``strength.py``).
 
         The individual prox writes straight into ``u`` (``mu = 0``: a copy of
-        ``w``), and the group shrink scales ``u`` in place.
+        ``w``), and the group shrink scales ``u`` in place; with fused kernels
+        and units measured by entries with no individual penalty, both are one
+        pass (:meth:`sparse_group_pass_`).
         """
+        if self.fused and self.can_fuse_prox(thresholds):
+            if self.sparse_group_pass_(
+                thresholds, self.group_factors(self.param_by_name, thresholds)
+            ):
+                return
         self.individual_prox_(thresholds)
-        norms = self.groups.channel_norms(self.u)
-        factors = [
+        self.groups.scale_(self.u, self.group_factors(self.u, thresholds))
+
+    @torch.no_grad()
+    def group_factors(
+        self, tensors: Mapping[str, torch.Tensor], thresholds: Thresholds
+    ) -> list[torch.Tensor]:
+        """Per group, the shrink factor of each unit from the unit norms in ``tensors``."""
+        return [
             penalties.group_shrink_factor(n, mu.to(n.device, n.dtype))
-            for n, mu in zip(norms, thresholds.group, strict=True)
+            for n, mu in zip(self.groups.channel_norms(tensors), thresholds.group, strict=True)
         ]
-        self.groups.scale_(self.u, factors)
+
+    def can_fuse_prox(self, thresholds: Thresholds) -> bool:
+        """Whether :meth:`prox` can be the one pass of :meth:`sparse_group_pass_`.
+
+        It can for TL1 (or no individual penalty) when the entries that measure
+        the units (BatchNorm gamma and beta) have no individual penalty: their
+        prox is then the identity, so the group norms, and with them the
+        shrink factors, are those of ``w``, known before the individual prox runs.
+        """
+        return self.individual_kind in ("tl1", "none") and not any(
+            thresholds.individual.get(n) for n in self._norm_params
+        )
+
+    @torch.no_grad()
+    def sparse_group_pass_(self, thresholds: Thresholds, factors: Sequence[torch.Tensor]) -> bool:
+        """``u = f * prox_tl1(w)`` in one fused pass (:func:`compressor.kernels.sparse_group_prox_`).
+
+        ``factors`` are the group shrink factors (:meth:`group_factors` of ``w``);
+        False, with nothing written, where the fused kernel cannot run.
+        """
+        device = self.params[0].device if self.params else torch.device("cpu")
+        if self._row_index is None or self._row_index.device != device:
+            self._row_index = self.groups.row_factor_index(
+                {n: (p.shape[0] if p.dim() else 1) for n, p in self.param_by_name.items()}
+            ).to(device)
+        scales = thresholds.individual_scale or {}
+        mus, as_ = [], []
+        for name in self.names:
+            mu = thresholds.individual.get(name)
+            a = thresholds.individual_a.get(name, 1.0)
+            if mu:
+                mu, a = penalties.tl1_scaled_params(mu, a, scales.get(name, 1.0))
+            mus.append(float(mu) if mu else None)
+            as_.append(float(a))
+        return kernels.sparse_group_prox_(
+            [p.detach() for p in self.params],
+            [self.u[n] for n in self.names],
+            mus,
+            as_,
+            self.groups.row_factors(factors, self._row_index),
+        )
 
     @torch.no_grad()
     def individual_prox_(self, thresholds: Thresholds) -> None:

@@ -250,7 +250,9 @@ class TargetController:
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.base = groups.total_macs if kind == "macs" else groups.total_params
         if schedule not in ("cubic", "geometric", "immediate"):
-            raise ValueError(f"schedule must be 'cubic', 'geometric' or 'immediate', got {schedule!r}")
+            raise ValueError(
+                f"schedule must be 'cubic', 'geometric' or 'immediate', got {schedule!r}"
+            )
         self.schedule = schedule
         self.frozen = False
         self.threshold = 0.0  # score of the last unit zeroed

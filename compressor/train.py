@@ -21,14 +21,19 @@ from compressor.errors import DivergenceError
 log = logging.getLogger(__name__)
 
 
-def make_optimizer(model: nn.Module, train: Mapping, lr: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, train: Mapping, lr: float | None = None
+) -> torch.optim.Optimizer:
     """SGD (Nesterov-free, the reference), Adam or AdamW over all trainable parameters."""
     lr = train["lr"] if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
     name = train.get("optimizer", "sgd")
     if name == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=train.get("momentum", 0.9), weight_decay=train.get("weight_decay", 0.0)
+            params,
+            lr=lr,
+            momentum=train.get("momentum", 0.9),
+            weight_decay=train.get("weight_decay", 0.0),
         )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=train.get("weight_decay", 0.0))
@@ -103,7 +108,9 @@ def recalibrate_bn(model: nn.Module, loader, device: torch.device, batches: int)
         model.eval()
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch.
 
     Knowledge distillation (Hinton, Vinyals & Dean, "Distilling the knowledge in a
@@ -199,7 +206,14 @@ def train_one_epoch(
         seen += len(y)
         if log_every and (step + 1) % log_every == 0:
             rate = seen / (time.perf_counter() - start)
-            log.info("epoch %d step %d/%d loss %.4f (%.0f img/s)", epoch + 1, step + 1, steps, loss_sum / seen, rate)
+            log.info(
+                "epoch %d step %d/%d loss %.4f (%.0f img/s)",
+                epoch + 1,
+                step + 1,
+                steps,
+                loss_sum / seen,
+                rate,
+            )
     return loss_sum / max(seen, 1)
 
 

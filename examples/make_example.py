@@ -49,12 +49,18 @@ def main() -> None:
     n = args.train_images
     HERE.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        HERE / "data.npz", x_train=x[n : n + 5000], y_train=y[n : n + 5000], x_val=xt[:1000], y_val=yt[:1000]
+        HERE / "data.npz",
+        x_train=x[n : n + 5000],
+        y_train=y[n : n + 5000],
+        x_val=xt[:1000],
+        y_val=yt[:1000],
     )
     model = resnet20(num_classes=10, in_channels=1)
     xs = torch.from_numpy(x[:n].astype(np.float32) / 255.0)
     ys = torch.from_numpy(y[:n])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
     steps = args.epochs * (n // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
     start = time.time()
@@ -75,7 +81,9 @@ def main() -> None:
                 int((model(xv[i : i + 500]).argmax(1) == torch.from_numpy(yt[i : i + 500])).sum())
                 for i in range(0, len(xv), 500)
             ) / len(xv)
-        print(f"epoch {epoch + 1}: loss {loss.item():.3f}, test accuracy {100 * acc:.2f}% ({time.time() - start:.0f}s)")
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.3f}, test accuracy {100 * acc:.2f}% ({time.time() - start:.0f}s)"
+        )
     torch.save(model.state_dict(), HERE / "model.pt")
 
 

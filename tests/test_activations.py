@@ -33,8 +33,6 @@ X = [-1.0, 0.0, 0.5, 1.0, 2.0]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 def grad_of(act: nn.Module, values=X, dtype=torch.float32):
     x = torch.tensor(values, dtype=dtype, requires_grad=True)
     y = act(x)

@@ -143,11 +143,10 @@ def test_rvsm_overhead_on_device(tmp_path, device):
     out = tmp_path / "overhead.json"
     argv = ["--batch", "4", "--resolution", "32", "--reps", "2", "--warmup", "1"]
     argv += ["--component-reps", "2", "--device", device, "--out", str(out)]
-    data = rvsm_overhead.main(argv)  # the full mode: profiler and what-if candidates too
+    data = rvsm_overhead.main(argv)  # the full mode: with the profiler
     assert data["settings"]["device"] == device and data["machine"]["device"] == device
     assert data["plain_step_ms"] > 0 and data["rvsm_step_ms"] > 0
-    assert data["what_if"]["tl1_inplace"]["same_zeros_as_library"]
-    assert data["what_if"]["norms_no_gather"]["max_relative_diff"] < 1e-5
+    assert data["components"]["prox"]["median_ms"] > 0
     assert data["profile_rvsm_step_top_ops"]
     if device == "cuda":
         assert "self_device_ms_per_step" in data["profile_rvsm_step_top_ops"][0]

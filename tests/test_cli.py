@@ -48,8 +48,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------- fixtures
 
 
-
-
 @contextlib.contextmanager
 def _logging_restored():
     """``cli.main`` installs a handler on the (captured) stderr; undo it afterwards."""

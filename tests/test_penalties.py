@@ -37,8 +37,6 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 ELEMENTWISE = ("l1", "l0", "tl1")
 
 ys = st.floats(-5.0, 5.0, allow_nan=False)

@@ -27,8 +27,6 @@ REPORT_KEYS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """``cli.main`` installs a handler on the (captured) stderr; undo it afterwards."""
