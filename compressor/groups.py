@@ -226,9 +226,9 @@ class ChannelGroups:
     @staticmethod
     def row_factors(factors: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """Every row's factor (``index`` from :meth:`row_factor_index`); factors per group and unit."""
-        one = torch.ones(1, dtype=factors[0].dtype, device=factors[0].device) if factors else None
-        flat = torch.cat([*factors, one]) if factors else torch.ones(1, device=index.device)
-        return flat.index_select(0, index.to(flat.device))
+        dtype, device = (factors[0].dtype, factors[0].device) if factors else (None, index.device)
+        flat = torch.cat([*factors, torch.ones(1, dtype=dtype, device=device)])
+        return flat.index_select(0, index.to(device))
 
     def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
         """MACs and params of the model once the masked channels are removed.

@@ -211,6 +211,11 @@ def prox_tl1_many_(
         penalties.prox_tl1(y, mu, a, out=out)
 
 
+def row_count(t: torch.Tensor) -> int:
+    """Rows (dim 0) of ``t`` as the row-factor layout counts them (a scalar is one row)."""
+    return t.shape[0] if t.dim() else 1
+
+
 def _tl1_row(mu: float, a: float) -> tuple[float, float, float]:
     """What the fused TL1 loop needs of ``(mu, a)``: the threshold, ``k2 = 27 mu a (a+1) / 4``, ``a``."""
     return penalties.tl1_threshold(mu, a), 27.0 * mu * a * (a + 1.0) / 4.0, a
@@ -240,10 +245,10 @@ def sparse_group_prox_(
         or ys[0].dtype != torch.float32
         or not all(t.is_contiguous() for t in tensors)
         or row_factors.dim() != 1
-        or row_factors.numel() != sum(y.shape[0] if y.dim() else 1 for y in ys)
+        or row_factors.numel() != sum(row_count(y) for y in ys)
     ):
         return False
-    views_y = [y.view(y.shape[0] if y.dim() else 1, -1) for y in ys]
+    views_y = [y.view(row_count(y), -1) for y in ys]
     views_out = [o.view(v.shape) for o, v in zip(outs, views_y, strict=True)]
     prox = [bool(mu) for mu in mus]
     rows = [_tl1_row(mu, a) if mu else (0.0, 0.0, 1.0) for mu, a in zip(mus, as_, strict=True)]

@@ -179,17 +179,17 @@ class RVSM:
         device = self.params[0].device if self.params else torch.device("cpu")
         if self._row_index is None or self._row_index.device != device:
             self._row_index = self.groups.row_factor_index(
-                {n: (p.shape[0] if p.dim() else 1) for n, p in self.param_by_name.items()}
+                {n: kernels.row_count(p) for n, p in self.param_by_name.items()}
             ).to(device)
-        scales = thresholds.individual_scale or {}
         mus, as_ = [], []
         for name in self.names:
-            mu = thresholds.individual.get(name)
-            a = thresholds.individual_a.get(name, 1.0)
-            if mu:
-                mu, a = penalties.tl1_scaled_params(mu, a, scales.get(name, 1.0))
-            mus.append(float(mu) if mu else None)
-            as_.append(float(a))
+            mu, a = (
+                self._tl1_params(name, thresholds)
+                if thresholds.individual.get(name)
+                else (None, 1.0)
+            )
+            mus.append(mu)
+            as_.append(a)
         return kernels.sparse_group_prox_(
             [p.detach() for p in self.params],
             [self.u[n] for n in self.names],
@@ -208,22 +208,28 @@ class RVSM:
             if mu is None:
                 self.u[name].copy_(p)
                 continue
-            a = thresholds.individual_a.get(name, 1.0)
             if self.fused and self.individual_kind == "tl1":
-                mu_s, a_s = penalties.tl1_scaled_params(mu, a, scales.get(name, 1.0))
-                fused_tl1.append((p.detach(), self.u[name], float(mu_s), float(a_s)))
+                fused_tl1.append((p.detach(), self.u[name], *self._tl1_params(name, thresholds)))
                 continue
             penalties.individual_prox(
                 self.individual_kind,
                 p.detach(),
                 mu,
-                a=a,
+                a=thresholds.individual_a.get(name, 1.0),
                 alpha=self.alpha,
                 scale=scales.get(name, 1.0),
                 out=self.u[name],
             )
         if fused_tl1:
             kernels.prox_tl1_many_(*zip(*fused_tl1, strict=True))
+
+    @staticmethod
+    def _tl1_params(name: str, thresholds: Thresholds) -> tuple[float, float]:
+        """``(mu, a)`` of ``name``'s TL1 prox on the weights themselves (its scale folded in)."""
+        scale = (thresholds.individual_scale or {}).get(name, 1.0)
+        a = thresholds.individual_a.get(name, 1.0)
+        mu_s, a_s = penalties.tl1_scaled_params(thresholds.individual[name], a, scale)
+        return float(mu_s), float(a_s)
 
     @torch.no_grad()
     def hold_zero(self, masks: Sequence[torch.Tensor] | None) -> None:
