@@ -1,15 +1,27 @@
-"""Ablation of the target controller's schedule: what holding the zero set and reaching it early buy.
+"""Ablation of the target controller: what each ``target`` recipe key buys, against Torch-Pruning.
 
 Runs ``compressor.compress`` with ``--target-macs`` on the bundled example
-checkpoint (ResNet-20, Fashion-MNIST) with three settings of the ``target``
-recipe keys, everything else equal (recipe ``tl1-group``, 2 epochs over a fixed
-10,000-image training subset, tested on the 10,000 test images, seed 0):
+checkpoint (ResNet-20, Fashion-MNIST) with five settings of the ``target``
+recipe keys, everything else equal (recipe ``tl1-group`` with its distillation,
+2 epochs over a fixed 10,000-image training subset, tested on the 10,000 test
+images, seed 0):
 
-* ``coupled, reach 0.6``: the zero set is reached at 60% of training and the
-  frozen channels are only pulled toward zero by the RVSM coupling (the
-  defaults before 2026-11-28);
-* ``masked, reach 0.6``: the frozen channels are held at exactly zero in ``w``;
-* ``masked, reach 0.3``: the same, reached at 30% (the defaults now).
+* ``coupled, reach 0.6, shrink``: the zero set is reached at 60% of training,
+  the kept channels are shrunk by the group penalty meanwhile, and the chosen
+  channels are only pulled toward zero by the RVSM coupling (plain RVSM);
+* ``masked, reach 0.3, shrink``: the frozen channels are held at exactly zero
+  in ``w``, reached at 30% (the defaults before 2026-11-28);
+* ``always, shrink``: every step's zero channels are held at zero from the step
+  they are chosen (gradual pruning);
+* ``always, no shrink``: the same without shrinking the kept channels;
+* ``always, no shrink, balance 0.75``: every group keeps at least 0.75x the share
+  a uniform ratio would keep (the defaults now).
+
+Torch-Pruning's one-shot magnitude pruning (uniform ratio) plus fine-tuning for
+the same 2 epochs, without and with the same distillation, runs first at each
+target (``benchmarks/tradeoff.py``'s ``tp-magnitude`` and ``tp-magnitude-kd``);
+compressor is then asked for the MACs reduction Torch-Pruning reached, so the
+rows compare at equal MACs.
 
 Results go to ``benchmarks/results/ablation_targets.json`` (one row per run,
 appended as each finishes, so an interrupted run resumes) and to the
@@ -35,39 +47,86 @@ import torch  # noqa: E402
 import compressor  # noqa: E402
 from benchmarks.common import command_line, machine_info, write_json  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
-from benchmarks.tradeoff import DEFAULT_CACHE, DEFAULT_DATA, prepare_data  # noqa: E402
+from benchmarks.tradeoff import (  # noqa: E402
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    EXAMPLE_SHAPE,
+    load_baseline_model,
+    prepare_data,
+    run_torch_pruning,
+)
 from compressor.fileio import atomic_write_text  # noqa: E402
+from compressor.metrics import count_macs  # noqa: E402
 
 log = logging.getLogger("benchmarks.ablation_targets")
 HERE = Path(__file__).resolve().parent
 BASELINE = ROOT / "examples" / "fashion-mnist" / "model.pt"
 VARIANTS = {
-    "coupled, reach 0.6": ["target.hold=coupled", "target.reach_fraction=0.6"],
-    "masked, reach 0.6": ["target.hold=masked", "target.reach_fraction=0.6"],
-    "masked, reach 0.3": ["target.hold=masked", "target.reach_fraction=0.3"],
-}
+    "coupled, reach 0.6, shrink": [
+        "target.hold=coupled", "target.reach_fraction=0.6", "target.shrink=true",
+        "target.balance=0",
+    ],
+    "masked, reach 0.3, shrink": [
+        "target.hold=masked", "target.reach_fraction=0.3", "target.shrink=true",
+        "target.balance=0",
+    ],
+    "always, shrink": [
+        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=true",
+        "target.balance=0",
+    ],
+    "always, no shrink": [
+        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
+        "target.balance=0",
+    ],
+    "always, no shrink, balance 0.75": [
+        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
+        "target.balance=0.75",
+    ],
+}  # fmt: skip
+REFERENCES = ("tp-magnitude", "tp-magnitude-kd")
 
 
 def train_overrides(epochs: int) -> list[str]:
-    """The schedule's effect alone: distillation off (as when the recorded runs were made)."""
-    return [
-        f"train.epochs={epochs}",
-        "recover.epochs=0",
-        "train.batch_size=128",
-        "train.lr=0.01",
-        "distill.weight=0",
-    ]
+    return [f"train.epochs={epochs}", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01"]
 
 
-def run(variant: str, target: float, *, npz: Path, work: Path, seed: int, epochs: int) -> dict:
-    """One compress run; accuracy and MACs reduction from its report."""
+def run_reference(method: str, target: float, *, npz: Path, work: Path, seed: int, epochs: int):
+    """Torch-Pruning's one-shot magnitude pruning and fine-tuning (``tradeoff.run_torch_pruning``)."""
+    start = time.perf_counter()
+    row = run_torch_pruning(
+        method,
+        baseline_path=str(BASELINE),
+        npz=npz,
+        target=target,
+        seed=seed,
+        budget_epochs=epochs,
+        sparse_fraction=0.0,
+        reg=0.0,
+        work=work,
+    )
+    return {
+        "variant": method,
+        "target": target,
+        "seed": seed,
+        "accuracy": row["accuracy"],
+        "macs_x": count_macs(load_baseline_model(BASELINE), torch.randn(*EXAMPLE_SHAPE))
+        / row["macs"],
+        "channels_kept": row["channels_kept"],
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def run(
+    variant: str, target: float, asked: float, *, npz: Path, work: Path, seed: int, epochs: int
+) -> dict:
+    """One compress run asking for ``asked`` x fewer MACs; accuracy and reduction from its report."""
     start = time.perf_counter()
     report = compressor.compress(
         str(BASELINE),
         arch="resnet20",
         data=str(npz),
         recipe="tl1-group",
-        target_macs=target,
+        target_macs=asked,
         out=str(work),
         overrides=train_overrides(epochs) + VARIANTS[variant],
         device="cpu",
@@ -81,7 +140,9 @@ def run(variant: str, target: float, *, npz: Path, work: Path, seed: int, epochs
     return {
         "variant": variant,
         "target": target,
+        "asked": asked,
         "seed": seed,
+        "baseline_accuracy": report["baseline"]["accuracy"],
         "accuracy": comp["accuracy"],
         "macs_x": report["baseline"]["macs"] / comp["macs"],
         "channels_kept": comp["channels_kept"],
@@ -92,15 +153,20 @@ def run(variant: str, target: float, *, npz: Path, work: Path, seed: int, epochs
 
 def render(results: dict) -> str:
     targets = sorted({r["target"] for r in results["runs"]})
+    base = next((r["baseline_accuracy"] for r in results["runs"] if "baseline_accuracy" in r), None)
     lines = [
-        "Baseline: the bundled example checkpoint (91.46% on the 10,000 test images); recipe "
-        f"`tl1-group`, {results['epochs']} epochs over a fixed {results['subset']:,}-image training "
-        f"subset, seed {results['seed']}. Command: `{results['command']}`.",
+        f"Baseline: the bundled example checkpoint ({base}% on the 10,000 test images); "
+        f"{results['epochs']} epochs over a fixed {results['subset']:,}-image training subset, "
+        f"seed {results['seed']}, distillation on (weight 0.7, T 4) except in `tp-magnitude`. "
+        "compressor (recipe `tl1-group`) is asked for the MACs reduction `tp-magnitude` "
+        f"reached at each target. Command: `{results['command']}`.",
         "",
-        "| target keys | " + " | ".join(f"{t:g}x: accuracy % (MACs x)" for t in targets) + " |",
+        "| method / target keys | "
+        + " | ".join(f"{t:g}x: accuracy % (MACs x)" for t in targets)
+        + " |",
         "|---|" + "---|" * len(targets),
     ]
-    for variant in VARIANTS:
+    for variant in (*REFERENCES, *VARIANTS):
         cells = []
         for t in targets:
             row = next(
@@ -141,16 +207,29 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [],
         }
     )
+
+    def recorded(variant, target):
+        rows = [r for r in results["runs"] if r["variant"] == variant and r["target"] == target]
+        return rows[0] if rows else None
+
+    def work_dir(variant, target):
+        name = f"{variant.replace(', ', '_').replace(' ', '')}_{target:g}x"
+        return cache / "ablation_runs" / name
+
     for target in (float(t) for t in args.targets.split(",")):
+        kw = {"npz": npz, "seed": args.seed, "epochs": args.epochs}
+        for method in REFERENCES:
+            if recorded(method, target) is None:
+                row = run_reference(method, target, work=work_dir(method, target), **kw)
+                log.info("%s at %gx: %.2f%% (%.2fx MACs)", method, target, row["accuracy"],
+                         row["macs_x"])  # fmt: skip
+                results["runs"].append(row)
+                write_json(args.results, results)
+        asked = round(recorded(REFERENCES[0], target)["macs_x"], 3)
         for variant in VARIANTS:
-            if any(r["variant"] == variant and r["target"] == target for r in results["runs"]):
+            if recorded(variant, target) is not None:
                 continue
-            work = (
-                cache
-                / "ablation_runs"
-                / f"{variant.replace(', ', '_').replace(' ', '')}_{target:g}x"
-            )
-            row = run(variant, target, npz=npz, work=work, seed=args.seed, epochs=args.epochs)
+            row = run(variant, target, asked, work=work_dir(variant, target), **kw)
             log.info(
                 "%s at %gx: %.2f%% (%.2fx MACs)", variant, target, row["accuracy"], row["macs_x"]
             )

@@ -523,7 +523,9 @@ def compress(
             strength,
             total_steps=total_steps,
             reach_fraction=tgt["reach_fraction"],
+            balance=tgt["balance"],
         )
+        strength.shrink_kept = tgt["shrink"]
         if not controller.reachable:
             log.warning(
                 "target %.2fx %s is beyond what removing channels can give here (at most %.2fx)",
@@ -569,17 +571,8 @@ def compress(
                 seek.check(step)
             if not controller.frozen:
                 controller.update(step, dict(model.named_parameters()))
-        # Hold the zero set in ``w`` once it is frozen, and during the seeker's stages (so
-        # each stage's check sees a network that trained without those channels).
-        zero = strength.forced_zero
-        if (
-            controller is not None
-            and (controller.frozen or seek is not None)
-            and tgt["hold"] == "masked"
-            and zero is not None
-            and (rvsm.held_zero is None or not all(map(torch.equal, rvsm.held_zero, zero)))
-        ):
-            rvsm.hold_zero(zero)
+        if controller is not None:
+            hold_zero_set(rvsm, strength, tgt["hold"], frozen=controller.frozen or seek is not None)
 
     for epoch in range(start_epoch, epochs):
         with timer.stage("train"):
@@ -819,6 +812,21 @@ def _sparse_accuracy(model, rvsm, train_loader, val_loader, dev, tcfg) -> float:
         model.load_state_dict(saved, strict=False)
     model.train()
     return acc
+
+
+def hold_zero_set(rvsm: RVSM, strength: Strength, hold: str, *, frozen: bool) -> None:
+    """Keep the controller's current zero set exactly zero in ``w`` as the recipe's ``target.hold`` says.
+
+    ``always``: from the first step (gradual pruning: the network never leans on
+    a channel it is about to lose); ``masked``: once ``frozen`` (the zero set is
+    final, or the accuracy seeker is checking a stage); ``coupled``: never, the
+    coupling alone pulls those channels toward zero (plain RVSM).
+    """
+    zero = strength.forced_zero
+    if zero is None or hold == "coupled" or (hold == "masked" and not frozen):
+        return
+    if rvsm.held_zero is None or not all(map(torch.equal, rvsm.held_zero, zero)):
+        rvsm.hold_zero(zero)
 
 
 class AccuracySeeker:

@@ -275,10 +275,22 @@ SCHEMA: dict[str, Any] = {
         "params": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),
         "size": Param(None, _int(1), nullable=True, help="bytes"),
         "reach_fraction": Param(0.3, _float(0, 1, closed="right")),
+        "balance": Param(
+            0.75,
+            _float(0, 1),
+            help="every group keeps at least this times the share a uniform ratio would keep",
+        ),
+        "shrink": Param(
+            False,
+            Bool(),
+            help="also shrink the channels the controller keeps with penalty.group until the "
+            "target is reached",
+        ),
         "hold": Param(
-            "masked",
-            Options(("masked", "coupled")),
-            help="after the zero set freezes: keep it exactly zero in w (masked) or only pull it (coupled)",
+            "always",
+            Options(("always", "masked", "coupled")),
+            help="keep the controller's zero channels exactly zero in w from the first step "
+            "(always), once the zero set freezes (masked), or only pull them (coupled)",
         ),
     },
     "prune": {

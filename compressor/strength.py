@@ -26,11 +26,12 @@ With a target (``--target-macs 4``) a ``TargetController`` decides which units
 are zero: it follows a cubic schedule (Zhu & Gupta 2017) of the cost to remove,
 reaching the target at ``reach_fraction`` of training; each update it ranks
 units by ``||w_gu|| / (c_g ref_g)`` and zeroes the lowest ones until their
-removal meets the schedule (the coupling then pulls their ``w`` to zero, so
-the network adapts gradually). Once reached, the zero set is frozen and the
-survivors are no longer shrunk; the pipeline then holds the frozen units at
-exactly zero in ``w`` as well (``RVSM.hold_zero``, recipe ``target.hold:
-masked``), so the rest of training fine-tunes the network that will ship.
+removal meets the schedule, every group keeping at least ``balance`` times the
+share of units a uniform ratio would keep. The pipeline holds the chosen units
+at exactly zero in ``w`` (``RVSM.hold_zero``; recipe ``target.hold``: from the
+step they are chosen, or once frozen), and the kept units are not shrunk
+(unless ``target.shrink``). Once reached, the zero set is frozen, so the rest
+of training fine-tunes the network that will ship.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Strength:
     budget: float = 1.0  # coupling_budget(...) of the run
     forced_zero: list[torch.Tensor] | None = None  # units the target controller zeroes
     frozen: bool = False  # target reached: survivors are no longer shrunk
+    shrink_kept: bool = True  # False: with a target, only the controller's zero units are shrunk
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -195,7 +197,7 @@ class Strength:
             per_group = self.group_lambda * self.sqrt_sizes * self.weights / beta
         else:
             per_group = (self.group_strength or 0.0) * self.weights * self.ref / self.budget
-        if self.frozen:
+        if self.frozen or not self.shrink_kept:
             per_group = torch.zeros_like(per_group)
         mus = [
             torch.full((n,), float(m), dtype=torch.float32)
@@ -242,6 +244,7 @@ class TargetController:
         total_steps: int,
         reach_fraction: float = 0.3,
         schedule: str = "cubic",
+        balance: float = 0.0,
     ):
         if kind not in ("macs", "params"):
             raise ValueError(f"target kind must be 'macs' or 'params', got {kind!r}")
@@ -257,7 +260,8 @@ class TargetController:
         self.frozen = False
         self.threshold = 0.0  # score of the last unit zeroed
         self.reached_factor = 1.0
-        self.floor_factor = self._floor_factor()
+        self.floor_factor = self._floor_factor(MIN_KEEP_FRACTION)
+        self.keep_fraction = self._balanced_keep_fraction(balance)
 
     def _cost(self, masks) -> float:
         macs, params = self.groups.estimate_cost(masks)
@@ -267,13 +271,28 @@ class TargetController:
         """The reduction factor (base cost / cost) once the ``masks`` units are removed."""
         return self.base / max(self._cost(masks), 1.0)
 
-    def _floor_factor(self) -> float:
+    def _floor_factor(self, keep_fraction: float) -> float:
+        """The reduction when every group keeps only ``keep_fraction`` of its units."""
         masks = []
         for g in self.groups:
             m = torch.ones(g.size, dtype=torch.bool)
-            m[: max(1, math.ceil(MIN_KEEP_FRACTION * g.size))] = False
+            m[: max(1, math.ceil(keep_fraction * g.size))] = False
             masks.append(m)
         return self._factor(masks)
+
+    def _balanced_keep_fraction(self, balance: float) -> float:
+        """The share of its units every group keeps: ``balance`` times a uniform ratio's.
+
+        A uniform ratio keeping ``k`` of every layer's channels cuts MACs (and
+        params) by about ``1 / k^2``, so it keeps ``1 / sqrt(factor)``. Ranking
+        units globally can otherwise leave a whole stage a few channels wide (a
+        bottleneck no fine-tuning recovers from). Lowered, down to
+        ``MIN_KEEP_FRACTION``, until the target stays reachable.
+        """
+        keep = balance / math.sqrt(self.factor)
+        while keep > MIN_KEEP_FRACTION and self._floor_factor(keep) < self.factor:
+            keep *= 0.9
+        return max(MIN_KEEP_FRACTION, keep)
 
     @property
     def reachable(self) -> bool:
@@ -341,8 +360,8 @@ class TargetController:
         norms = self.groups.channel_norms(tensors)
         scale = (self.strength.weights * self.strength.ref).tolist()
         scores = [n.double().cpu() / s for n, s in zip(norms, scale, strict=True)]
-        for sc in scores:  # every group keeps MIN_KEEP_FRACTION of its units
-            keep = max(1, math.ceil(MIN_KEEP_FRACTION * len(sc)))
+        for sc in scores:  # every group keeps keep_fraction of its units
+            keep = max(1, math.ceil(self.keep_fraction * len(sc)))
             sc[torch.topk(sc, keep).indices] = float("inf")
         flat = torch.cat(scores)
         # rank units (ties broken by position, so equal scores still zero one at a time)

@@ -248,3 +248,34 @@ def test_resnet18_end_to_end(tmp_path, capsys):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "hold,frozen,held",
+    [
+        ("always", False, True),  # gradual: held from the first zeroing
+        ("masked", False, False),  # ramping: left to the coupling
+        ("masked", True, True),  # frozen: held
+        ("coupled", True, False),  # never held
+    ],
+)
+def test_hold_zero_set_follows_the_recipe_key(hold, frozen, held):
+    from compressor.groups import build_groups
+    from compressor.pipeline import hold_zero_set
+    from compressor.splitting import RVSM
+    from compressor.strength import Strength
+
+    model = lenet5()
+    groups = build_groups(model, torch.randn(1, 1, 28, 28))
+    rvsm = RVSM(model, groups, individual_kind="none")
+    penalty = {
+        "individual": {"kind": "none", "strength": 0.0, "lambda": None, "a": 1.0},
+        "group": {"strength": 0.0, "lambda": None, "weighting": "uniform"},
+    }
+    strength = Strength.from_recipe(penalty, model, groups, [])
+    strength.forced_zero = [torch.arange(g.size) % 2 == 0 for g in groups]
+    hold_zero_set(rvsm, strength, hold, frozen=frozen)
+    norms = groups.channel_norms(dict(model.named_parameters()), all_members=True)
+    for n, z in zip(norms, strength.forced_zero, strict=True):
+        assert bool((n[z] == 0).all()) is held
+        assert (n[~z] > 0).all()

@@ -46,14 +46,65 @@ def test_cubic_schedule_endpoints():
     assert cubic_schedule(0.5) > 0.5  # front-loaded
 
 
-def _controller(factor, total_steps=100):
+def _controller(factor, total_steps=100, balance=0.0):
     model = resnet20(in_channels=1)
     groups = build_groups(model, torch.randn(1, 1, 16, 16))
     strength = Strength.from_recipe(PENALTY, model, groups, [])
     ctl = TargetController(
-        "macs", factor, groups, strength, total_steps=total_steps, reach_fraction=0.5
+        "macs",
+        factor,
+        groups,
+        strength,
+        total_steps=total_steps,
+        reach_fraction=0.5,
+        balance=balance,
     )
     return model, groups, strength, ctl
+
+
+def _skew_one_group(model, groups, factor=0.01):
+    """Make every unit of the first residual-stream-like group tiny, so a global ranking empties it."""
+    params = dict(model.named_parameters())
+    big = max(groups, key=lambda g: len(g.members))
+    with torch.no_grad():
+        for member in big.norm_members:
+            params[member.param].mul_(factor)
+    return big
+
+
+def test_balance_keeps_a_share_of_every_group():
+    for balance in (0.0, 0.75):
+        model, groups, strength, ctl = _controller(4.0, balance=balance)
+        skewed = _skew_one_group(model, groups)
+        ctl.update(50, dict(model.named_parameters()))
+        assert 4.0 * 0.95 <= ctl.reached_factor <= 4.0 * 1.05
+        kept = {g.root: int((~z).sum()) for g, z in zip(groups, strength.forced_zero, strict=True)}
+        if balance == 0.0:  # the skewed group is ranked lowest and emptied to its floor
+            assert kept[skewed.root] <= math.ceil(0.05 * skewed.size)
+        else:
+            assert ctl.keep_fraction == pytest.approx(0.75 / 2)
+            for g in groups:
+                assert kept[g.root] >= math.ceil(0.75 / 2 * g.size), g.root
+
+
+def test_balance_is_lowered_when_it_would_make_the_target_unreachable():
+    # Keeping 1/sqrt(8) of every group cannot reach 8x (the stem input and the
+    # classifier stay), so the floor is lowered until it can.
+    model, groups, strength, ctl = _controller(8.0, balance=1.0)
+    assert 0.05 <= ctl.keep_fraction < 1 / math.sqrt(8)
+    ctl.update(50, dict(model.named_parameters()))
+    assert 8.0 * 0.95 <= ctl.reached_factor <= 8.0 * 1.05
+
+
+def test_kept_units_are_not_shrunk_unless_asked():
+    model, groups, strength, ctl = _controller(4.0)
+    strength.group_strength = 1.0
+    ctl.update(10, dict(model.named_parameters()))  # ramping: not frozen yet
+    for shrink in (True, False):
+        strength.shrink_kept = shrink
+        for mu, z in zip(strength.group_mu(beta=1.0), strength.forced_zero, strict=True):
+            assert torch.isinf(mu[z]).all()
+            assert (mu[~z] > 0).all() if shrink else (mu[~z] == 0).all()
 
 
 def test_controller_follows_schedule_reaches_and_holds_target():
