@@ -22,7 +22,12 @@ test set. Methods:
 - ``tp-sparse``: Torch-Pruning's ``GroupNormPruner`` regularised training
   (``regularize(model)`` after each backward, ``--tp-reg``, constant lr) for
   ``--tp-sparse-fraction`` of the budget, then the same one-shot pruning to the
-  target, then fine-tuning (cosine) for the rest of the steps.
+  target, then fine-tuning (cosine) for the rest of the steps;
+- ``tl1-group-eq``: the default recipe asked for the MACs reduction that
+  ``tp-magnitude`` reached at the same target (same seed, else seed 0), so the
+  two are compared at equal MACs: Torch-Pruning's one uniform ratio overshoots
+  the target (4.66x for 4x, 8.72x for 8x on this network) while compressor
+  lands on the factor it is asked for.
 
 Each run records test accuracy, MACs and params (and their reduction), channels
 kept (units of compressor's coupled channel groups, counted on the final model),
@@ -101,6 +106,8 @@ SECTION_TITLE = "## 1. Accuracy–compression trade-off"
 COMPRESSOR_METHODS = ("group-lasso", "l1-group", "l0-group", "tl1-group", "l1l2-group")
 TP_METHODS = ("tp-magnitude", "tp-sparse")  # Torch-Pruning as it ships
 TP_KD_METHODS = ("tp-magnitude-kd",)  # with compressor's distillation added
+# A compressor recipe asked for the MACs reduction a Torch-Pruning method reached (equal MACs).
+EQUAL_MACS_METHODS = {"tl1-group-eq": ("tl1-group", "tp-magnitude")}
 # Run order: the main comparison first, so a stopped run still has whole curves for it.
 ALL_METHODS = (
     "tp-magnitude",
@@ -111,6 +118,7 @@ ALL_METHODS = (
     "l1-group",
     "l0-group",
     "l1l2-group",
+    "tl1-group-eq",
 )
 EXAMPLE_SHAPE = (1, 1, 28, 28)
 # Goals of the issue: compressor's best recipe against the best Torch-Pruning method, in points.
@@ -439,6 +447,18 @@ def compressor_source() -> dict:
     return {"commit": commit or None, "sources_sha256": digest.hexdigest()[:16]}
 
 
+def reference_macs_x(runs: list[dict], reference: str, target: float, seed: int) -> float:
+    """The MACs reduction ``reference`` reached at ``target`` (this seed's run, else seed 0's)."""
+    found = {r["seed"]: r for r in runs if r["method"] == reference and r["target"] == target}
+    run = found.get(seed) or found.get(0)
+    if run is None:
+        raise RuntimeError(
+            f"no {reference} run at {target:g}x in the results JSON: run "
+            f"`--methods {reference} --targets {target:g}` first (its MACs reduction is the ask)"
+        )
+    return float(run["macs_x"])
+
+
 def run_key(method: str, target: float, seed: int) -> str:
     return f"{method}@{target:g}x/s{seed}"
 
@@ -469,12 +489,16 @@ def execute(
     work = work_root / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key(method, target, seed))
     load_start = load_average()
     start = time.perf_counter()
-    if method in COMPRESSOR_METHODS:
+    if method in COMPRESSOR_METHODS or method in EQUAL_MACS_METHODS:
+        recipe, asked = method, target
+        if method in EQUAL_MACS_METHODS:
+            recipe, reference = EQUAL_MACS_METHODS[method]
+            asked = reference_macs_x(results_now(args.results), reference, target, seed)
         result = run_compressor(
-            method,
+            recipe,
             baseline_path=baseline["path"],
             npz=npz,
-            target=target,
+            target=asked,
             seed=seed,
             budget_epochs=args.budget_epochs,
             recover_epochs=args.recover_epochs,
@@ -519,6 +543,7 @@ def execute(
         "compressor_source": SOURCE,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **({"sparse_accuracy": result["sparse_accuracy"]} if "sparse_accuracy" in result else {}),
+        **({"asked_macs_x": asked} if method in EQUAL_MACS_METHODS else {}),
         "details": result["details"],
     }
 
@@ -570,6 +595,31 @@ def margins(runs: list[dict], targets, references=TP_METHODS) -> tuple[str | Non
             }
         )
     return best, rows
+
+
+def equal_macs_rows(runs: list[dict], targets) -> list[dict]:
+    """Per target and equal-MACs method: its accuracy next to Torch-Pruning's (as it ships and with KD)."""
+    rows = []
+    for method, (_, reference) in EQUAL_MACS_METHODS.items():
+        for t in targets:
+            ours = _cells(runs, method, t)
+            theirs = {m: _cells(runs, m, t) for m in (reference, *TP_KD_METHODS)}
+            theirs = {m: rs for m, rs in theirs.items() if rs}
+            if not ours or reference not in theirs:
+                continue
+            rows.append(
+                {
+                    "target": t,
+                    "method": method,
+                    "accuracy": float(np.mean([r["accuracy"] for r in ours])),
+                    "macs_x": float(np.mean([r["macs_x"] for r in ours])),
+                    "reference_macs_x": float(np.mean([r["macs_x"] for r in theirs[reference]])),
+                    "references": {
+                        m: float(np.mean([r["accuracy"] for r in rs])) for m, rs in theirs.items()
+                    },
+                }
+            )
+    return rows
 
 
 def render_section(results: dict, plan: list[tuple[str, float, int]] | None = None) -> str:
@@ -697,6 +747,23 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
                 f"margin **{row['margin']:+.2f} points**."
             )
         lines.append("")
+    eq_rows = equal_macs_rows(runs, targets)
+    if eq_rows:
+        lines.append(
+            "**At equal MACs** (compressor's default recipe asked for the reduction `tp-magnitude` "
+            "reached; mean over the seeds that ran):"
+        )
+        lines.append("")
+        for row in eq_rows:
+            refs = "; ".join(
+                f"{name} {acc:.2f}% (**{row['accuracy'] - acc:+.2f}**)"
+                for name, acc in row["references"].items()
+            )
+            lines.append(
+                f"- {row['target']:g}x: {row['method']} {row['accuracy']:.2f}% at {row['macs_x']:.2f}x "
+                f"vs {refs} at {row['reference_macs_x']:.2f}x."
+            )
+        lines.append("")
     gpu = f"{machine['gpu']} (CUDA {machine.get('cuda')}) with " if machine.get("gpu") else ""
     lines.append(
         f"Command: `{results['command']}`. Machine: {gpu}{machine.get('cpu_model', '?')}, "
@@ -749,7 +816,7 @@ def plot(results: dict, path: Path) -> None:
 
     runs = results["runs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip(ALL_METHODS, "osPv^D<>", strict=True))
+    markers = dict(zip(ALL_METHODS, "osPv^D<>X", strict=True))
     for m in ALL_METHODS:
         targets = sorted({r["target"] for r in runs if r["method"] == m})
         if not targets:

@@ -113,3 +113,31 @@ def test_tradeoff_margins_against_each_reference_set():
     assert kd[0]["reference"] == "tp-magnitude-kd" and kd[0]["margin"] == pytest.approx(-0.2)
     _, none = tradeoff.margins(runs[:2], [4.0])
     assert none == []
+
+
+def test_equal_macs_run_asks_for_the_reduction_torch_pruning_reached():
+    from benchmarks import tradeoff
+
+    def run(method, target, accuracy, macs_x, seed=0):
+        return {
+            "method": method,
+            "target": target,
+            "accuracy": accuracy,
+            "macs_x": macs_x,
+            "seed": seed,
+        }
+
+    runs = [
+        run("tp-magnitude", 4.0, 92.2, 4.66),
+        run("tp-magnitude", 4.0, 92.0, 4.70, seed=1),
+        run("tp-magnitude-kd", 4.0, 92.5, 4.66),
+        run("tl1-group-eq", 4.0, 92.3, 4.67),
+    ]
+    assert tradeoff.reference_macs_x(runs, "tp-magnitude", 4.0, seed=1) == 4.70
+    assert tradeoff.reference_macs_x(runs, "tp-magnitude", 4.0, seed=2) == 4.66  # seed 0's
+    with pytest.raises(RuntimeError, match="--methods tp-magnitude --targets 8"):
+        tradeoff.reference_macs_x(runs, "tp-magnitude", 8.0, seed=0)
+    (row,) = tradeoff.equal_macs_rows(runs, [4.0, 8.0])
+    assert row["method"] == "tl1-group-eq" and row["reference_macs_x"] == pytest.approx(4.68)
+    assert row["references"] == {"tp-magnitude": pytest.approx(92.1), "tp-magnitude-kd": 92.5}
+    assert tradeoff.best_recipe(runs) is None  # the equal-MACs runs are not a recipe of their own
