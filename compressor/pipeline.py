@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -504,6 +505,7 @@ def compress(
             total_steps=total_steps,
             reach_fraction=max(tgt["reach_fraction"], SEEK_MIN_FRACTION),
             schedule="immediate",
+            balance=tgt["balance"],
         )
         target_kind, target_factor = "seek", controller.floor_factor
         seek = AccuracySeeker(
@@ -525,7 +527,6 @@ def compress(
             reach_fraction=tgt["reach_fraction"],
             balance=tgt["balance"],
         )
-        strength.shrink_kept = tgt["shrink"]
         if not controller.reachable:
             log.warning(
                 "target %.2fx %s is beyond what removing channels can give here (at most %.2fx)",
@@ -533,6 +534,8 @@ def compress(
                 target_kind,
                 controller.floor_factor,
             )
+    if controller is not None:  # the controller chooses the zero units: keep the rest unshrunk?
+        strength.shrink_kept = tgt["shrink"]
     rvsm.prox(strength.thresholds(rvsm.beta))  # u0 = prox(w0)
 
     optimizer = train.make_optimizer(model, tcfg)
@@ -833,19 +836,23 @@ class AccuracySeeker:
     """Raises the MACs reduction in stages while the sparse model stays within an accuracy budget.
 
     The reach part of training is split into ``stages``; each stage asks the
-    controller for ``growth`` times the previous stage's reduction and holds it,
-    so the network adapts to the new zero set. At the end of a stage the sparse
-    model is evaluated (after BatchNorm recalibration): within ``max_drop`` the
-    zero set is kept (and the model state saved with ``snapshot()``) and the
-    next stage begins; otherwise the model is put back to the last state within
-    budget (``restore(saved)``) and that zero set is frozen, so the rest of
-    training recovers accuracy. The check is conservative: the final accuracy
-    comes after more training than the check saw.
+    controller for ``growth`` times the last good stage's reduction and holds
+    it, so the network adapts to the new zero set. At the end of a stage the
+    sparse model is evaluated (after BatchNorm recalibration): within
+    ``max_drop`` the zero set is kept (and the model state saved with
+    ``snapshot()``) and the next stage begins. Over budget, the model is put
+    back to the last state within budget (``restore(saved)``) and, while
+    stages are left, the next stage tries half the step (in log scale:
+    ``growth`` becomes its square root), a bisection between the last good
+    reduction and the failed one; once the step is below ``min_growth`` or the
+    reach part of training is over, the last good zero set is frozen, so the
+    rest of training recovers accuracy. The check is conservative: the final
+    accuracy comes after more training than the check saw.
     """
 
     def __init__(
         self, controller, *, stages, evaluate, baseline_accuracy, max_drop, growth=1.3,
-        snapshot=None, restore=None,
+        min_growth=1.05, snapshot=None, restore=None,
     ):  # fmt: skip
         self.controller = controller
         self.snapshot, self.restore = snapshot, restore
@@ -854,49 +861,47 @@ class AccuracySeeker:
         self.evaluate = evaluate
         self.baseline_accuracy = baseline_accuracy
         self.max_drop = max_drop
-        self.growth = growth
+        self.growth, self.min_growth = growth, min_growth
+        self.good_factor = 1.0  # the asked reduction of the last stage within budget
         self.last_good: list[torch.Tensor] | None = None
         self.log: list[dict] = []
-        controller.factor = min(growth, controller.floor_factor)
+        controller.ask(min(growth, controller.floor_factor))
 
     def check(self, step: int) -> None:
-        if step % self.every or self.controller.strength.forced_zero is None:
+        ctl = self.controller
+        if step % self.every or ctl.strength.forced_zero is None:
             return
         acc = self.evaluate()
-        factor = self.controller.reached_factor
         ok = self.baseline_accuracy - acc <= self.max_drop
-        self.log.append({"step": step, "macs_x": factor, "accuracy": acc, "within": ok})
+        self.log.append({"step": step, "macs_x": ctl.reached_factor, "accuracy": acc, "within": ok})
         log.info(
             "seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (%s)",
             step,
-            factor,
+            ctl.reached_factor,
             acc,
             "ok" if ok else "over budget",
         )
-        if (
-            ok
-            and step < self.controller.reach_step
-            and self.controller.factor < self.controller.floor_factor
-        ):
-            self.last_good = [m.clone() for m in self.controller.strength.forced_zero]
+        steps_left = step + self.every <= ctl.reach_step
+        if ok:
+            self.good_factor = ctl.factor
+            self.last_good = [m.clone() for m in ctl.strength.forced_zero]
             if self.snapshot is not None:
                 self.saved = self.snapshot()
-            self.controller.factor = min(
-                self.controller.factor * self.growth, self.controller.floor_factor
-            )
-            return
-        if ok:
-            self.controller.freeze()
+            if steps_left and ctl.factor < ctl.floor_factor:
+                ctl.ask(min(ctl.factor * self.growth, ctl.floor_factor))
+                return
+            ctl.freeze()
         else:
-            masks = self.last_good or [
-                torch.zeros_like(m) for m in self.controller.strength.forced_zero
-            ]
             if self.restore is not None and self.saved is not None:
-                self.restore(
-                    self.saved
-                )  # the channels zeroed since then come back with their weights
-            self.controller.freeze(masks)
-        log.info("seek: froze the zero set at %.2fx MACs", self.controller.reached_factor)
+                self.restore(self.saved)  # the channels zeroed since then come back
+            masks = self.last_good or [torch.zeros_like(m) for m in ctl.strength.forced_zero]
+            self.growth = math.sqrt(self.growth)
+            if steps_left and self.growth >= self.min_growth:
+                ctl.strength.forced_zero = [m.clone() for m in masks]
+                ctl.ask(min(self.good_factor * self.growth, ctl.floor_factor))
+                return
+            ctl.freeze(masks)
+        log.info("seek: froze the zero set at %.2fx MACs", ctl.reached_factor)
 
 
 def _target_summary(target, compressed, baseline) -> dict | None:

@@ -261,7 +261,13 @@ class TargetController:
         self.threshold = 0.0  # score of the last unit zeroed
         self.reached_factor = 1.0
         self.floor_factor = self._floor_factor(MIN_KEEP_FRACTION)
+        self.balance = balance
         self.keep_fraction = self._balanced_keep_fraction(balance)
+
+    def ask(self, factor: float) -> None:
+        """Aim at ``factor`` from now on (the accuracy seeker raises it in stages)."""
+        self.factor = float(factor)
+        self.keep_fraction = self._balanced_keep_fraction(self.balance)
 
     def _cost(self, masks) -> float:
         macs, params = self.groups.estimate_cost(masks)

@@ -96,6 +96,20 @@ def test_balance_is_lowered_when_it_would_make_the_target_unreachable():
     assert 8.0 * 0.95 <= ctl.reached_factor <= 8.0 * 1.05
 
 
+def test_asking_a_new_factor_rebalances_the_floor():
+    # The accuracy seeker raises the factor in stages: each stage's floor is
+    # balance / sqrt(that stage's factor), not the first stage's.
+    model, groups, strength, ctl = _controller(1.0 + 1e-9, balance=0.75)
+    assert ctl.keep_fraction == pytest.approx(0.75)
+    ctl.ask(4.0)
+    assert ctl.factor == 4.0 and ctl.keep_fraction == pytest.approx(0.75 / 2)
+    skewed = _skew_one_group(model, groups)
+    ctl.update(50, dict(model.named_parameters()))
+    assert 4.0 * 0.95 <= ctl.reached_factor <= 4.0 * 1.05
+    kept = int((~strength.forced_zero[list(groups).index(skewed)]).sum())
+    assert kept >= math.ceil(0.75 / 2 * skewed.size)
+
+
 def test_kept_units_are_not_shrunk_unless_asked():
     model, groups, strength, ctl = _controller(4.0)
     strength.group_strength = 1.0
@@ -172,6 +186,41 @@ def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
     assert restored == [2] and snapshots == [0, 1, 2]
     assert ctl.frozen and 1.0 < ctl.reached_factor < max(factors)
     assert all(torch.equal(a, b) for a, b in zip(strength.forced_zero, seek.last_good, strict=True))
+
+
+def test_accuracy_seeker_bisects_after_a_stage_over_budget():
+    from compressor.pipeline import AccuracySeeker
+
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    strength = Strength.from_recipe(PENALTY, model, groups, [])
+    ctl = TargetController(
+        "macs", 1.0 + 1e-9, groups, strength, total_steps=100, reach_fraction=0.6,
+        schedule="immediate",
+    )  # fmt: skip
+    accuracies = iter([90.0, 80.0, 89.5, 80.0, 80.0])  # baseline 90, budget 1
+    asked = []
+    seek = AccuracySeeker(
+        ctl, stages=6, evaluate=lambda: next(accuracies), baseline_accuracy=90.0, max_drop=1.0,
+    )  # fmt: skip
+    tensors = dict(model.named_parameters())
+    good = None
+    for step in range(1, 61):
+        seek.check(step)
+        if ctl.frozen:
+            break
+        if step == 30:  # the zero set the check at step 30 found within budget
+            good = [m.clone() for m in strength.forced_zero]
+        asked.append(ctl.factor)
+        ctl.update(step, tensors)
+    # 1.3 ok; 1.69 over -> half the step from 1.3; that ok -> the same step again;
+    # over -> a quarter of it; over with a step below 1.05 -> freeze the last good set
+    g = math.sqrt(1.3)
+    steps = sorted(set(asked), key=asked.index)
+    assert steps == pytest.approx([1.3, 1.3**2, 1.3 * g, 1.3 * g * g, 1.3 * g * math.sqrt(g)])
+    assert [row["within"] for row in seek.log] == [True, False, True, False, False]
+    assert ctl.frozen and seek.good_factor == pytest.approx(1.3 * g)
+    assert all(torch.equal(a, b) for a, b in zip(strength.forced_zero, good, strict=True))
 
 
 @pytest.mark.parametrize("factor", [3.0, 4.0, 8.0, 12.0])
