@@ -18,6 +18,8 @@ def test_tradeoff_smoke(tmp_path):
     results = tmp_path / "tradeoff_smoke.json"
     argv = [
         "--smoke",
+        "--methods",
+        "tl1-group,tp-magnitude,tl1-group-eq",
         "--threads",
         "1",
         "--results",
@@ -30,7 +32,11 @@ def test_tradeoff_smoke(tmp_path):
     assert data["benchmark"] == "tradeoff" and data["command"].endswith(str(tmp_path / "cache"))
     assert data["machine"]["cpu_model"] and data["baseline"]["macs"] > 0
     runs = {r["key"]: r for r in data["runs"]}
-    assert set(runs) == {"tl1-group@2x/s0", "tp-magnitude@2x/s0"}
+    assert set(runs) == {"tl1-group@2x/s0", "tp-magnitude@2x/s0", "tl1-group-eq@2x/s0"}
+    # the equal-MACs run asks for the reduction Torch-Pruning reached, and lands on it
+    equal, tp = runs["tl1-group-eq@2x/s0"], runs["tp-magnitude@2x/s0"]
+    assert equal["asked_macs_x"] == tp["macs_x"]
+    assert abs(equal["macs_x"] / tp["macs_x"] - 1) <= 0.05
     for r in runs.values():
         assert 0 <= r["accuracy"] <= 100
         assert r["macs_x"] >= 1.9 and r["params_x"] > 1
