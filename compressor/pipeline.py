@@ -561,6 +561,8 @@ def compress(
             controller.frozen = state["controller"]["frozen"]
             controller.reached_factor = state["controller"]["reached_factor"]
             controller.threshold = state["controller"]["threshold"]
+        if seek is not None and state.get("seek") is not None:
+            seek.load_state_dict(state["seek"])
         history = state["history"]
         start_epoch = state["epoch"]
         torch.set_rng_state(state["rng"])
@@ -649,6 +651,7 @@ def compress(
                     "reached_factor": controller.reached_factor if controller else 1.0,
                     "threshold": controller.threshold if controller else 0.0,
                 },
+                "seek": seek.state_dict() if seek is not None and not controller.frozen else None,
                 "history": history,
                 "rng": torch.get_rng_state(),
                 "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
@@ -771,7 +774,7 @@ def compress(
             pruned=pruned,
             model=model,
             history=history,
-            target=(target_kind, target_factor, controller),
+            target=(target_kind, target_factor, controller, seek),
             activations=activations_info,
             timer=timer,
             onnx_path=onnx_path,
@@ -867,6 +870,24 @@ class AccuracySeeker:
         self.log: list[dict] = []
         controller.ask(min(growth, controller.floor_factor))
 
+    def state_dict(self) -> dict:
+        """What ``--resume`` needs to go on seeking where an interrupted run stopped."""
+        return {
+            "factor": self.controller.factor,
+            "keep_fraction": self.controller.keep_fraction,
+            "growth": self.growth,
+            "good_factor": self.good_factor,
+            "last_good": self.last_good,
+            "saved": self.saved,
+            "log": self.log,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.factor = state["factor"]
+        self.controller.keep_fraction = state["keep_fraction"]
+        self.growth, self.good_factor = state["growth"], state["good_factor"]
+        self.last_good, self.saved, self.log = state["last_good"], state["saved"], state["log"]
+
     def check(self, step: int) -> None:
         ctl = self.controller
         if step % self.every or ctl.strength.forced_zero is None:
@@ -905,7 +926,7 @@ class AccuracySeeker:
 
 
 def _target_summary(target, compressed, baseline) -> dict | None:
-    kind, factor, controller = target
+    kind, factor, controller, seek = target
     if kind is None:
         return None
     if kind == "seek":
@@ -916,6 +937,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
             "reached": reached,
             "within": True,
             "max_reachable": controller.floor_factor if controller else None,
+            "stages": seek.log if seek else [],  # each check: step, MACs x, sparse accuracy
         }
     if kind == "macs":
         reached = baseline["macs"] / max(compressed["macs"], 1)

@@ -18,7 +18,9 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
   the number of output channels);
 - ``epochs`` [{epoch, loss, accuracy, weight_sparsity, channel_sparsity, beta,
   strength, macs_x}];
-- ``target`` None or {kind, asked, reached, within};
+- ``target`` None or {kind, asked, reached, within}; ``kind`` ``seek_macs``
+  (``--max-accuracy-drop`` alone) adds ``stages`` [{step, macs_x, accuracy,
+  within}], the seeker's checks of the sparse model;
 - ``activations`` None or {bits, ste, swapped, skipped};
 - ``gates`` [{name, threshold, value, passed, detail}];
 - ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names].
@@ -466,6 +468,16 @@ def _target_line(report: Mapping) -> list[str]:
     t = report.get("target")
     if not t:
         return []
+    if t.get("kind") == "seek_macs":
+        checks = ", ".join(
+            f"{_x(c['macs_x'])} {c['accuracy']:.2f}% {'✅' if c['within'] else '❌'}"
+            for c in t.get("stages") or []
+        )
+        return [
+            f"**Seek:** the largest MACs reduction within the accuracy budget: "
+            f"{_x(t.get('reached'))} reached"
+            + (f" (checks of the sparse model: {checks})." if checks else ".")
+        ]
     ok = "✅" if t.get("within") else "❌"
     what = _TARGET_WORDS.get(t.get("kind"), f"{t.get('kind')} reduction")
     return [

@@ -447,6 +447,9 @@ def test_accuracy_budget_alone_seeks_a_reduction_within_it(trained, tmp_path, ca
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["target"]["kind"] == "seek_macs"
+    stages = report["target"]["stages"]
+    assert stages and all({"step", "macs_x", "accuracy", "within"} <= set(c) for c in stages)
+    assert "**Seek:**" in (out / "report.md").read_text()
     drop = report["baseline"]["accuracy"] - report["compressed"]["accuracy"]
     assert (code == 0) == (drop <= 5), err
     assert [g["name"] for g in report["gates"]] == ["accuracy_drop"]

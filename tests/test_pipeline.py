@@ -167,6 +167,41 @@ def test_resume_after_interruption(lenet, reference, tmp_path, monkeypatch, caps
     assert report["target"]["reached"] >= 1.9
 
 
+def test_resume_goes_on_seeking_where_the_interrupted_run_stopped(lenet, tmp_path, monkeypatch):
+    import compressor.train
+
+    checkpoint, data = lenet
+    kwargs = dict(
+        arch="lenet5", data=str(data), device="cpu", max_accuracy_drop=50.0,
+        overrides=["train.epochs=3", *FAST],
+    )  # fmt: skip
+    whole = compressor.compress(str(checkpoint), out=tmp_path / "whole", **kwargs)
+    assert whole["target"]["kind"] == "seek_macs" and len(whole["target"]["stages"]) > 2
+
+    real = compressor.train.train_one_epoch
+    calls = []
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(kwargs.get("epoch"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(compressor.train, "train_one_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        compressor.compress(str(checkpoint), out=out, **kwargs)
+    state = torch.load(out / ".compressor-state" / "state.pt", weights_only=True)
+    assert state["seek"] is not None and state["seek"]["log"]  # stopped mid-seek
+    monkeypatch.setattr(compressor.train, "train_one_epoch", real)
+    resumed = compressor.compress(str(checkpoint), out=out, resume=True, **kwargs)
+
+    assert resumed["target"]["stages"] == whole["target"]["stages"]
+    assert resumed["compressed"]["macs"] == whole["compressed"]["macs"]
+    for got, want in zip(resumed["epochs"], whole["epochs"], strict=True):
+        assert got == pytest.approx(want, rel=1e-7, abs=1e-12)
+
+
 def test_resume_refuses_another_run(lenet, tmp_path):
     """State from a run with other arguments is not silently reused."""
     checkpoint, data = lenet
