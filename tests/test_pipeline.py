@@ -119,6 +119,18 @@ def test_api_bad_input_raises_with_exit_code_2(lenet, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
+def _interrupting_second_epoch(train_one_epoch, calls: list):
+    """``train_one_epoch`` that raises KeyboardInterrupt when the second epoch starts."""
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(kwargs.get("epoch"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_one_epoch(*args, **kwargs)
+
+    return interrupt_second_epoch
+
+
 def test_resume_after_interruption(lenet, reference, tmp_path, monkeypatch, capsys):
     import compressor.train
 
@@ -126,13 +138,7 @@ def test_resume_after_interruption(lenet, reference, tmp_path, monkeypatch, caps
     out = tmp_path / "out"
     real = compressor.train.train_one_epoch
     calls = []
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls.append(kwargs.get("epoch"))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    interrupt_second_epoch = _interrupting_second_epoch(real, calls)
     monkeypatch.setattr(compressor.train, "train_one_epoch", interrupt_second_epoch)
     code = cli.main(
         [
@@ -180,13 +186,7 @@ def test_resume_goes_on_seeking_where_the_interrupted_run_stopped(lenet, tmp_pat
 
     real = compressor.train.train_one_epoch
     calls = []
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls.append(kwargs.get("epoch"))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    interrupt_second_epoch = _interrupting_second_epoch(real, calls)
     out = tmp_path / "out"
     monkeypatch.setattr(compressor.train, "train_one_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):

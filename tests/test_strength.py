@@ -151,9 +151,8 @@ def test_unreachable_target_is_reported_not_collapsed():
         assert int((~z).sum()) >= 1, f"group {g.root} emptied"
 
 
-def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
-    from compressor.pipeline import AccuracySeeker
-
+def _seeking_controller():
+    """A ResNet-20 controller as the accuracy seeker drives it: no target, factor set per stage."""
     model = resnet20(in_channels=1)
     groups = build_groups(model, torch.randn(1, 1, 16, 16))
     strength = Strength.from_recipe(PENALTY, model, groups, [])
@@ -161,6 +160,13 @@ def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
         "macs", 1.0 + 1e-9, groups, strength, total_steps=100, reach_fraction=0.6,
         schedule="immediate",
     )  # fmt: skip
+    return model, strength, ctl
+
+
+def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
+    from compressor.pipeline import AccuracySeeker
+
+    model, strength, ctl = _seeking_controller()
     accuracies = iter([90.0, 89.5, 80.0])  # baseline 90, budget 1: ok, ok, over budget
     snapshots, restored = [], []
 
@@ -191,13 +197,7 @@ def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
 def test_accuracy_seeker_bisects_after_a_stage_over_budget():
     from compressor.pipeline import AccuracySeeker
 
-    model = resnet20(in_channels=1)
-    groups = build_groups(model, torch.randn(1, 1, 16, 16))
-    strength = Strength.from_recipe(PENALTY, model, groups, [])
-    ctl = TargetController(
-        "macs", 1.0 + 1e-9, groups, strength, total_steps=100, reach_fraction=0.6,
-        schedule="immediate",
-    )  # fmt: skip
+    model, strength, ctl = _seeking_controller()
     accuracies = iter([90.0, 80.0, 89.5, 80.0, 80.0])  # baseline 90, budget 1
     asked = []
     seek = AccuracySeeker(
