@@ -534,7 +534,7 @@ def compress(
                 target_kind,
                 controller.floor_factor,
             )
-    if controller is not None:  # the controller chooses the zero units: keep the rest unshrunk?
+    if controller is not None:  # it chooses the zero units; target.shrink: shrink the others too?
         strength.shrink_kept = tgt["shrink"]
     rvsm.prox(strength.thresholds(rvsm.beta))  # u0 = prox(w0)
 
@@ -874,7 +874,6 @@ class AccuracySeeker:
         """What ``--resume`` needs to go on seeking where an interrupted run stopped."""
         return {
             "factor": self.controller.factor,
-            "keep_fraction": self.controller.keep_fraction,
             "growth": self.growth,
             "good_factor": self.good_factor,
             "last_good": self.last_good,
@@ -883,8 +882,7 @@ class AccuracySeeker:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.controller.factor = state["factor"]
-        self.controller.keep_fraction = state["keep_fraction"]
+        self.controller.ask(state["factor"])
         self.growth, self.good_factor = state["growth"], state["good_factor"]
         self.last_good, self.saved, self.log = state["last_good"], state["saved"], state["log"]
 

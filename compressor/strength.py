@@ -248,7 +248,7 @@ class TargetController:
     ):
         if kind not in ("macs", "params"):
             raise ValueError(f"target kind must be 'macs' or 'params', got {kind!r}")
-        self.kind, self.factor = kind, float(factor)
+        self.kind = kind
         self.groups, self.strength = groups, strength
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.base = groups.total_macs if kind == "macs" else groups.total_params
@@ -262,12 +262,12 @@ class TargetController:
         self.reached_factor = 1.0
         self.floor_factor = self._floor_factor(MIN_KEEP_FRACTION)
         self.balance = balance
-        self.keep_fraction = self._balanced_keep_fraction(balance)
+        self.ask(factor)
 
     def ask(self, factor: float) -> None:
         """Aim at ``factor`` from now on (the accuracy seeker raises it in stages)."""
         self.factor = float(factor)
-        self.keep_fraction = self._balanced_keep_fraction(self.balance)
+        self.keep_fraction = self._balanced_keep_fraction()
 
     def _cost(self, masks) -> float:
         macs, params = self.groups.estimate_cost(masks)
@@ -286,7 +286,7 @@ class TargetController:
             masks.append(m)
         return self._factor(masks)
 
-    def _balanced_keep_fraction(self, balance: float) -> float:
+    def _balanced_keep_fraction(self) -> float:
         """The share of its units every group keeps: ``balance`` times a uniform ratio's.
 
         A uniform ratio keeping ``k`` of every layer's channels cuts MACs (and
@@ -295,7 +295,7 @@ class TargetController:
         bottleneck no fine-tuning recovers from). Lowered, down to
         ``MIN_KEEP_FRACTION``, until the target stays reachable.
         """
-        keep = balance / math.sqrt(self.factor)
+        keep = self.balance / math.sqrt(self.factor)
         while keep > MIN_KEEP_FRACTION and self._floor_factor(keep) < self.factor:
             keep *= 0.9
         return max(MIN_KEEP_FRACTION, keep)
