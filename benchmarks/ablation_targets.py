@@ -15,7 +15,12 @@ images, seed 0):
   they are chosen (gradual pruning);
 * ``always, no shrink``: the same without shrinking the kept channels;
 * ``always, no shrink, balance 0.75``: every group keeps at least 0.75x the share
-  a uniform ratio would keep (the defaults now).
+  a uniform ratio would keep (the defaults from 2026-11-28);
+* ``..., macs weighting``: the same with channels ranked by norm per MACs they
+  save (``penalty.group.weighting: auto`` with a MACs target: the defaults now).
+
+The first five pin ``penalty.group.weighting=uniform`` (the default when they
+were recorded), so their rows stay reproducible.
 
 Torch-Pruning's one-shot magnitude pruning (uniform ratio) plus fine-tuning for
 the same 2 epochs, without and with the same distillation, runs first at each
@@ -64,23 +69,27 @@ BASELINE = ROOT / "examples" / "fashion-mnist" / "model.pt"
 VARIANTS = {
     "coupled, reach 0.6, shrink": [
         "target.hold=coupled", "target.reach_fraction=0.6", "target.shrink=true",
-        "target.balance=0",
+        "target.balance=0", "penalty.group.weighting=uniform",
     ],
     "masked, reach 0.3, shrink": [
         "target.hold=masked", "target.reach_fraction=0.3", "target.shrink=true",
-        "target.balance=0",
+        "target.balance=0", "penalty.group.weighting=uniform",
     ],
     "always, shrink": [
         "target.hold=always", "target.reach_fraction=0.3", "target.shrink=true",
-        "target.balance=0",
+        "target.balance=0", "penalty.group.weighting=uniform",
     ],
     "always, no shrink": [
         "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
-        "target.balance=0",
+        "target.balance=0", "penalty.group.weighting=uniform",
     ],
     "always, no shrink, balance 0.75": [
         "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
-        "target.balance=0.75",
+        "target.balance=0.75", "penalty.group.weighting=uniform",
+    ],
+    "always, no shrink, balance 0.75, macs weighting": [
+        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
+        "target.balance=0.75", "penalty.group.weighting=macs",
     ],
 }  # fmt: skip
 REFERENCES = ("tp-magnitude", "tp-magnitude-kd")

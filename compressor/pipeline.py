@@ -46,7 +46,12 @@ from compressor.groups import build_groups
 from compressor.models import BUILTIN_MODELS
 from compressor.prune import prune_zero_channels
 from compressor.splitting import RVSM
-from compressor.strength import Strength, TargetController, coupling_budget
+from compressor.strength import (
+    Strength,
+    TargetController,
+    coupling_budget,
+    resolve_group_weighting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -483,19 +488,23 @@ def compress(
         beta_every=spl["beta_every"],
         optimizer=tcfg["optimizer"],
     )
-    strength = Strength.from_recipe(
-        penalty_cfg, model, groups, rvsm.individual_names, budget=budget
-    )
-    controller = None
-    seek = None
     budget_points = resolved["gates"]["max_accuracy_drop"]
-    if (
+    seeking = (
         target_kind is None
         and budget_points is not None
         and baseline["accuracy"] is not None
         and epochs > 0
         and len(groups) > 0
-    ):
+    )
+    penalty_cfg["group"]["weighting"] = resolve_group_weighting(
+        pen["group"]["weighting"], "macs" if seeking else target_kind
+    )
+    strength = Strength.from_recipe(
+        penalty_cfg, model, groups, rvsm.individual_names, budget=budget
+    )
+    controller = None
+    seek = None
+    if seeking:
         # No target but an accuracy budget: seek the largest MACs reduction within it.
         controller = TargetController(
             "macs",
@@ -936,6 +945,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
             "within": True,
             "max_reachable": controller.floor_factor if controller else None,
             "stages": seek.log if seek else [],  # each check: step, MACs x, sparse accuracy
+            "group_weighting": controller.strength.weighting if controller else None,
         }
     if kind == "macs":
         reached = baseline["macs"] / max(compressed["macs"], 1)
@@ -951,6 +961,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
         "within": reached >= 0.95 * asked,
         "reachable": bool(controller.reachable) if controller else True,
         "max_reachable": controller.floor_factor if controller else None,
+        "group_weighting": controller.strength.weighting if controller else None,
     }
 
 

@@ -244,7 +244,11 @@ SCHEMA: dict[str, Any] = {
         "group": {
             "strength": Param(1.0, _float(0)),
             "lambda": Param(None, _float(0), nullable=True),
-            "weighting": Param("uniform", Options(("uniform", "size", "macs"))),
+            "weighting": Param(
+                "auto",
+                Options(("auto", "uniform", "size", "macs")),
+                help="auto: macs when the target (or the accuracy seeker) is MACs, else uniform",
+            ),
         },
     },
     "splitting": {

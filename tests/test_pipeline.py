@@ -102,6 +102,9 @@ def test_target_macs_is_reached_and_gated(reference):
     (gate,) = report["gates"]
     assert gate["name"] == "target_macs" and gate["passed"] is True
     assert report["recipe"]["target"]["macs"] == 2
+    # the default weighting (auto) ranks channels per MAC they save when the target is MACs
+    assert report["recipe"]["penalty"]["group"]["weighting"] == "auto"
+    assert target["group_weighting"] == "macs"
 
 
 def test_api_bad_input_raises_with_exit_code_2(lenet, tmp_path):
@@ -183,6 +186,7 @@ def test_resume_goes_on_seeking_where_the_interrupted_run_stopped(lenet, tmp_pat
     )  # fmt: skip
     whole = compressor.compress(str(checkpoint), out=tmp_path / "whole", **kwargs)
     assert whole["target"]["kind"] == "seek_macs" and len(whole["target"]["stages"]) > 2
+    assert whole["target"]["group_weighting"] == "macs"
 
     real = compressor.train.train_one_epoch
     calls = []

@@ -193,7 +193,7 @@ def test_unknown_top_level_key_and_override_key(tmp_path):
         ),
         (
             "penalty.group.weighting=flops",
-            "must be one of 'uniform', 'size', 'macs'. Got 'flops' instead.",
+            "must be one of 'auto', 'uniform', 'size', 'macs'. Got 'flops' instead.",
         ),
         (
             "splitting.beta_growth=0.5",

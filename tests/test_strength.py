@@ -12,6 +12,7 @@ from compressor.strength import (
     cubic_schedule,
     group_weights,
     mu_for_threshold,
+    resolve_group_weighting,
 )
 
 PENALTY = {
@@ -39,6 +40,15 @@ def test_group_weights_are_normalised_to_mean_one():
     for weighting in ("size", "macs", "uniform"):
         w = group_weights(groups, weighting)
         assert math.isclose(float((w * sizes).sum() / sizes.sum()), 1.0, rel_tol=1e-9)
+
+
+def test_auto_weighting_is_macs_only_when_the_run_aims_at_macs():
+    assert resolve_group_weighting("auto", "macs") == "macs"
+    for kind in ("params", "size", None):
+        assert resolve_group_weighting("auto", kind) == "uniform"
+    for explicit in ("uniform", "size", "macs"):  # an explicit choice is kept
+        assert resolve_group_weighting(explicit, "macs") == explicit
+        assert resolve_group_weighting(explicit, None) == explicit
 
 
 def test_cubic_schedule_endpoints():
