@@ -497,7 +497,7 @@ def compress(
         and len(groups) > 0
     )
     penalty_cfg["group"]["weighting"] = resolve_group_weighting(
-        pen["group"]["weighting"], "macs" if seeking else target_kind
+        pen["group"]["weighting"], target_kind
     )
     strength = Strength.from_recipe(
         penalty_cfg, model, groups, rvsm.individual_names, budget=budget

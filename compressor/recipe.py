@@ -247,7 +247,7 @@ SCHEMA: dict[str, Any] = {
             "weighting": Param(
                 "auto",
                 Options(("auto", "uniform", "size", "macs")),
-                help="auto: macs when the target (or the accuracy seeker) is MACs, else uniform",
+                help="auto: macs with a MACs target, else uniform",
             ),
         },
     },

@@ -468,10 +468,12 @@ def test_keyboard_interrupt_exits_1_and_points_to_resume(monkeypatch, capsys, le
 def test_accuracy_gate_fails_with_exit_3_and_outputs_written(trained, tmp_path, capsys):
     checkpoint, data = trained
     out = tmp_path / "out"
+    # 16x fewer MACs in 2 steps costs this LeNet accuracy (8x no longer does: ranked per MACs
+    # saved, it keeps 100% on the quadrant data)
     code, _, err = run_cli(
         [
             checkpoint, "--arch", "lenet5", "--data", data, "--out", out, "--device", "cpu",
-            "--max-accuracy-drop", "0", "--target-macs", "8",
+            "--max-accuracy-drop", "0", "--target-macs", "16",
             "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", *FAST,
         ],
         capsys,
