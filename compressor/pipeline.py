@@ -936,6 +936,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
     kind, factor, controller, seek = target
     if kind is None:
         return None
+    weighting = controller.strength.weighting if controller else None
     if kind == "seek":
         reached = baseline["macs"] / max(compressed["macs"], 1)
         return {
@@ -945,7 +946,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
             "within": True,
             "max_reachable": controller.floor_factor if controller else None,
             "stages": seek.log if seek else [],  # each check: step, MACs x, sparse accuracy
-            "group_weighting": controller.strength.weighting if controller else None,
+            "group_weighting": weighting,
         }
     if kind == "macs":
         reached = baseline["macs"] / max(compressed["macs"], 1)
@@ -961,7 +962,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
         "within": reached >= 0.95 * asked,
         "reachable": bool(controller.reachable) if controller else True,
         "max_reachable": controller.floor_factor if controller else None,
-        "group_weighting": controller.strength.weighting if controller else None,
+        "group_weighting": weighting,
     }
 
 

@@ -187,6 +187,7 @@ class Strength:
         budget: float = 1.0,
     ) -> Strength:
         ind, grp = penalty["individual"], penalty["group"]
+        weighting = grp.get("weighting", "size")
         params = dict(model.named_parameters())
         norms = groups.channel_norms(params)
         ref = torch.tensor(
@@ -204,8 +205,8 @@ class Strength:
             a=float(ind.get("a", 1.0)),
             group_strength=grp.get("strength"),
             group_lambda=grp.get("lambda"),
-            weights=group_weights(groups, grp.get("weighting", "size")),
-            weighting=grp.get("weighting", "size"),
+            weights=group_weights(groups, weighting),
+            weighting=weighting,
             ref=ref,
             sqrt_sizes=torch.tensor(
                 [math.sqrt(g.weights_per_channel) for g in groups], dtype=torch.float64
