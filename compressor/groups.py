@@ -180,6 +180,34 @@ class ChannelGroups:
             norms.append(sq.sqrt_())
         return norms
 
+    @torch.no_grad()
+    def channel_taylor(
+        self, tensors: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """Per group, each unit's ``sum(w * dL/dw)`` over its norm slices.
+
+        Zeroing a unit's norm slices (its BatchNorm gamma and beta, or all its
+        slices where it has none) removes the channel, so minus this sum is the
+        first-order change of the loss that removal causes (Molchanov et al.,
+        "Importance estimation for neural network pruning", CVPR 2019, eq. 4
+        and the BatchNorm variant of section 3). A slice with no gradient adds 0.
+        """
+        sums = []
+        for group in self.groups:
+            total = None
+            for member in group.norm_members:
+                grad = grads.get(member.param)
+                if grad is None:
+                    continue
+                w = member.rows(tensors[member.param].detach())
+                g = member.rows(grad)
+                contrib = (w * g).reshape(len(member.index), -1).sum(dim=1)
+                if total is None:
+                    total = torch.zeros(group.size, dtype=contrib.dtype, device=contrib.device)
+                total.index_add_(0, member.channel.to(total.device), contrib)
+            sums.append(total if total is not None else torch.zeros(group.size))
+        return sums
+
     def zero_masks(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """True where every member slice of the channel is exactly zero."""
         return [n == 0 for n in self.channel_norms(tensors, all_members=True)]

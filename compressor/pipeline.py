@@ -535,6 +535,7 @@ def compress(
             total_steps=total_steps,
             reach_fraction=tgt["reach_fraction"],
             balance=tgt["balance"],
+            importance=tgt["importance"],
         )
         if not controller.reachable:
             log.warning(
@@ -570,6 +571,9 @@ def compress(
             controller.frozen = state["controller"]["frozen"]
             controller.reached_factor = state["controller"]["reached_factor"]
             controller.threshold = state["controller"]["threshold"]
+            if state["controller"].get("taylor") is not None:
+                taylor = state["controller"]["taylor"]
+                controller.taylor, controller.taylor_weight, controller.taylor_seen = taylor
         if seek is not None and state.get("seek") is not None:
             seek.load_state_dict(state["seek"])
         history = state["history"]
@@ -588,6 +592,11 @@ def compress(
         if controller is not None:
             hold_zero_set(rvsm, strength, tgt["hold"], frozen=controller.frozen or seek is not None)
 
+    def after_backward() -> None:
+        if controller is not None and controller.importance == "taylor" and not controller.frozen:
+            params = dict(model.named_parameters())
+            controller.observe_gradients(params, {n: p.grad for n, p in params.items()})
+
     for epoch in range(start_epoch, epochs):
         with timer.stage("train"):
             if distributed:
@@ -600,6 +609,7 @@ def compress(
                 dev,
                 rvsm=rvsm,
                 before_prox=before_prox,
+                after_backward=after_backward,
                 thresholds=lambda: strength.thresholds(rvsm.beta),
                 max_steps=tcfg["max_steps_per_epoch"],
                 epoch=epoch,
@@ -659,6 +669,11 @@ def compress(
                     "frozen": controller.frozen if controller else False,
                     "reached_factor": controller.reached_factor if controller else 1.0,
                     "threshold": controller.threshold if controller else 0.0,
+                    "taylor": (
+                        (controller.taylor, controller.taylor_weight, controller.taylor_seen)
+                        if controller
+                        else None
+                    ),
                 },
                 "seek": seek.state_dict() if seek is not None and not controller.frozen else None,
                 "history": history,
@@ -937,6 +952,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
     if kind is None:
         return None
     weighting = controller.strength.weighting if controller else None
+    importance = controller.importance if controller else None
     if kind == "seek":
         reached = baseline["macs"] / max(compressed["macs"], 1)
         return {
@@ -947,6 +963,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
             "max_reachable": controller.floor_factor if controller else None,
             "stages": seek.log if seek else [],  # each check: step, MACs x, sparse accuracy
             "group_weighting": weighting,
+            "importance": importance,
         }
     if kind == "macs":
         reached = baseline["macs"] / max(compressed["macs"], 1)
@@ -963,6 +980,7 @@ def _target_summary(target, compressed, baseline) -> dict | None:
         "reachable": bool(controller.reachable) if controller else True,
         "max_reachable": controller.floor_factor if controller else None,
         "group_weighting": weighting,
+        "importance": importance,
     }
 
 

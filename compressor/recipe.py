@@ -290,6 +290,13 @@ SCHEMA: dict[str, Any] = {
             help="also shrink the channels the controller keeps with penalty.group until the "
             "target is reached",
         ),
+        "importance": Param(
+            "magnitude",
+            Options(("magnitude", "taylor")),
+            help="rank channels by their norm against their layer's median (magnitude) or by "
+            "the first-order loss change their removal causes, averaged over recent batches "
+            "(taylor, Molchanov et al. 2019)",
+        ),
         "hold": Param(
             "always",
             Options(("always", "masked", "coupled")),

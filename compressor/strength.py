@@ -26,7 +26,9 @@ strength as the *total pull over the run*, in units of the weights themselves:
 With a target (``--target-macs 4``) a ``TargetController`` decides which units
 are zero: it follows a cubic schedule (Zhu & Gupta 2017) of the cost to remove,
 reaching the target at ``reach_fraction`` of training; each update it ranks
-units by ``||w_gu|| / (c_g ref_g)`` and zeroes the lowest ones until their
+units by ``||w_gu|| / (c_g ref_g)`` (recipe ``target.importance: magnitude``;
+``taylor``: by the first-order loss change of removing the unit, divided by
+``c_g``) and zeroes the lowest ones until their
 removal meets the schedule, every group keeping at least ``balance`` times the
 share of units a uniform ratio would keep. The pipeline holds the chosen units
 at exactly zero in ``w`` (``RVSM.hold_zero``; recipe ``target.hold``: from the
@@ -61,6 +63,10 @@ MACS_WEIGHT_EXPONENT = 0.25
 # the controller skips it for later-ranked, cheaper units (see TargetController.update).
 OVERSHOOT_TOLERANCE = 0.02
 REFINE_CANDIDATES = 64
+IMPORTANCES = ("magnitude", "taylor")
+TAYLOR_DECAY = 0.9  # per step: the Taylor scores average over about the last 10 batches
+TAYLOR_WARMUP = 10  # batches observed before the Taylor ranking zeroes its first unit
+# (at most a third of the steps to the target, so short runs still reach it)
 
 
 def coupling_budget(
@@ -270,12 +276,21 @@ class TargetController:
         reach_fraction: float = 0.3,
         schedule: str = "cubic",
         balance: float = 0.0,
+        importance: str = "magnitude",
     ):
         if kind not in ("macs", "params"):
             raise ValueError(f"target kind must be 'macs' or 'params', got {kind!r}")
+        if importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
         self.kind = kind
+        self.importance = importance
+        # taylor: running mean of each unit's squared first-order loss change (observe_gradients)
+        self.taylor: list[torch.Tensor] | None = None
+        self.taylor_weight = 0.0
+        self.taylor_seen = 0
         self.groups, self.strength = groups, strength
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
+        self.taylor_warmup = min(TAYLOR_WARMUP, max(1, self.reach_step // 3))
         self.base = groups.total_macs if kind == "macs" else groups.total_params
         if schedule not in ("cubic", "geometric", "immediate"):
             raise ValueError(
@@ -288,6 +303,42 @@ class TargetController:
         self.floor_factor = self._floor_factor(MIN_KEEP_FRACTION)
         self.balance = balance
         self.ask(factor)
+
+    @torch.no_grad()
+    def observe_gradients(
+        self, tensors: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor | None]
+    ) -> None:
+        """Fold one batch's ``(sum w dL/dw)^2`` per unit into the Taylor scores (``importance: taylor``).
+
+        Molchanov et al. (CVPR 2019) average this over minibatches; here the
+        average is exponential (``TAYLOR_DECAY``, bias-corrected), so the
+        ranking follows the network as it adapts to the channels already gone.
+        """
+        terms = [t.double().cpu().square() for t in self.groups.channel_taylor(tensors, grads)]
+        if self.taylor is None:
+            self.taylor = [torch.zeros_like(t) for t in terms]
+        for avg, t in zip(self.taylor, terms, strict=True):
+            avg.mul_(TAYLOR_DECAY).add_(t, alpha=1 - TAYLOR_DECAY)
+        self.taylor_weight = self.taylor_weight * TAYLOR_DECAY + (1 - TAYLOR_DECAY)
+        self.taylor_seen += 1
+
+    def _scores(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per group, each unit's rank score (lowest goes first), before the balance floor.
+
+        ``magnitude``: ``||w_gu|| / (c_g ref_g)``, the unit's norm against its
+        group's median at the start. ``taylor``: ``sqrt(E[(sum w dL/dw)^2]) /
+        c_g``, already in units of loss, so comparable across groups; units
+        that are zero score 0 either way.
+        """
+        norms = self.groups.channel_norms(tensors)
+        if self.importance == "taylor" and self.taylor is not None and self.taylor_weight > 0:
+            weights = self.strength.weights.tolist()
+            return [
+                (t / self.taylor_weight).sqrt() * (n.double().cpu() > 0) / c
+                for t, n, c in zip(self.taylor, norms, weights, strict=True)
+            ]
+        scale = (self.strength.weights * self.strength.ref).tolist()
+        return [n.double().cpu() / s for n, s in zip(norms, scale, strict=True)]
 
     def ask(self, factor: float) -> None:
         """Aim at ``factor`` from now on (the accuracy seeker raises it in stages)."""
@@ -388,9 +439,10 @@ class TargetController:
         if self.frozen:
             return
         want = min(self.scheduled_factor(step), self.factor)
-        norms = self.groups.channel_norms(tensors)
-        scale = (self.strength.weights * self.strength.ref).tolist()
-        scores = [n.double().cpu() / s for n, s in zip(norms, scale, strict=True)]
+        warming_up = self.importance == "taylor" and self.taylor_seen < self.taylor_warmup
+        if warming_up:
+            want = 1.0  # too few batches for a ranking: remove nothing yet
+        scores = self._scores(tensors)
         for sc in scores:  # every group keeps keep_fraction of its units
             keep = max(1, math.ceil(self.keep_fraction * len(sc)))
             sc[torch.topk(sc, keep).indices] = float("inf")
@@ -426,7 +478,7 @@ class TargetController:
         self.threshold = threshold
         self.strength.forced_zero = masks
         self.reached_factor = factor
-        if step >= self.reach_step and self.schedule != "immediate":
+        if step >= self.reach_step and self.schedule != "immediate" and not warming_up:
             self.frozen = True
             self.strength.frozen = True
             log.info(

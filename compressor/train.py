@@ -156,6 +156,7 @@ def train_one_epoch(
     *,
     rvsm=None,
     before_prox: Callable[[int], None] | None = None,
+    after_backward: Callable[[], None] | None = None,
     thresholds: Callable[[], object] | None = None,
     max_steps: int | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
@@ -168,7 +169,8 @@ def train_one_epoch(
 
     With ``rvsm``: adds the coupling gradient ``beta (w - u)`` after backward and
     refreshes ``u`` after the optimizer step (``before_prox(step)`` lets the
-    target controller set the strength first). With ``masks`` (recovery): zero
+    target controller set the strength first; ``after_backward()`` lets it read
+    the loss gradients before the coupling is added). With ``masks`` (recovery): zero
     weights stay zero. With ``teacher`` and ``distill`` (the recipe's section):
     the loss is :func:`training_loss`. A non-finite loss raises ``DivergenceError`` before any
     weight is updated with it.
@@ -190,6 +192,8 @@ def train_one_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         if rvsm is not None:
             rvsm.add_coupling_grad()
         optimizer.step()

@@ -107,6 +107,17 @@ def test_target_macs_is_reached_and_gated(reference):
     assert target["group_weighting"] == "macs"
 
 
+def test_taylor_importance_reaches_the_target_on_a_short_run(lenet, tmp_path):
+    # 12 steps, the target due at step 4: the Taylor ranking's warm-up must fit before it.
+    checkpoint, data = lenet
+    kwargs = target_run_kwargs(checkpoint, data, tmp_path / "out")
+    kwargs["overrides"] = [*kwargs["overrides"], "target.importance=taylor"]
+    report = compressor.compress(str(checkpoint), **kwargs)
+    assert report["exit_code"] == 0
+    assert report["target"]["importance"] == "taylor"
+    assert report["target"]["reached"] >= 1.9
+
+
 def test_api_bad_input_raises_with_exit_code_2(lenet, tmp_path):
     checkpoint, data = lenet
     out = tmp_path / "out"

@@ -246,3 +246,52 @@ def test_controller_lands_close_to_the_target_not_one_big_channel_past_it(factor
     ctl.update(50, dict(model.named_parameters()))
     assert ctl.frozen
     assert factor <= ctl.reached_factor <= factor * (1 + OVERSHOOT_TOLERANCE)
+
+
+def test_channel_taylor_is_the_first_order_loss_change_of_removing_a_channel():
+    torch.manual_seed(0)
+    model = resnet20(in_channels=1).eval().double()
+    x, y = torch.randn(8, 1, 16, 16, dtype=torch.float64), torch.randint(0, 10, (8,))
+    groups = build_groups(model, x[:1])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    params = dict(model.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    taylor = groups.channel_taylor(params, grads)
+    # Scaling one unit's norm slices by (1 - eps) changes the loss by about -eps * taylor.
+    g_index, unit, eps = 3, 1, 1e-4
+    group = groups.groups[g_index]
+    with torch.no_grad():
+        before = float(loss)
+        for m in group.norm_members:
+            rows = m.index[m.channel == unit]
+            params[m.param][rows] *= 1 - eps
+        after = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert (after - before) == pytest.approx(-eps * float(taylor[g_index][unit]), rel=1e-2)
+    assert float(taylor[g_index][unit]) != 0
+
+
+def test_taylor_importance_waits_for_a_ranking_then_reaches_and_holds_the_target():
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    strength = Strength.from_recipe(PENALTY, model, groups, [])
+    ctl = TargetController(
+        "macs", 4.0, groups, strength, total_steps=100, reach_fraction=0.5, importance="taylor"
+    )
+    params = dict(model.named_parameters())
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    # One group gets loss gradients orders of magnitude larger: its units rank as the most important.
+    loud = max(groups, key=lambda g: g.size)
+    for step in range(1, 61):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for m in loud.norm_members:
+                params[m.param].grad.mul_(1e4)
+        ctl.observe_gradients(params, {n: p.grad for n, p in params.items()})
+        ctl.update(step, params)
+        if step < ctl.taylor_warmup:
+            assert not any(bool(z.any()) for z in strength.forced_zero)
+    assert ctl.frozen and 4.0 * 0.95 <= ctl.reached_factor <= 4.0 * 1.05
+    assert not bool(strength.forced_zero[list(groups).index(loud)].any())
+    with pytest.raises(ValueError, match="importance"):
+        TargetController("macs", 2.0, groups, strength, total_steps=10, importance="fisher")
