@@ -162,23 +162,39 @@ class ChannelGroups:
     def total_channels(self) -> int:
         return sum(g.size for g in self.groups)
 
+    @staticmethod
+    def _unit_sums(group: ChannelGroup, members, row_values) -> torch.Tensor:
+        """Per unit of ``group``, the sum of ``row_values(member)`` (one value per member row).
+
+        ``row_values`` may return None for a member that adds nothing; a unit
+        no member adds to sums to 0.
+        """
+        total = None
+        for member in members:
+            contrib = row_values(member)
+            if contrib is None:
+                continue
+            if total is None:
+                total = torch.zeros(group.size, dtype=contrib.dtype, device=contrib.device)
+            total.index_add_(0, member.channel.to(total.device), contrib)
+        return total if total is not None else torch.zeros(group.size)
+
     def channel_norms(
         self, tensors: Mapping[str, torch.Tensor], *, all_members: bool = False
     ) -> list[torch.Tensor]:
         """L2 norm of every unit's norm slices (``all_members``: of all its slices), per group."""
-        norms = []
-        for group in self.groups:
-            sq = None
-            for member in group.members if all_members else group.norm_members:
-                rows = member.rows(tensors[member.param].detach())
-                # Row norms without a full-size squared copy, then squared back.
-                contrib = torch.linalg.vector_norm(rows.reshape(len(member.index), -1), dim=1)
-                contrib.square_()
-                if sq is None:
-                    sq = torch.zeros(group.size, dtype=contrib.dtype, device=contrib.device)
-                sq.index_add_(0, member.channel.to(sq.device), contrib)
-            norms.append(sq.sqrt_())
-        return norms
+
+        def squared_row_norms(member: Slice) -> torch.Tensor:
+            rows = member.rows(tensors[member.param].detach())
+            # Row norms without a full-size squared copy, then squared back.
+            return torch.linalg.vector_norm(rows.reshape(len(member.index), -1), dim=1).square_()
+
+        return [
+            self._unit_sums(
+                group, group.members if all_members else group.norm_members, squared_row_norms
+            ).sqrt_()
+            for group in self.groups
+        ]
 
     @torch.no_grad()
     def channel_taylor(
@@ -192,21 +208,15 @@ class ChannelGroups:
         "Importance estimation for neural network pruning", CVPR 2019, eq. 4
         and the BatchNorm variant of section 3). A slice with no gradient adds 0.
         """
-        sums = []
-        for group in self.groups:
-            total = None
-            for member in group.norm_members:
-                grad = grads.get(member.param)
-                if grad is None:
-                    continue
-                w = member.rows(tensors[member.param].detach())
-                g = member.rows(grad)
-                contrib = (w * g).reshape(len(member.index), -1).sum(dim=1)
-                if total is None:
-                    total = torch.zeros(group.size, dtype=contrib.dtype, device=contrib.device)
-                total.index_add_(0, member.channel.to(total.device), contrib)
-            sums.append(total if total is not None else torch.zeros(group.size))
-        return sums
+
+        def row_products(member: Slice) -> torch.Tensor | None:
+            grad = grads.get(member.param)
+            if grad is None:
+                return None
+            w = member.rows(tensors[member.param].detach())
+            return (w * member.rows(grad)).reshape(len(member.index), -1).sum(dim=1)
+
+        return [self._unit_sums(group, group.norm_members, row_products) for group in self.groups]
 
     def zero_masks(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """True where every member slice of the channel is exactly zero."""

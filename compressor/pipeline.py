@@ -572,8 +572,7 @@ def compress(
             controller.reached_factor = state["controller"]["reached_factor"]
             controller.threshold = state["controller"]["threshold"]
             if state["controller"].get("taylor") is not None:
-                taylor = state["controller"]["taylor"]
-                controller.taylor, controller.taylor_weight, controller.taylor_seen = taylor
+                controller.taylor, controller.taylor_seen = state["controller"]["taylor"]
         if seek is not None and state.get("seek") is not None:
             seek.load_state_dict(state["seek"])
         history = state["history"]
@@ -669,11 +668,7 @@ def compress(
                     "frozen": controller.frozen if controller else False,
                     "reached_factor": controller.reached_factor if controller else 1.0,
                     "threshold": controller.threshold if controller else 0.0,
-                    "taylor": (
-                        (controller.taylor, controller.taylor_weight, controller.taylor_seen)
-                        if controller
-                        else None
-                    ),
+                    "taylor": (controller.taylor, controller.taylor_seen) if controller else None,
                 },
                 "seek": seek.state_dict() if seek is not None and not controller.frozen else None,
                 "history": history,

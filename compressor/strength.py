@@ -286,8 +286,7 @@ class TargetController:
         self.importance = importance
         # taylor: running mean of each unit's squared first-order loss change (observe_gradients)
         self.taylor: list[torch.Tensor] | None = None
-        self.taylor_weight = 0.0
-        self.taylor_seen = 0
+        self.taylor_seen = 0  # batches folded into ``taylor``
         self.groups, self.strength = groups, strength
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.taylor_warmup = min(TAYLOR_WARMUP, max(1, self.reach_step // 3))
@@ -319,7 +318,6 @@ class TargetController:
             self.taylor = [torch.zeros_like(t) for t in terms]
         for avg, t in zip(self.taylor, terms, strict=True):
             avg.mul_(TAYLOR_DECAY).add_(t, alpha=1 - TAYLOR_DECAY)
-        self.taylor_weight = self.taylor_weight * TAYLOR_DECAY + (1 - TAYLOR_DECAY)
         self.taylor_seen += 1
 
     def _scores(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -331,10 +329,11 @@ class TargetController:
         that are zero score 0 either way.
         """
         norms = self.groups.channel_norms(tensors)
-        if self.importance == "taylor" and self.taylor is not None and self.taylor_weight > 0:
+        if self.importance == "taylor" and self.taylor is not None and self.taylor_seen > 0:
             weights = self.strength.weights.tolist()
+            bias = 1 - TAYLOR_DECAY**self.taylor_seen  # the weight the average has gathered
             return [
-                (t / self.taylor_weight).sqrt() * (n.double().cpu() > 0) / c
+                (t / bias).sqrt() * (n.double().cpu() > 0) / c
                 for t, n, c in zip(self.taylor, norms, weights, strict=True)
             ]
         scale = (self.strength.weights * self.strength.ref).tolist()
