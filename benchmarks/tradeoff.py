@@ -933,7 +933,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plot",
         default=None,
-        help="plot path (default benchmarks/tradeoff.png; quick: in the cache)",
+        help="plot path (default benchmarks/tradeoff.png; quick: in the cache; with --results: beside that JSON)",
     )
     p.add_argument("--no-render", action="store_true", help="do not touch RESULTS.md")
     p.add_argument(
@@ -1000,15 +1000,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             "--recover-epochs must be >= 0 and below --budget-epochs (RVSM needs one epoch)"
         )
     tag = "_smoke" if args.smoke else ("_quick" if args.quick else "")
-    args.results = Path(args.results or RESULTS_DIR / f"tradeoff{tag}.json")
-    args.plot = Path(
-        args.plot
-        or (
-            Path(args.cache_dir) / f"tradeoff{tag}.png"
-            if small
-            else ROOT / "benchmarks" / "tradeoff.png"
-        )
-    )
+    default_results = RESULTS_DIR / f"tradeoff{tag}.json"
+    args.results = Path(args.results or default_results)
+    if args.plot is None:
+        if args.results != default_results:  # another study: never overwrite the committed plot
+            args.plot = args.results.with_suffix(".png")
+        elif small:
+            args.plot = Path(args.cache_dir) / f"tradeoff{tag}.png"
+        else:
+            args.plot = ROOT / "benchmarks" / "tradeoff.png"
+    args.plot = Path(args.plot)
     if small:
         args.no_render = True
     return args

@@ -141,3 +141,16 @@ def test_equal_macs_run_asks_for_the_reduction_torch_pruning_reached():
     assert row["method"] == "tl1-group-eq" and row["reference_macs_x"] == pytest.approx(4.68)
     assert row["references"] == {"tp-magnitude": pytest.approx(92.1), "tp-magnitude-kd": 92.5}
     assert tradeoff.best_recipe(runs) is None  # the equal-MACs runs are not a recipe of their own
+
+
+def test_tradeoff_plot_follows_a_results_json_other_than_the_committed_one(tmp_path):
+    from benchmarks import tradeoff
+
+    def resolved(*argv):
+        return tradeoff.resolve_args(tradeoff.get_args_parser().parse_args(list(argv)))
+
+    assert resolved().plot == tradeoff.ROOT / "benchmarks" / "tradeoff.png"
+    study = tmp_path / "tradeoff_budget15.json"
+    assert resolved("--results", str(study)).plot == tmp_path / "tradeoff_budget15.png"
+    mine = tmp_path / "mine.png"
+    assert resolved("--results", str(study), "--plot", str(mine)).plot == mine
