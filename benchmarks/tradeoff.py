@@ -1003,7 +1003,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     default_results = RESULTS_DIR / f"tradeoff{tag}.json"
     args.results = Path(args.results or default_results)
     if args.plot is None:
-        if args.results != default_results:  # another study: never overwrite the committed plot
+        if (
+            args.results.resolve() != default_results.resolve()
+        ):  # another study: keep the committed plot
             args.plot = args.results.with_suffix(".png")
         elif small:
             args.plot = Path(args.cache_dir) / f"tradeoff{tag}.png"

@@ -143,7 +143,7 @@ def test_equal_macs_run_asks_for_the_reduction_torch_pruning_reached():
     assert tradeoff.best_recipe(runs) is None  # the equal-MACs runs are not a recipe of their own
 
 
-def test_tradeoff_plot_follows_a_results_json_other_than_the_committed_one(tmp_path):
+def test_tradeoff_plot_follows_a_results_json_other_than_the_committed_one(tmp_path, monkeypatch):
     from benchmarks import tradeoff
 
     def resolved(*argv):
@@ -154,3 +154,6 @@ def test_tradeoff_plot_follows_a_results_json_other_than_the_committed_one(tmp_p
     assert resolved("--results", str(study)).plot == tmp_path / "tradeoff_budget15.png"
     mine = tmp_path / "mine.png"
     assert resolved("--results", str(study), "--plot", str(mine)).plot == mine
+    monkeypatch.chdir(tradeoff.ROOT)  # the committed JSON named by a relative path is still it
+    committed = resolved("--results", "benchmarks/results/tradeoff.json")
+    assert committed.plot == tradeoff.ROOT / "benchmarks" / "tradeoff.png"
