@@ -598,7 +598,11 @@ def margins(runs: list[dict], targets, references=TP_METHODS) -> tuple[str | Non
 
 
 def equal_macs_rows(runs: list[dict], targets) -> list[dict]:
-    """Per target and equal-MACs method: its accuracy next to Torch-Pruning's (as it ships and with KD)."""
+    """Per target and equal-MACs method: its accuracy next to Torch-Pruning's (as it ships and with KD).
+
+    ``margin``, ``goal`` and ``met`` judge the issue's goal against the method's
+    reference (``tp-magnitude``, Torch-Pruning as it ships).
+    """
     rows = []
     for method, (_, reference) in EQUAL_MACS_METHODS.items():
         for t in targets:
@@ -607,11 +611,18 @@ def equal_macs_rows(runs: list[dict], targets) -> list[dict]:
             theirs = {m: rs for m, rs in theirs.items() if rs}
             if not ours or reference not in theirs:
                 continue
+            accuracy = float(np.mean([r["accuracy"] for r in ours]))
+            margin = accuracy - float(np.mean([r["accuracy"] for r in theirs[reference]]))
+            goal = MARGIN_GOALS.get(float(t))
             rows.append(
                 {
                     "target": t,
                     "method": method,
-                    "accuracy": float(np.mean([r["accuracy"] for r in ours])),
+                    "accuracy": accuracy,
+                    "reference": reference,
+                    "margin": margin,
+                    "goal": goal,
+                    "met": None if goal is None else margin >= goal,
                     "macs_x": float(np.mean([r["macs_x"] for r in ours])),
                     "reference_macs_x": float(np.mean([r["macs_x"] for r in theirs[reference]])),
                     "references": {
@@ -622,8 +633,12 @@ def equal_macs_rows(runs: list[dict], targets) -> list[dict]:
     return rows
 
 
-def render_section(results: dict, plan: list[tuple[str, float, int]] | None = None) -> str:
-    """Section 1 of RESULTS.md from the results JSON."""
+def render_section(
+    results: dict,
+    plan: list[tuple[str, float, int]] | None = None,
+    plot_path: Path | None = None,
+) -> str:
+    """Section 1 of RESULTS.md (or another study's block in it) from the results JSON."""
     runs = results["runs"]
     cfg, base = results["config"], results["baseline"]
     targets = sorted({r["target"] for r in runs} | {float(t) for t in cfg["targets"]})
@@ -759,9 +774,17 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
                 f"{name} {acc:.2f}% (**{row['accuracy'] - acc:+.2f}**)"
                 for name, acc in row["references"].items()
             )
+            verdict = ""
+            if row["goal"] is not None:
+                want = "no worse" if row["goal"] == 0 else f">= +{row['goal']:.1f} points"
+                verdict = f"; goal {want} over `{row['reference']}`: " + (
+                    "**met**"
+                    if row["met"]
+                    else f"**falls short by {row['goal'] - row['margin']:.2f}**"
+                )
             lines.append(
                 f"- {row['target']:g}x: {row['method']} {row['accuracy']:.2f}% at {row['macs_x']:.2f}x "
-                f"vs {refs} at {row['reference_macs_x']:.2f}x."
+                f"vs {refs} at {row['reference_macs_x']:.2f}x{verdict}."
             )
         lines.append("")
     gpu = f"{machine['gpu']} (CUDA {machine.get('cuda')}) with " if machine.get("gpu") else ""
@@ -769,33 +792,49 @@ def render_section(results: dict, plan: list[tuple[str, float, int]] | None = No
         f"Command: `{results['command']}`. Machine: {gpu}{machine.get('cpu_model', '?')}, "
         f"{machine.get('usable_cores', '?')} usable cores, torch {machine.get('torch', '?')}; "
         f"started {machine.get('date', '?')}. Every run: `{cfg['results']}`; "
-        "plot: `benchmarks/tradeoff.png`."
+        f"plot: `{_relative(Path(plot_path)) if plot_path else 'benchmarks/tradeoff.png'}`."
     )
     lines.append("")
     return "\n".join(lines)
 
 
-BEGIN_MARK = "<!-- BEGIN generated: tradeoff -->"
-END_MARK = "<!-- END generated: tradeoff -->"
+MAIN_BLOCK = "tradeoff"
 
 
-def update_results_md(body: str, path: Path = RESULTS_MD) -> None:
-    """Put ``body`` into section 1 of RESULTS.md, between the ``tradeoff`` markers.
+def markers(name: str = MAIN_BLOCK) -> tuple[str, str]:
+    """The ``<!-- BEGIN/END generated: NAME -->`` lines around a rendered block."""
+    return f"<!-- BEGIN generated: {name} -->", f"<!-- END generated: {name} -->"
 
-    Prose outside the markers stays; without markers, section 1 is replaced (or
-    created before the first other section). The file is read right before the
-    atomic write, so other sections written meanwhile are kept.
+
+BEGIN_MARK, END_MARK = markers()
+
+
+def update_results_md(body: str, path: Path = RESULTS_MD, name: str = MAIN_BLOCK) -> None:
+    """Put ``body`` into section 1 of RESULTS.md, between the ``name`` markers.
+
+    Prose outside the markers stays. Without markers, the main block replaces
+    section 1 (or is created before the first other section); another study's
+    block (``name`` other than ``tradeoff``) is added at the end of section 1.
+    The file is read right before the atomic write, so other sections written
+    meanwhile are kept.
     """
-    block = f"{BEGIN_MARK}\n{body.strip()}\n{END_MARK}\n"
+    begin, end = markers(name)
+    block = f"{begin}\n{body.strip()}\n{end}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN_MARK in text and END_MARK in text:
-        head, rest = text.split(BEGIN_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].removeprefix("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].removeprefix("\n")
         atomic_write_text(path, head + block + tail)
         return
     section = f"{SECTION_TITLE}\n\n{block}\n"
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.startswith("## 1.")), None)
+    if name != MAIN_BLOCK and start is not None:
+        end_at = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        atomic_write_text(path, "".join(lines[:end_at]) + block + "\n" + "".join(lines[end_at:]))
+        return
     if start is None:
         at = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
         end = at
@@ -1012,6 +1051,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         else:
             args.plot = ROOT / "benchmarks" / "tradeoff.png"
     args.plot = Path(args.plot)
+    # Another study renders into its own block of section 1, named after its JSON.
+    args.block = (
+        MAIN_BLOCK if args.results.resolve() == default_results.resolve() else args.results.stem
+    )
     if small:
         args.no_render = True
     return args
@@ -1221,7 +1264,11 @@ def _render(results: dict, args, plan) -> None:
     if results["runs"]:
         plot(results, args.plot)
     if not args.no_render:
-        update_results_md(render_section(results, plan), Path(args.results_md))
+        update_results_md(
+            render_section(results, plan, plot_path=args.plot),
+            Path(args.results_md),
+            name=args.block,
+        )
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ def test_equal_macs_run_asks_for_the_reduction_torch_pruning_reached():
     (row,) = tradeoff.equal_macs_rows(runs, [4.0, 8.0])
     assert row["method"] == "tl1-group-eq" and row["reference_macs_x"] == pytest.approx(4.68)
     assert row["references"] == {"tp-magnitude": pytest.approx(92.1), "tp-magnitude-kd": 92.5}
+    assert row["margin"] == pytest.approx(0.2) and row["goal"] == 0.5 and row["met"] is False
+    (met,) = tradeoff.equal_macs_rows([*runs[:3], run("tl1-group-eq", 4.0, 92.7, 4.67)], [4.0])
+    assert met["margin"] == pytest.approx(0.6) and met["met"] is True
     assert tradeoff.best_recipe(runs) is None  # the equal-MACs runs are not a recipe of their own
 
 
@@ -157,3 +160,35 @@ def test_tradeoff_plot_follows_a_results_json_other_than_the_committed_one(tmp_p
     monkeypatch.chdir(tradeoff.ROOT)  # the committed JSON named by a relative path is still it
     committed = resolved("--results", "benchmarks/results/tradeoff.json")
     assert committed.plot == tradeoff.ROOT / "benchmarks" / "tradeoff.png"
+
+
+def test_another_study_renders_into_its_own_block_of_section_1(tmp_path):
+    from benchmarks import tradeoff
+
+    args = tradeoff.resolve_args(
+        tradeoff.get_args_parser().parse_args(
+            ["--results", str(tmp_path / "tradeoff_budget15.json")]
+        )
+    )
+    assert args.block == "tradeoff_budget15"
+    assert tradeoff.resolve_args(tradeoff.get_args_parser().parse_args([])).block == "tradeoff"
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "# Benchmark results\n\n## 1. Accuracy–compression trade-off\n\n"
+        "<!-- BEGIN generated: tradeoff -->\nmain table\n<!-- END generated: tradeoff -->\n\n"
+        "Prose about the main table.\n\n## 2. Latency against MACs\n\nlatency\n"
+    )
+    tradeoff.update_results_md("study table v1", md, name="tradeoff_budget15")
+    text = md.read_text()
+    begin, end = tradeoff.markers("tradeoff_budget15")
+    # Added at the end of section 1, after its prose; the main block and section 2 are kept.
+    assert text.index("Prose about the main table.") < text.index(begin) < text.index("## 2.")
+    assert "main table" in text and "latency" in text
+    tradeoff.update_results_md("study table v2", md, name="tradeoff_budget15")
+    text = md.read_text()
+    assert text.count(begin) == 1 and text.count(end) == 1
+    assert "study table v2" in text and "study table v1" not in text
+    tradeoff.update_results_md("main table v2", md)  # the main block is still its own
+    text = md.read_text()
+    assert "main table v2" in text and "study table v2" in text and "\nmain table\n" not in text
