@@ -974,6 +974,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="plot path (default benchmarks/tradeoff.png; quick: in the cache; with --results: beside that JSON)",
     )
+    p.add_argument(
+        "--block",
+        default=None,
+        help="the generated block of RESULTS.md section 1 to render into (default: "
+        f"'{MAIN_BLOCK}' for the default --results, else the JSON's name, e.g. tradeoff_budget15)",
+    )
     p.add_argument("--no-render", action="store_true", help="do not touch RESULTS.md")
     p.add_argument(
         "--render-only",
@@ -1051,10 +1057,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         else:
             args.plot = ROOT / "benchmarks" / "tradeoff.png"
     args.plot = Path(args.plot)
-    # Another study renders into its own block of section 1, named after its JSON.
-    args.block = (
-        MAIN_BLOCK if args.results.resolve() == default_results.resolve() else args.results.stem
-    )
+    if args.block is None:  # another study renders into its own block, named after its JSON
+        same = args.results.resolve() == default_results.resolve()
+        args.block = MAIN_BLOCK if same else args.results.stem
     if small:
         args.no_render = True
     return args

@@ -172,6 +172,8 @@ def test_another_study_renders_into_its_own_block_of_section_1(tmp_path):
     )
     assert args.block == "tradeoff_budget15"
     assert tradeoff.resolve_args(tradeoff.get_args_parser().parse_args([])).block == "tradeoff"
+    named = ["--results", str(tmp_path / "x.json"), "--block", "tradeoff"]
+    assert tradeoff.resolve_args(tradeoff.get_args_parser().parse_args(named)).block == "tradeoff"
 
     md = tmp_path / "RESULTS.md"
     md.write_text(

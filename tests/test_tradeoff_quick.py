@@ -47,7 +47,8 @@ def test_tradeoff_smoke(tmp_path):
     assert tradeoff.main(argv) == 0
     assert json.loads(results.read_text())["runs"] == data["runs"]
 
-    # the table goes between the markers of section 1, other sections are kept
+    # the table goes between the main markers of section 1, other sections are kept
+    # (without --block, a JSON other than the committed one renders into a block of its own)
     md = tmp_path / "RESULTS.md"
     md.write_text(
         "# Results\n\n## 1. Accuracy–compression trade-off\n\nold\n\n## 2. Other\n\nkeep me\n"
@@ -63,6 +64,8 @@ def test_tradeoff_smoke(tmp_path):
                 str(md),
                 "--plot",
                 str(plot),
+                "--block",
+                "tradeoff",
             ]
         )
         == 0
