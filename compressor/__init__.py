@@ -15,11 +15,15 @@ def compress(checkpoint, **kwargs):
     return _compress(checkpoint, **kwargs)
 
 
-def load(path):
-    """Rebuild the compact ``nn.Module`` from compressor's ``model.safetensors``."""
+def load(path, *, arch=None, trust_checkpoint=False):
+    """Rebuild the compact ``nn.Module`` from compressor's ``model.safetensors``.
+
+    A model the file names by ``package.module:callable`` is imported only when ``arch``
+    names it too or ``trust_checkpoint=True``; see :func:`compressor.checkpoint.load`.
+    """
     from compressor.checkpoint import load as _load
 
-    return _load(path)
+    return _load(path, arch=arch, trust_checkpoint=trust_checkpoint)
 
 
 __all__ = ["__version__", "compress", "load"]

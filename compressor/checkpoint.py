@@ -7,13 +7,18 @@ Accepted checkpoints (:func:`load_checkpoint`):
   cannot run code; the architecture comes from ``--arch``;
 - a plain ``.safetensors`` file plus ``--arch``;
 - compressor's own compact ``model.safetensors`` (weights plus metadata describing the
-  pruned shapes), which needs no flag;
+  pruned shapes), which needs no flag unless its architecture is ``package.module:callable``;
 - a whole pickled ``nn.Module`` only with ``trust_checkpoint=True``: unpickling runs code
   from the file.
 
 Architectures (:func:`build_model`): compressor's built-ins (``resnet20``, ``lenet5``),
 torchvision classification models by name (never with downloaded weights), or
 ``package.module:callable`` imported with the current directory on ``sys.path``.
+
+A file never chooses code to run: a compact file's metadata may name a built-in or
+torchvision architecture, but one importable by path only loads when the user names it too
+(``arch=``, ``--arch``) or trusts the file (``trust_checkpoint=True``, ``--trust-checkpoint``);
+every metadata field is checked for type and range first.
 """
 
 from __future__ import annotations
@@ -21,14 +26,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import importlib
 import inspect
+import io
 import json
+import keyword
 import logging
+import math
 import os
 import pickle
+import pickletools
 import re
 import sys
+import warnings
+import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,11 +312,63 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _refused_globals(path: Path) -> list[str]:
+    """The globals (``module.name``) in the file's pickle that ``weights_only`` loading
+    refuses, read by disassembling it (nothing is imported or run); [] when unreadable."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        if zipfile.is_zipfile(path):
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        else:  # a raw pickle, or torch's legacy format (several pickles in a row)
+            with open(path, "rb") as f:
+                names = [n for n in _pickle_globals(f.read(64 << 20)) if n not in _safe_globals()]
     except Exception:
         return []
+    return [n for n in dict.fromkeys(names) if n != "argparse.Namespace"]
+
+
+def _safe_globals() -> set[str]:
+    try:
+        from torch import _weights_only_unpickler as unpickler
+
+        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except Exception:  # a private API: without it every global counts as refused
+        return set()
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """Every GLOBAL / STACK_GLOBAL named in ``data`` (up to 4 pickles in a row)."""
+    names: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(4):
+        strings: list[str] = []  # strings pushed so far: STACK_GLOBAL takes the last two
+        memo: dict[int, str] = {}
+        top: str | None = None  # the string on top of the stack, if the last push was one
+        memoized = 0
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                pushed = None
+                if op.name == "GLOBAL":  # protocol 2 writes Python 2 names: __builtin__
+                    names.append(re.sub(r"^__builtin__ ", "builtins ", str(arg)).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif "UNICODE" in op.name and isinstance(arg, str):
+                    pushed = arg
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    pushed = memo.get(arg)
+                elif op.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                    index = memoized if op.name == "MEMOIZE" else arg
+                    memoized += op.name == "MEMOIZE"
+                    if top is not None:
+                        memo[index] = top
+                    continue  # the stack is unchanged
+                if pushed is not None:
+                    strings.append(pushed)
+                top = pushed
+        except Exception:
+            break
+        if stream.tell() >= len(data):
+            break
+    return names
 
 
 class _Refused(CheckpointError):
@@ -317,24 +382,15 @@ def _torch_load_safe(path: Path) -> Any:
         # one under "args"); torch < 2.5 has no safe_globals and refuses it.
         safe_globals = getattr(torch.serialization, "safe_globals", None)
         allow = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
-        with allow:
+        with allow, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")  # refused below
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if match:
-            names = _unsafe_globals(path) or [match.group(1)]
-            names.sort(key=lambda n: n.startswith("torch."))  # the user's classes first
-            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-            is_module = any(
-                n.startswith(("torch.nn.modules.", "torch.nn.parallel.")) for n in names
-            )
-            what = "is a pickled module" if is_module else "holds pickled Python objects"
-            raise _Refused(
-                f"{path} {what} ({shown}); loading it runs code from the file. "
-                "If you trust it, pass --trust-checkpoint; or save model.state_dict() and "
-                "pass --arch."
-            ) from None
+        match = re.search(r"GLOBAL ([\w.]+)", text)
+        names = _refused_globals(path) or ([match.group(1)] if match else [])
+        if names:
+            raise _Refused(_refusal_message(path, names)) from None
         if "Weights only load failed" in text:
             raise _Refused(
                 _corrupt_message(path, exc, text.split("WeightsUnpickler error:")[-1])
@@ -344,6 +400,24 @@ def _torch_load_safe(path: Path) -> Any:
         raise CheckpointError(_corrupt_message(path, exc)) from None
     except Exception as exc:
         raise CheckpointError(_corrupt_message(path, exc)) from None
+
+
+def _refusal_message(path: Path, names: list[str]) -> str:
+    """Why a pickle was refused: the globals it would have called, and the opt-in."""
+    names = sorted(names, key=lambda n: (n.startswith("torch."), n))  # the user's first
+    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    if any(n.startswith(("torch.nn.modules.", "torch.nn.parallel.")) for n in names):
+        return (
+            f"{path} is a pickled module ({shown}); loading it runs code from the file. "
+            "If you trust it, pass --trust-checkpoint; or save model.state_dict() and "
+            "pass --arch."
+        )
+    return (
+        f"{path} was refused: it holds pickled Python objects that are not tensors or "
+        f"containers, and loading it would run {shown} (nothing was run). If you trust the "
+        "file and its author, --trust-checkpoint loads it with full unpickling, which runs "
+        "that code; otherwise save torch.save(model.state_dict(), path) and pass --arch."
+    )
 
 
 def _corrupt_message(path: Path, exc: BaseException, detail: str | None = None) -> str:
@@ -403,10 +477,43 @@ def _extract(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor] | nn.Module,
     )
 
 
-def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if sd and all(k.startswith(prefix) for k in sd):
-        return {k[len(prefix) :]: v for k, v in sd.items()}
-    return dict(sd)
+def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> Mapping[str, torch.Tensor]:
+    """``sd`` without ``prefix`` on every key (and in its ``_metadata``), when all have it."""
+    if not (sd and all(k.startswith(prefix) for k in sd)):
+        return sd
+    metadata = getattr(sd, "_metadata", None)
+    if metadata is not None:
+        root = prefix[:-1]
+        metadata = {
+            ("" if k == root else k[len(prefix) :]): v
+            for k, v in metadata.items()
+            if k == root or k.startswith(prefix)
+        }
+    return _with_metadata({k[len(prefix) :]: v for k, v in sd.items()}, metadata)
+
+
+def _with_metadata(sd: Mapping[str, torch.Tensor], metadata: Mapping | None) -> OrderedDict:
+    """``sd`` as torch's state_dicts are: an OrderedDict whose ``_metadata`` holds each
+    module's ``{"version": n}`` (read by ``_load_from_state_dict``, e.g. torchvision's MNASNet)."""
+    out = OrderedDict(sd)
+    if metadata is not None:
+        out._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return out
+
+
+def _load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    """``model.load_state_dict(sd, strict=True)`` with the module versions ``sd`` was saved
+    with, or (a file that kept none, e.g. safetensors) the model's own current versions."""
+    if getattr(sd, "_metadata", None) is None:
+        sd = _with_metadata(sd, model.state_dict()._metadata)  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(
+            f"Loading {path} into --arch {arch} failed ({type(exc).__name__}: {first}). Check "
+            "that the checkpoint is a state_dict of that architecture."
+        ) from exc
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -437,13 +544,16 @@ def _supports(arch: str, name: str) -> bool:
 
 def _fit_model(
     arch: str,
-    sd: dict[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor],
     num_classes: int | None,
     in_channels: int | None,
     path: Path,
-) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
+) -> tuple[nn.Module, Mapping[str, torch.Tensor], dict]:
     """Build ``arch`` with the output/input sizes the state_dict implies; return it with
-    the (prefix-stripped) state_dict and the build kwargs used."""
+    the (prefix-stripped) state_dict and the build kwargs used.
+
+    First the checkpoint must be an ``arch`` at all (keys and shapes, with its own classifier
+    outputs and input channels); only then are those sizes compared with what was asked."""
     model = _probe(arch, num_classes, in_channels)
     model_keys = set(model.state_dict())
     # A wrapper prefix (e.g. Lightning's "model.") that, once stripped, fits exactly.
@@ -453,47 +563,134 @@ def _fit_model(
             stripped = _strip_prefix(sd, next(iter(first)) + ".")
             if set(stripped) == model_keys:
                 sd = stripped
-    kwargs: dict[str, int] = {}
-    rebuild = False
+    current: dict[str, int] = {}  # the probe's sizes
+    found: dict[str, tuple[int, str]] = {}  # the checkpoint's, and the tensor they come from
     head = _last_classifier(model)
     if head is not None and _supports(arch, "num_classes"):
-        current = head[1].weight.shape[0]
+        current["num_classes"] = int(head[1].weight.shape[0])
         stored = sd.get(f"{head[0]}.weight")
         if stored is not None and stored.ndim >= 1:
-            if num_classes is None:
-                num_classes = int(stored.shape[0])
-                rebuild |= num_classes != current
-            elif int(stored.shape[0]) != num_classes:
-                raise CheckpointError(
-                    f"{path} has {int(stored.shape[0])} outputs ({head[0]}.weight "
-                    f"{_shape(stored)}) but --num-classes is {num_classes}. Drop --num-classes "
-                    "to use the checkpoint's, or pass the right one."
-                )
-        kwargs["num_classes"] = num_classes if num_classes is not None else int(current)
+            found["num_classes"] = (int(stored.shape[0]), f"{head[0]}.weight {_shape(stored)}")
     stem = _first_conv(model)
     if stem is not None and _supports(arch, "in_channels"):
-        current = stem[1].in_channels
+        current["in_channels"] = int(stem[1].in_channels)
         stored = sd.get(f"{stem[0]}.weight")
         if stored is not None and stored.ndim >= 2:
             channels = int(stored.shape[1]) * stem[1].groups
-            if in_channels is None:
-                in_channels = channels
-                rebuild |= in_channels != current
-            elif channels != in_channels:
-                raise CheckpointError(
-                    f"{path} takes {channels}-channel inputs ({stem[0]}.weight {_shape(stored)}) "
-                    f"but the data has {in_channels} channel(s). Set `data.input_shape: "
-                    f"[{channels}, H, W]` in the recipe to convert the images, or use matching data."
-                )
-        kwargs["in_channels"] = in_channels if in_channels is not None else int(current)
-    if rebuild or _is_meta(model):
+            found["in_channels"] = (channels, f"{stem[0]}.weight {_shape(stored)}")
+    own = {**current, **{k: v for k, (v, _) in found.items()}}  # the checkpoint's own sizes
+    try:
+        natural = model if own == current else _probe(arch, **own)
+    except CheckpointError:
+        natural = None  # sizes this architecture cannot take: _check_fit reports the misfit
+    if natural is not None:
+        _check_is_arch(natural, sd, path, arch)
+    if num_classes is not None and found.get("num_classes", (num_classes,))[0] != num_classes:
+        outputs, tensor = found["num_classes"]
+        raise CheckpointError(
+            f"{path} has {outputs} outputs ({tensor}) but --num-classes is {num_classes}. Drop "
+            "--num-classes to use the checkpoint's, or pass the right one."
+        )
+    if in_channels is not None and found.get("in_channels", (in_channels,))[0] != in_channels:
+        channels, tensor = found["in_channels"]
+        raise CheckpointError(
+            f"{path} takes {channels}-channel inputs ({tensor}) but the data has {in_channels} "
+            f"channel(s). Set `data.input_shape: [{channels}, H, W]` in the recipe to convert "
+            "the images, or use matching data."
+        )
+    kwargs = {k: found[k][0] if k in found else v for k, v in current.items()}
+    if kwargs != current or _is_meta(model):
         model = build_model(arch, **kwargs)
     _check_fit(model, sd, path, arch, kwargs)
-    model.load_state_dict(sd, strict=True)
+    _load_weights(model, sd, path, arch)
     return model, sd, kwargs
 
 
-def _probe(arch: str, num_classes: int | None, in_channels: int | None) -> nn.Module:
+def _check_is_arch(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Refuse a checkpoint whose keys or shapes are not those of ``model`` (``arch`` built
+    with the checkpoint's own sizes), naming the closest architectures."""
+    expected = model.state_dict()
+    missing, unexpected, mismatched = _misfit(expected, sd)
+    if not (missing or unexpected or mismatched):
+        return
+    if missing or unexpected:
+        what = f"this checkpoint is not a {arch}"
+    else:
+        what = (
+            f"this checkpoint is not a {arch} as built by default: the keys match but "
+            f"{len(mismatched)} tensors have other shapes"
+        )
+    lines = [
+        f"{path} does not fit --arch {arch}: {what} ({len(missing)} missing, "
+        f"{len(unexpected)} unexpected and {len(mismatched)} shape-mismatched keys).",
+        *_misfit_lines(expected, sd, missing, unexpected, mismatched),
+    ]
+    closest = _closest_architectures(sd, exclude=arch)
+    if closest:
+        (best, share), others = closest[0], closest[1:]
+        shown = f"{best} ({share:.0%} of keys and shapes match)" + "".join(
+            f", {name} ({share:.0%})" for name, share in others
+        )
+        lines.append(f"Closest architectures: {shown}. Pass --arch {best} if it is one.")
+    else:
+        lines.append("No built-in or torchvision architecture is close.")
+    lines.append(
+        "For your own model, or one built with other constructor arguments, pass --arch "
+        "package.module:callable that builds it."
+    )
+    raise CheckpointError("\n".join(lines))
+
+
+@functools.cache
+def _arch_shapes(arch: str) -> dict[str, tuple[int, ...]] | None:
+    """Key -> shape of the state_dict of ``arch`` as built by default; None if it cannot be."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = _probe(arch, None, None).state_dict()
+    except CheckpointError:
+        return None
+    return {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def _closest_architectures(
+    sd: Mapping[str, torch.Tensor], exclude: str, n: int = 3
+) -> list[tuple[str, float]]:
+    """Built-in and torchvision architectures that best match ``sd``: ``(name, share of
+    (key, shape) pairs in common)``, best first. Torchvision families (resnet, vgg, ...) are
+    ranked by their first member's key layout; the 3 closest are compared in full."""
+    ckpt = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    families: dict[str, list[str]] = {}
+    for name in _torchvision_names():
+        families.setdefault(re.match(r"[a-z]*", name).group(), []).append(name)
+
+    def family_score(members: list[str]) -> float:
+        shapes = _arch_shapes(min(members, key=lambda m: (len(m), m)))
+        return _jaccard(_layout(ckpt), _layout(shapes)) if shapes else 0.0
+
+    ranked = sorted(families.values(), key=family_score, reverse=True)
+    scored = []
+    for name in [*BUILTIN_MODELS, *(m for members in ranked[:3] for m in members)]:
+        shapes = _arch_shapes(name)
+        if name == exclude or not shapes:
+            continue
+        same = sum(shapes.get(k) == shape for k, shape in ckpt.items())
+        share = same / len(ckpt.keys() | shapes.keys())
+        scored.append((share, _jaccard(set(ckpt), set(shapes)), name))
+    scored.sort(reverse=True)
+    return [(name, share) for share, _, name in scored[:n] if share >= 0.2]
+
+
+def _layout(shapes: Mapping[str, Any]) -> set[str]:
+    """Key names with block indices blanked: ``layer1.#.conv1.weight``."""
+    return {".".join("#" if p.isdigit() else p for p in k.split(".")) for k in shapes}
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def _probe(arch: str, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
     """The model's structure without the cost of initialising it (on the meta device)."""
     try:
         with torch.device("meta"):
@@ -512,21 +709,18 @@ def _shape(t: torch.Tensor | None) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]" if t is not None else "?"
 
 
-def _check_fit(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str, kwargs: dict
-) -> None:
-    expected = model.state_dict()
+def _misfit(
+    expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """The missing, unexpected and shape-mismatched keys of ``sd`` against ``expected``."""
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
     mismatched = [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
-    if not (missing or unexpected or mismatched):
-        return
-    built = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    lines = [
-        f"{path} does not fit --arch {arch}{f' ({built})' if built else ''}: "
-        f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} "
-        "shape-mismatched keys."
-    ]
+    return missing, unexpected, mismatched
+
+
+def _misfit_lines(expected, sd, missing, unexpected, mismatched) -> list[str]:
+    lines = []
     if missing:
         lines.append("  missing: " + ", ".join(f"{k} {_shape(expected[k])}" for k in missing[:5]))
     if unexpected:
@@ -539,11 +733,26 @@ def _check_fit(
                 for k in mismatched[:5]
             )
         )
-    lines.append(
+    return lines
+
+
+def _check_fit(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str, kwargs: dict
+) -> None:
+    expected = model.state_dict()
+    missing, unexpected, mismatched = _misfit(expected, sd)
+    if not (missing or unexpected or mismatched):
+        return
+    built = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    lines = [
+        f"{path} does not fit --arch {arch}{f' ({built})' if built else ''}: "
+        f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} "
+        "shape-mismatched keys.",
+        *_misfit_lines(expected, sd, missing, unexpected, mismatched),
         "Check --arch (the checkpoint must be a state_dict of that architecture) and "
         "--num-classes; for a model built with other constructor arguments, pass --arch "
-        "package.module:callable that builds it."
-    )
+        "package.module:callable that builds it.",
+    ]
     raise CheckpointError("\n".join(lines))
 
 
@@ -562,7 +771,9 @@ def load_checkpoint(
     """Read a checkpoint into a model in eval mode (see the module docstring).
 
     Without ``trust_checkpoint`` nothing in the file can run code: ``.pt`` files are read
-    with ``weights_only=True`` and a pickled module is refused with a ``CheckpointError``.
+    with ``weights_only=True``, a pickled module is refused with a ``CheckpointError``, and
+    a compact file whose metadata names ``package.module:callable`` loads only when ``arch``
+    names the same callable.
     ``num_classes`` / ``in_channels``, when None, are read from the state_dict (the last
     Linear/Conv's output size, the first Conv's input channels).
     """
@@ -581,14 +792,7 @@ def load_checkpoint(
         header = _safetensors_header(path)
         if METADATA_KEY in header:
             meta = _parse_metadata(header, path)
-            if arch is not None and arch != meta.get("arch"):
-                log.warning(
-                    "%s is a compressor compact model of %s; ignoring --arch %s",
-                    path,
-                    meta.get("arch"),
-                    arch,
-                )
-            model = _load_compact(path, meta)
+            model = _load_compact(path, meta, _compact_arch(path, meta, arch, trust_checkpoint))
             return LoadedCheckpoint(
                 model=model,
                 arch=meta.get("arch"),
@@ -711,6 +915,212 @@ def _activation_config(activations: Any) -> dict | None:
     return out
 
 
+def _module_versions(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{module name: version}`` from a state_dict's ``_metadata`` (what torch.save keeps)."""
+    metadata = getattr(state, "_metadata", None) or {}
+    return {
+        name: entry["version"]
+        for name, entry in metadata.items()
+        if isinstance(entry, Mapping) and type(entry.get("version")) is int
+    }
+
+
+# ----------------------------------------------------------------------------
+# The compact format's metadata: every field's type and range
+
+_INT_MAX = 2**31 - 1
+_MAX_ENTRIES = 100_000  # modules, module versions, names in a list
+_MAX_TEXT = 512
+_MAX_DIM = 100_000  # one side of an input shape
+_RESIZE_ATTR_NAMES = frozenset(a for _, attrs in _RESIZE_ATTRS for a in attrs)
+_PREPROCESSING_KEYS = ("scale", "mean", "std", "input_shape")
+_ACTIVATION_KEYS = ("bits", "ste", "skip", "functional", "swapped")
+_ARCH_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+class _Invalid(Exception):
+    """A metadata ``field`` that fails its check, and the ``problem``."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(value: Any, field: str, low: int = 0, high: int = _INT_MAX) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _Invalid(field, f"must be an integer in [{low}, {high}], not {_short(value)}")
+    return value
+
+
+def _number(value: Any, field: str, positive: bool = False) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or (positive and value <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise _Invalid(field, f"must be {kind}, not {_short(value)}")
+    return float(value)
+
+
+def _text(value: Any, field: str, limit: int = _MAX_TEXT) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise _Invalid(
+            field, f"must be a string of at most {limit} characters, not {_short(value)}"
+        )
+    return value
+
+
+def _sized(value: Any, kind: type, field: str, low: int = 0, high: int = _MAX_ENTRIES) -> Any:
+    if not isinstance(value, kind) or not low <= len(value) <= high:
+        what = "an object" if kind is dict else "a list"
+        raise _Invalid(field, f"must be {what} of {low} to {high} entries, not {_short(value)}")
+    return value
+
+
+def _scalar(value: Any, field: str) -> None:
+    if value is None or type(value) is bool:
+        return
+    if type(value) is int:
+        _int(value, field, -_INT_MAX - 1)
+    elif type(value) is float:
+        _number(value, field)
+    elif isinstance(value, str):
+        _text(value, field, 256)
+    else:
+        raise _Invalid(field, f"must be a number, string, boolean or null, not {_short(value)}")
+
+
+def _check_build_kwargs(value: Any, field: str) -> None:
+    for key, item in _sized(value, dict, field, high=32).items():
+        where = f"{field}.{key[:64]}"
+        if not key.isidentifier() or keyword.iskeyword(key) or len(key) > 64 or key == "arch":
+            raise _Invalid(where, "is not a keyword argument name")
+        if isinstance(item, list):
+            for i, element in enumerate(_sized(item, list, where, high=64)):
+                _scalar(element, f"{where}[{i}]")
+        else:
+            _scalar(item, where)
+
+
+def _check_modules(value: Any, field: str) -> None:
+    for name, spec in _sized(value, dict, field).items():
+        where = f"{field}.{_text(name, field)}"
+        _sized(spec, dict, where, 1, len(_RESIZE_ATTR_NAMES) + 1)
+        kind = spec.get("type")
+        if not isinstance(kind, str) or not kind.isidentifier() or len(kind) > 64:
+            raise _Invalid(f"{where}.type", f"must be a module class name, not {_short(kind)}")
+        for attr, size in spec.items():
+            if attr == "type":
+                continue
+            if attr not in _RESIZE_ATTR_NAMES:
+                raise _Invalid(f"{where}.{attr[:64]}", "is not a module size compressor restores")
+            sizes = (
+                _sized(size, list, f"{where}.{attr}", 1, 8) if isinstance(size, list) else [size]
+            )
+            for n in sizes:
+                _int(n, f"{where}.{attr}")
+
+
+def _check_activations(value: Any, field: str) -> None:
+    from compressor.activations import MAX_BITS, STE_CHOICES
+
+    if value is None:
+        return
+    for key in _sized(value, dict, field, high=len(_ACTIVATION_KEYS)):
+        if key not in _ACTIVATION_KEYS:
+            raise _Invalid(f"{field}.{key[:64]}", f"is not one of {', '.join(_ACTIVATION_KEYS)}")
+    if "bits" in value:
+        _int(value["bits"], f"{field}.bits", 1, MAX_BITS)
+    if "ste" in value and value["ste"] not in STE_CHOICES:
+        raise _Invalid(f"{field}.ste", f"must be one of {', '.join(STE_CHOICES)}")
+    if "functional" in value and type(value["functional"]) is not bool:
+        raise _Invalid(f"{field}.functional", "must be true or false")
+    for key in ("skip", "swapped"):
+        for i, name in enumerate(_sized(value.get(key, []), list, f"{field}.{key}")):
+            _text(name, f"{field}.{key}[{i}]")
+
+
+def _check_input_shape(value: Any, field: str, dims: tuple[int, int]) -> list[int]:
+    for i, n in enumerate(_sized(value, list, field, *dims)):
+        _int(n, f"{field}[{i}]", 1, _MAX_DIM)
+    return value
+
+
+def _check_extra(value: Any, field: str) -> None:
+    if value is None:
+        return
+    _sized(value, dict, field)
+    if "input_shape" in value:
+        _check_input_shape(value["input_shape"], f"{field}.input_shape", (1, 4))
+
+
+def _check_preprocessing(value: Any, field: str) -> None:
+    if value is None:
+        return
+    for key in _sized(value, dict, field, high=len(_PREPROCESSING_KEYS)):
+        if key not in _PREPROCESSING_KEYS:
+            raise _Invalid(f"{field}.{key[:64]}", f"is not one of {', '.join(_PREPROCESSING_KEYS)}")
+    if "scale" in value:
+        _number(value["scale"], f"{field}.scale", positive=True)
+    channels = None
+    if "input_shape" in value:
+        channels = _check_input_shape(value["input_shape"], f"{field}.input_shape", (3, 3))[0]
+    for key in ("mean", "std"):
+        if key in value:
+            values = _sized(value[key], list, f"{field}.{key}", 1, 64)
+            for i, v in enumerate(values):
+                _number(v, f"{field}.{key}[{i}]", positive=key == "std")
+            if channels is not None and len(values) not in (1, channels):
+                raise _Invalid(
+                    f"{field}.{key}", f"has {len(values)} values for {channels} input channels"
+                )
+
+
+def _check_module_versions(value: Any, field: str) -> None:
+    for name, version in _sized(value, dict, field).items():
+        _int(version, f"{field}.{_text(name, field)}")
+
+
+def _check_arch(value: Any, field: str) -> None:
+    if not _ARCH_RE.fullmatch(_text(value, field, 200)):
+        raise _Invalid(
+            field, f"must be an architecture name or package.module:callable, not {_short(value)}"
+        )
+
+
+_FIELDS: dict[str, Callable[[Any, str], None]] = {
+    "format_version": lambda v, f: _int(v, f, 1, COMPACT_FORMAT_VERSION),
+    "compressor_version": lambda v, f: _text(v, f, 64),
+    "arch": _check_arch,
+    "build_kwargs": _check_build_kwargs,
+    "modules": _check_modules,
+    "activations": _check_activations,
+    "extra": _check_extra,
+    "preprocessing": _check_preprocessing,
+    "module_versions": _check_module_versions,
+}
+_REQUIRED = ("format_version", "arch")
+
+
+def _validate_metadata(meta: Any) -> None:
+    """Raise :class:`_Invalid` naming the first field of ``meta`` of the wrong type or range,
+    or a field the format does not have."""
+    if not isinstance(meta, dict):
+        raise _Invalid("compressor", f"must be a JSON object, not {_short(meta)}")
+    for name in _REQUIRED:
+        if name not in meta:
+            raise _Invalid(name, "is missing")
+    for name, value in meta.items():
+        check = _FIELDS.get(name)
+        if check is None:
+            raise _Invalid(
+                name[:64], f"is not a field of the compact format ({', '.join(_FIELDS)})"
+            )
+        check(value, name)
+
+
 def save_compact(
     model: nn.Module,
     path: str | os.PathLike,
@@ -719,14 +1129,20 @@ def save_compact(
     build_kwargs: Mapping[str, Any],
     activations: Any = None,
     extra: Mapping[str, Any] | None = None,
+    preprocessing: dict | None = None,
 ) -> Path:
     """Write ``model`` (pruned) as safetensors with the metadata :func:`load` needs to rebuild it.
+
+    ``preprocessing`` (``{"scale", "mean", "std", "input_shape"}``, the input the model
+    expects: ``(x * scale - mean) / std`` per channel) is stored as ``metadata["preprocessing"]``.
 
     The file holds every entry of ``model.state_dict()`` (parameters and buffers, cloned so
     that tied tensors are accepted) and, under the metadata key ``"compressor"``, a JSON
     object: format version, ``arch``, ``build_kwargs``, the constructor attributes of every
     Conv/Linear/norm module after pruning, the activation config (``bits``, ``ste``,
-    ``skip`` [, ``functional``, ``swapped``], or None) and ``extra``. Written atomically.
+    ``skip`` [, ``functional``, ``swapped``], or None), ``extra``, ``preprocessing`` and
+    ``module_versions`` (the state_dict's per-module versions). Every field must pass the
+    checks :func:`load` applies (a ``ValueError`` names the field). Written atomically.
     """
     from safetensors.torch import save_file
 
@@ -734,6 +1150,7 @@ def save_compact(
 
     model = _unwrap(model)
     path = Path(path)
+    state = model.state_dict()
     meta = {
         "format_version": COMPACT_FORMAT_VERSION,
         "compressor_version": __version__,
@@ -742,14 +1159,19 @@ def save_compact(
         "modules": _module_shapes(model),
         "activations": _activation_config(activations),
         "extra": dict(extra) if extra is not None else None,
+        "module_versions": _module_versions(state),
     }
+    if preprocessing is not None:
+        meta["preprocessing"] = dict(preprocessing)
     try:
         text = json.dumps(meta)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"save_compact metadata must be JSON-able: {exc}") from exc
-    tensors = {
-        name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()
-    }
+    try:
+        _validate_metadata(json.loads(text))
+    except _Invalid as exc:
+        raise ValueError(f"save_compact: metadata field {exc.field!r} {exc.problem}") from None
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
     if not path.parent.is_dir():
         raise OutputError(
             f"Cannot write {path}: the folder {path.parent} does not exist. Create it or pass "
@@ -766,27 +1188,34 @@ def save_compact(
 
 
 def _parse_metadata(header: Mapping[str, str], path: Path) -> dict:
+    """The compressor metadata of a safetensors header, every field checked."""
     try:
         meta = json.loads(header[METADATA_KEY])
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise CheckpointError(
-            f"{path} has unreadable compressor metadata ({exc}); save it again."
+            f"{path} has unreadable compressor metadata ({str(exc)[:200]}); save it again."
         ) from None
-    if not isinstance(meta, dict) or "arch" not in meta:
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool):
+        if version > COMPACT_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} was written in compact format version {version}; this compressor reads "
+                f"version {COMPACT_FORMAT_VERSION}. Upgrade compressor to load it."
+            )
+    try:
+        _validate_metadata(meta)
+    except _Invalid as exc:
         raise CheckpointError(
-            f"{path} has unreadable compressor metadata (no arch); save it again."
-        )
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > COMPACT_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written in compact format version {version!r}; this compressor reads "
-            f"version {COMPACT_FORMAT_VERSION}. Upgrade compressor to load it."
-        )
+            f"{path}: refused: its compressor metadata field {exc.field!r} {exc.problem}. "
+            "compressor does not write such a file; it was altered or made elsewhere. Load "
+            "weights you trust as a state_dict with --arch instead."
+        ) from None
     return meta
 
 
 def read_compact_metadata(path: str | os.PathLike) -> dict:
-    """The metadata dict of a compact file written by :func:`save_compact`."""
+    """The metadata dict of a compact file written by :func:`save_compact` (every field
+    checked; ``preprocessing`` and ``module_versions`` only where they were saved)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -806,15 +1235,46 @@ def read_compact_metadata(path: str | os.PathLike) -> dict:
     return _parse_metadata(header, path)
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a compact model written by :func:`save_compact`, in eval mode."""
+def load(
+    path: str | os.PathLike, *, arch: str | None = None, trust_checkpoint: bool = False
+) -> nn.Module:
+    """Rebuild a compact model written by :func:`save_compact`, in eval mode.
+
+    An architecture the metadata names by ``package.module:callable`` is imported only when
+    ``arch`` names the same one or ``trust_checkpoint`` is True (see :func:`load_checkpoint`).
+    """
     path = Path(path)
     meta = read_compact_metadata(path)
-    return _load_compact(path, meta)
+    return _load_compact(path, meta, _compact_arch(path, meta, arch, trust_checkpoint))
 
 
-def _load_compact(path: Path, meta: dict) -> nn.Module:
-    arch = meta["arch"]
+def _is_named_arch(arch: str) -> bool:
+    """Built by name (compressor's built-ins, torchvision): no code chosen by a file."""
+    return arch in BUILTIN_MODELS or (":" not in arch and arch in _torchvision_names())
+
+
+def _compact_arch(path: Path, meta: Mapping[str, Any], arch: str | None, trust: bool) -> str:
+    """The architecture to rebuild a compact file with; refuses one importable by path
+    that the user neither named (``arch``) nor trusted."""
+    saved = meta["arch"]
+    if _is_named_arch(saved):
+        if arch is not None and arch != saved:
+            log.warning(
+                "%s is a compressor compact model of %s; ignoring --arch %s", path, saved, arch
+            )
+        return saved
+    if arch == saved or (trust and arch is None):
+        return saved
+    named = f", not {arch}" if arch is not None else ""
+    raise CheckpointError(
+        f"{path}: refused: its metadata field 'arch' names {saved!r}{named}: code imported by "
+        "path, and a weights file may not choose code to run. If you trust the file and that "
+        f"code, pass --arch {saved} (or --trust-checkpoint); from Python, "
+        f"compressor.load(path, arch={saved!r}) or trust_checkpoint=True."
+    )
+
+
+def _load_compact(path: Path, meta: dict, arch: str) -> nn.Module:
     kwargs = dict(meta.get("build_kwargs") or {})
     model = build_model(arch, **kwargs)
     act = meta.get("activations")
@@ -823,7 +1283,10 @@ def _load_compact(path: Path, meta: dict) -> nn.Module:
     sd = _read_safetensors(path)
     _resize(model, meta.get("modules") or {}, sd, path)
     _check_fit(model, sd, path, arch, kwargs)
-    model.load_state_dict(sd, strict=True)
+    versions = meta.get("module_versions")
+    if versions is not None:
+        sd = _with_metadata(sd, {name: {"version": v} for name, v in versions.items()})
+    _load_weights(model, sd, path, arch)
     return model.eval()
 
 
@@ -868,9 +1331,16 @@ def _resize(
                 f"{path}: module {name!r} is a {type(module).__name__} but was saved as a "
                 f"{spec.get('type')}; the architecture's code changed since it was saved."
             )
+        allowed = next((attrs for cls, attrs in _RESIZE_ATTRS if isinstance(module, cls)), ())
         for attr, value in spec.items():
-            if attr != "type":
-                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+            if attr == "type":
+                continue
+            if attr not in allowed:
+                raise CheckpointError(
+                    f"{path}: refused: its metadata field 'modules' sets {attr!r} of {name!r}, "
+                    f"a {type(module).__name__}, which has no such size to restore."
+                )
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
     replaced: dict[int, torch.Tensor] = {}
     for key, tensor in sd.items():
         owner_name, _, attr = key.rpartition(".")

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from compressor.errors import EXIT_BAD_INPUT, EXIT_OTHER, CompressorError
+from compressor.progress import Progress
 
 EPILOG = """\
 exit codes:
@@ -58,7 +59,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data",
         help="ImageFolder dir (train/, val/), .npz, MNIST idx dir, or CIFAR-10 batches dir",
     )
-    p.add_argument("--arch", help="torchvision model name, resnet20/lenet5, or pkg.module:callable")
+    p.add_argument(
+        "--arch",
+        help="torchvision model name, resnet20/lenet5, or pkg.module:callable (also the "
+        "consent to import the pkg.module:callable a compact model.safetensors names)",
+    )
     p.add_argument(
         "--num-classes", type=int, help="classifier outputs (default: read from the checkpoint)"
     )
@@ -82,7 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max-accuracy-drop",
         type=float,
         metavar="POINTS",
-        help="gate: fail (exit 3) if accuracy falls by more than POINTS percentage points",
+        help="gate: fail (exit 3) if accuracy falls by more than POINTS percentage points "
+        "(default 5, or the recipe's gates.max_accuracy_drop); without a target, also seek "
+        "the largest MACs reduction within POINTS",
     )
     p.add_argument("--target-macs", metavar="X", help="reach X times fewer MACs (e.g. 4 or 4x)")
     p.add_argument("--target-params", metavar="X", help="reach X times fewer parameters")
@@ -92,7 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
-        help="allow loading a pickled nn.Module (unpickling runs code from the file)",
+        help="run code the checkpoint names, for files you trust: unpickle a pickled "
+        "nn.Module, or import the pkg.module:callable a compact model.safetensors names",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
@@ -100,12 +108,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool) -> Progress:
+    """Send logs to stderr and choose the progress display; returns the display.
+
+    ``--quiet``: errors only, no progress. A terminal: rich log lines above a
+    live progress bar per stage (one console for both, so they do not tangle).
+    Otherwise (CI): timestamped plain lines, progress at most every ~30 s.
+    Ranks other than 0 of a DDP run show no progress.
+    """
     level = logging.ERROR if quiet else logging.INFO  # --quiet: "only errors on stderr"
-    if sys.stderr.isatty():
+    tty = sys.stderr.isatty()
+    console = None
+    if tty:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, log_time_format="%H:%M:%S")
+        console = Console(stderr=True)
+        handler: logging.Handler = RichHandler(
+            console=console, show_path=False, log_time_format="%H:%M:%S"
+        )
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -114,12 +135,13 @@ def _setup_logging(quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    return Progress.for_cli(quiet=quiet, tty=tty, console=console)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet)
+    progress = _setup_logging(args.quiet)
     if args.list_recipes:
         from compressor.recipe import list_recipes
 
@@ -153,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             trust_checkpoint=args.trust_checkpoint,
             resume=args.resume,
             command=["compress", *(argv if argv is not None else sys.argv[1:])],
+            progress=progress,
         )
     except CompressorError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
@@ -168,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("compressor").exception("unexpected error")
         print(f"compress: internal error: {exc}", file=sys.stderr)
         return EXIT_OTHER
+    finally:
+        progress.close()  # a bar left showing by an error
     code = int(report.get("exit_code", 0))
     r = report.get("reduction") or {}
     if not args.quiet and r.get("macs_x") is not None:

@@ -68,6 +68,9 @@ class DataSplits:
     source: str  # "imagefolder", "npz", "idx" or "cifar10"
     path: str = ""
     max_label: int = -1
+    # what the stored values are multiplied by before mean/std: 1/255 for uint8 images
+    # (ImageFolder too), 1.0 for float arrays (used as stored)
+    scale: float = 1 / 255
 
 
 class ArrayDataset(Dataset):
@@ -145,6 +148,7 @@ def load_data(
         raise DataError(f"Cannot tell the data format of {path}. Pass one of: {_formats()}.")
 
     (x_train, y_train), (x_val, y_val) = loaded
+    scale = 1 / 255 if x_train.dtype == torch.uint8 else 1.0  # as stored, before _conform
     x_train, x_val = (_conform(x, input_shape) for x in (x_train, x_val))
     if x_train.shape[1:] != x_val.shape[1:]:
         raise DataError(
@@ -162,17 +166,54 @@ def load_data(
         source=source,
         path=str(path),
         max_label=max_label,
+        scale=scale,
     )
 
 
-def check_labels(splits: DataSplits, num_classes: int) -> None:
-    """Raise if a label does not index one of the model's ``num_classes`` outputs."""
+def check_labels(
+    splits: DataSplits,
+    num_classes: int,
+    *,
+    classifier: str | None = None,
+    resizable: bool = False,
+) -> None:
+    """Raise if a label does not index one of the model's ``num_classes`` outputs.
+
+    The message says what to check: the labels' range (1-based labels are named as such)
+    and the model's classifier (``classifier``, e.g. ``"fc3, Linear 84 -> 10"``). It
+    suggests ``--num-classes`` only when ``resizable`` (the classifier's size is not fixed
+    by the checkpoint's weights); otherwise that flag cannot help, and it says so.
+    """
     max_label = splits.max_label if splits.max_label >= 0 else splits.num_classes - 1
-    if max_label >= num_classes:
-        raise DataError(
-            f"{splits.path or 'The data'}: labels go up to {max_label} but the model has "
-            f"{num_classes} outputs; pass --num-classes or fix the data."
+    if max_label < num_classes:
+        return
+    where = splits.path or "The data"
+    head = f" (classifier {classifier})" if classifier else ""
+    if splits.source == "imagefolder":
+        found = f"{where} has {max_label + 1} class folders (labels 0..{max_label})"
+    else:
+        found = f"{where}: labels go up to {max_label}"
+    hint = ""
+    y = [getattr(ds, "y", None) for ds in (splits.train, splits.val)]
+    if all(isinstance(t, torch.Tensor) for t in y):
+        labels = torch.cat(y)
+        low, distinct = int(labels.min()), int(labels.unique().numel())
+        found += f" ({distinct} distinct values, {low}..{max_label})"
+        if low == 1 and max_label == num_classes:
+            hint = f" They look 1-based: subtract 1 so that they run 0..{num_classes - 1}."
+    if resizable:
+        fix = f"If the data really has {max_label + 1} classes, pass --num-classes {max_label + 1}."
+    else:
+        fix = (
+            f"If the data really has {max_label + 1} classes, this checkpoint does not fit it: "
+            f"--num-classes cannot change its {num_classes} outputs, which the checkpoint's "
+            "classifier weights fix."
         )
+    raise DataError(
+        f"{found}, but the model has {num_classes} outputs{head}, so labels must be "
+        f"0..{num_classes - 1}: the labels exceed the model's classes.{hint} Check the labels' "
+        f"range in the data and that the checkpoint was trained on these classes. {fix}"
+    )
 
 
 def check_input_shape(splits: DataSplits, expected_shape: Sequence[int | None]) -> None:
@@ -321,6 +362,34 @@ def _images(
     return out
 
 
+def _check_finite(x: np.ndarray, name: str, path: Path, split: str, offset: int = 0) -> None:
+    """Raise if float images hold NaN or Inf, naming the file, the split and the first bad
+    sample (its index in the split: ``offset`` + its index in ``x``). Checked once at load, in
+    chunks, on the values as stored: otherwise they surface as a NaN loss or a failed export."""
+    if x.dtype.kind != "f" or x.size == 0:
+        return
+    first, count = None, 0
+    for start in range(0, len(x), 4096):
+        chunk = x[start : start + 4096]
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if not finite.all():
+            if first is None:
+                first = start + int(np.argmin(finite))
+            count += int((~finite).sum())
+    if first is None:
+        return
+    sample = np.asarray(x[first])
+    value = sample[~np.isfinite(sample)].flat[0]
+    what = "NaN" if np.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    where = np.unravel_index(int(np.argmax(~np.isfinite(sample))), sample.shape)
+    raise DataError(
+        f"{name} in {path} ({split} split) holds {what} at sample index {offset + first} "
+        f"(position {tuple(int(i) for i in where)} in that sample; {count} of its {len(x)} "
+        "samples hold non-finite values). Non-finite inputs make the training loss NaN; replace "
+        "or drop those samples (e.g. with np.nan_to_num) and rerun."
+    )
+
+
 def _split(x: torch.Tensor, y: torch.Tensor, split: str, path: Path):
     if x.shape[0] != y.shape[0]:
         raise DataError(
@@ -390,6 +459,7 @@ def _load_npz(path: Path):
     out = []
     for split in ("train", "val"):
         x = _images(arrays[f"x_{split}"], f"x_{split}", path)
+        _check_finite(arrays[f"x_{split}"], f"x_{split}", path, split)
         y = _labels(arrays[f"y_{split}"], f"y_{split}", path)
         out.append(_split(x, y, split, path))
     return out
@@ -462,6 +532,7 @@ def _load_idx_dir(folder: Path):
         if images.ndim != 3:
             raise DataError(f"{images_path} must hold (N, H, W) images; got shape {images.shape}.")
         x = _images(images, images_path.name, folder)
+        _check_finite(images, "the images", images_path, split)
         y = _labels(labels, labels_path.name, folder)
         out.append(_split(x, y, split, folder))
     return out
@@ -573,9 +644,14 @@ def _load_cifar_dir(folder: Path):
             [p.name for p in train_files],
         )
     parts = [_read_cifar_batch(p) for p in train_files]
+    offset = 0
+    for p, (x, _) in zip(train_files, parts, strict=True):
+        _check_finite(x, "b'data'", p, "train", offset=offset)
+        offset += len(x)
     x_train = np.concatenate([x for x, _ in parts])
     y_train = np.concatenate([y for _, y in parts])
     x_val, y_val = _read_cifar_batch(folder / "test_batch")
+    _check_finite(x_val, "b'data'", folder / "test_batch", "val")
     out = []
     for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val)):
         xt = _images(x, f"{split} images", folder, channels_first=True)

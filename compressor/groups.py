@@ -6,7 +6,7 @@ these couplings; this module turns each coupled set into a ``ChannelGroup``:
 every parameter slice that *produces* one removable channel (conv/linear output
 rows and biases, BatchNorm gamma and beta, depthwise conv rows), across all the
 layers the coupling ties together. Groups do not overlap, so the group prox is
-exact and separable (DESIGN.md, "Coupled channel groups and exact pruning").
+exact and separable (docs/design.md, "Exact removal").
 
 When every member slice of a channel is exactly zero, the channel is zero, and
 removing it (and the consumers' input slices that read it) changes no output,
@@ -299,8 +299,10 @@ class ChannelGroups:
             params -= info.params * (1.0 - fraction)
         return macs, params
 
-    def macs_per_channel(self) -> list[float]:
-        """MACs saved by removing one channel of each group (first-order, nothing else removed)."""
+    def _saved_per_unit(self, cost: str) -> list[float]:
+        """Per group, the ``cost`` (``macs`` or ``params`` of conv/linear layers) that removing
+        one unit saves, first-order (nothing else removed): its rows in every member layer
+        and its input columns in every consumer."""
         out = []
         for group in self.groups:
             saved = 0.0
@@ -308,12 +310,20 @@ class ChannelGroups:
                 layer = member.param.rsplit(".", 1)[0]
                 info = self.layers.get(layer)
                 if info is not None and member.param.endswith(".weight"):
-                    saved += info.macs * len(member.index) / info.out_channels / group.size
+                    saved += getattr(info, cost) * len(member.index) / info.out_channels / group.size
             for consumer in group.consumers:
                 info = self.layers[consumer.module]
-                saved += info.macs * len(consumer.index) / info.in_channels / group.size
+                saved += getattr(info, cost) * len(consumer.index) / info.in_channels / group.size
             out.append(saved)
         return out
+
+    def macs_per_channel(self) -> list[float]:
+        """MACs saved by removing one unit of each group (first-order, nothing else removed)."""
+        return self._saved_per_unit("macs")
+
+    def weights_removed_per_unit(self) -> list[float]:
+        """``|g|``: the conv/linear weights that removing one unit of each group removes."""
+        return self._saved_per_unit("params")
 
 
 def _dim_name(module: nn.Module) -> str:

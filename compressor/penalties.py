@@ -21,7 +21,7 @@ they run as a few in-place passes over blocks of ``_BLOCK`` elements on the
 CPU (the block and its scratch buffers stay in the L2 cache), or over the
 whole tensor on a GPU, instead of one full-size temporary per arithmetic step.
 
-In RVSM (see DESIGN.md) ``mu = lambda / beta``.
+In RVSM (docs/math.md) ``mu = lambda / beta``.
 """
 
 from __future__ import annotations
@@ -470,8 +470,8 @@ def penalty_value(
 def group_penalty_value(norms: torch.Tensor, weights: Scalar = 1.0) -> torch.Tensor:
     """Group (L2,1) penalty ``sum_g w_g ||x_g||_2`` from the group norms.
 
-    ``weights`` is a number or a tensor broadcastable to ``norms`` (DESIGN.md
-    uses ``w_g = sqrt(|g|)``).
+    ``weights`` is a number or a tensor broadcastable to ``norms`` (the papers'
+    parametrisation uses ``w_g = sqrt(|g|)``, docs/math.md).
     """
     _check_float(norms)
     weights = _param(weights, norms, "weights", low=0.0)

@@ -2,7 +2,7 @@
 
 A channel whose producer slices are all exactly zero outputs zero, so removing
 it and the consumers' input slices that read it leaves the model's function
-unchanged (DESIGN.md, "Coupled channel groups and exact pruning"). This module
+unchanged (docs/math.md, "Why removal is exact"). This module
 does the removal and then measures the difference on sample inputs; a
 difference above the tolerance raises ``VerificationError`` instead of shipping
 a model that changed.

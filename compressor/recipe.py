@@ -303,6 +303,15 @@ SCHEMA: dict[str, Any] = {
             help="keep the controller's zero channels exactly zero in w from the first step "
             "(always), once the zero set freezes (masked), or only pull them (coupled)",
         ),
+        "seek_accuracy_drop": Param(
+            None,
+            _float(0),
+            nullable=True,
+            help="percentage points; with no macs/params/size target, seek the largest MACs "
+            "reduction whose sparse model stays within this drop (null: no seeking). "
+            "--max-accuracy-drop sets it; so does setting gates.max_accuracy_drop in a recipe "
+            "or with --set when this key is not set",
+        ),
     },
     "prune": {
         "round_to": Param(1, _int(1)),
@@ -331,7 +340,12 @@ SCHEMA: dict[str, Any] = {
         "verify_samples": Param(64, _int(1)),
     },
     "gates": {
-        "max_accuracy_drop": Param(None, _float(0), nullable=True, help="percentage points"),
+        "max_accuracy_drop": Param(
+            5.0,
+            _float(0),
+            nullable=True,
+            help="percentage points; a larger drop fails the run (exit 3); null: no gate",
+        ),
     },
     "data": {
         "mean": Param(None, ListOf(_float(), min_length=1), nullable=True),
@@ -431,8 +445,26 @@ def _resolve(layers: Sequence[tuple[Mapping, str | None]]) -> dict:
         return out
 
     recipe = walk(SCHEMA, ())
+    _mirror_explicit_gate(recipe, layers)
     _check_cross(recipe)
     return recipe
+
+
+def _mirror_explicit_gate(recipe: dict, layers: Sequence[tuple[Mapping, str | None]]) -> None:
+    """An accuracy gate the user sets (a recipe file, --set) also asks for the accuracy seeker,
+    as it did before the gate had a default; the default gate alone never seeks.
+
+    The seeker has its own key (``target.seek_accuracy_drop``) rather than a sentinel
+    default, so the resolved recipe (``recipe.yaml``) states both and repeats the run as is.
+    """
+
+    def set_by_user(keys: tuple[str, ...]) -> bool:
+        return any(_lookup(raw, keys)[0] for raw, _ in layers)
+
+    if set_by_user(("gates", "max_accuracy_drop")) and not set_by_user(
+        ("target", "seek_accuracy_drop")
+    ):
+        recipe["target"]["seek_accuracy_drop"] = recipe["gates"]["max_accuracy_drop"]
 
 
 def _check_value(path: str, param: Param, value: Any, source: str | None) -> Any:

@@ -8,7 +8,17 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
   ``command`` (argv list or None), ``recipe`` (the resolved recipe dict);
 - ``input`` {checkpoint, arch, data, device};
 - ``baseline`` / ``compressed`` {accuracy (percent), params, macs, onnx_bytes};
-  ``compressed`` also {weight_sparsity, channels_kept, channels_total};
+  ``compressed`` also {weight_sparsity (fraction of exactly-zero conv/linear
+  weights of the shipped, compact model: the Conv/Gemm/MatMul weight
+  initializers of model.onnx), sparse_model_weight_sparsity (the same count on
+  the sparse model before its zero channels were removed), channels_kept,
+  channels_total (over the prunable channel groups, ``channel_groups``)};
+- ``channel_groups`` [{root, before, after}]: each prunable channel group by
+  its root layer, with its channels before and after removal (the units of
+  ``channels_kept`` / ``channels_total``);
+- ``preprocessing`` None (not known: no data) or {scale, mean, std,
+  input_shape}: what the exported model expects, ``x = (pixels * scale -
+  mean) / std`` per channel on float32 NCHW input of ``input_shape`` (C, H, W);
 - ``reduction`` {macs_x, params_x, size_x} (baseline / compressed);
 - ``verification`` {onnx_checker, sparse_vs_pruned_max_abs,
   torch_vs_onnxruntime_max_abs, top1_agreement (0..1), samples, notes};
@@ -17,13 +27,17 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
 - ``layers`` [{name, type, shape_before, shape_after, sparsity}] (shape[0] is
   the number of output channels);
 - ``epochs`` [{epoch, loss, accuracy, weight_sparsity, channel_sparsity, beta,
-  strength, macs_x}];
-- ``target`` None or {kind, asked, reached, within}; ``kind`` ``seek_macs``
+  strength, macs_x, params_x}] (the sparse model after each epoch; ``strength``
+  is the controller's internal threshold, not shown in report.md);
+- ``target`` None or {kind, asked, reached, within, targets}: ``targets`` lists
+  every target given [{kind, asked, reached, met, max_reachable}], the top-level
+  kind/asked/reached are the first's and ``within`` is every target met; ``kind`` ``seek_macs``
   (``--max-accuracy-drop`` alone) adds ``stages`` [{step, macs_x, accuracy,
   within}], the seeker's checks of the sparse model;
 - ``activations`` None or {bits, ste, swapped, skipped};
 - ``gates`` [{name, threshold, value, passed, detail}];
-- ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names].
+- ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names];
+- ``error`` (only on a failed run): what went wrong.
 """
 
 from __future__ import annotations
@@ -99,9 +113,12 @@ def new_report(
             "macs": None,
             "onnx_bytes": None,
             "weight_sparsity": None,
+            "sparse_model_weight_sparsity": None,
             "channels_kept": None,
             "channels_total": None,
         },
+        "channel_groups": [],
+        "preprocessing": None,
         "reduction": {"macs_x": None, "params_x": None, "size_x": None},
         "verification": {
             "onnx_checker": None,
@@ -185,7 +202,8 @@ def evaluate_gates(
     - ``accuracy_drop`` (when ``max_accuracy_drop`` is given): passes when
       ``baseline.accuracy - compressed.accuracy <= max_accuracy_drop`` (points);
       when either accuracy is None the gate fails with detail "not measured".
-    - ``target_<kind>`` (when ``target`` or ``report_like["target"]`` is set):
+    - ``target_<kind>`` (when ``target`` or ``report_like["target"]`` is set; one
+      gate per entry of ``target["targets"]`` when it lists several):
       ``target`` is ``{kind, asked}`` plus optionally ``reached``; otherwise the
       reached factor is read from ``reduction`` (macs, params, size) or
       ``latency_ms.speedup.batch_1`` (latency). Passes when
@@ -212,9 +230,10 @@ def evaluate_gates(
         )
     if target is None:
         target = report_like.get("target")
-    if target:
-        asked = float(target["asked"])
-        reached = _target_reached(report_like, target)
+    # several targets at once (``target["targets"]``): one gate each
+    for one in (target.get("targets") or [target]) if target else []:
+        asked = float(one["asked"])
+        reached = _target_reached(report_like, one)
         threshold = TARGET_SLACK * asked
         passed = _is_num(reached) and float(reached) >= threshold
         if _is_num(reached):
@@ -225,7 +244,7 @@ def evaluate_gates(
             detail = "not measured"
         gates.append(
             {
-                "name": f"target_{target.get('kind', 'unknown')}",
+                "name": f"target_{one.get('kind', 'unknown')}",
                 "threshold": threshold,
                 "value": float(reached) if _is_num(reached) else None,
                 "passed": bool(passed),
@@ -353,14 +372,34 @@ def _headline(report: Mapping) -> str:
             f" ({_accuracy_delta(base.get('accuracy'), comp.get('accuracy'))})"
         )
     arch = (report.get("input") or {}).get("arch")
-    title = f"compressor: {word}" + (f" — {arch}" if arch else "")
-    failed = [str(g.get("name")) for g in report.get("gates") or [] if not g.get("passed")]
+    title = f"compressor: {word}"
+    if code is not None:
+        title += f" (exit {code})"
+    title += f" — {arch}" if arch else ""
+    failed = [g for g in report.get("gates") or [] if not g.get("passed")]
     if failed:
-        title += f" (failed: {', '.join(failed)})"
+        title += f" (failed: {', '.join(str(g.get('name')) for g in failed)})"
+        title += ": " + "; ".join(_gate_summary(report, g) for g in failed)
     text = f"## {icon} {title}" + ("\n\n**" + " · ".join(bits) + "**" if bits else "")
     if report.get("error"):
         text += f"\n\n> **Error:** {_cell(report['error'])}"
     return text
+
+
+def _gate_summary(report: Mapping, gate: Mapping) -> str:
+    """One failed gate in words, e.g. ``accuracy 91.2% → 13.5% (-77.7 points, gate 5.0)``."""
+    if gate.get("name") == "accuracy_drop":
+        base = (report.get("baseline") or {}).get("accuracy")
+        comp = (report.get("compressed") or {}).get("accuracy")
+        limit = gate.get("threshold")
+        limit_txt = f"gate {float(limit):.1f}" if _is_num(limit) else "gate"
+        if not (_is_num(base) and _is_num(comp)):
+            return f"accuracy not measured ({limit_txt})"
+        return (
+            f"accuracy {_pct(base, digits=1)} → {_pct(comp, digits=1)} "
+            f"({float(comp) - float(base):+.1f} points, {limit_txt})"
+        )
+    return _cell(gate.get("detail") or "failed")
 
 
 def _drop_none(d: Mapping) -> dict:
@@ -411,7 +450,11 @@ def _summary_table(report: Mapping) -> list[str]:
     lines = _table(["", "Baseline", "Compressed", "Change"], rows)
     extra = []
     if comp.get("weight_sparsity") is not None:
-        extra.append(f"weight sparsity {_pct(comp['weight_sparsity'], frac=True, digits=1)}")
+        text = f"weight sparsity {_pct(comp['weight_sparsity'], frac=True, digits=1)}"
+        if _is_num(comp.get("sparse_model_weight_sparsity")):
+            before = _pct(comp["sparse_model_weight_sparsity"], frac=True, digits=1)
+            text += f" ({before} in the sparse model before its zero channels were removed)"
+        extra.append(text)
     if comp.get("channels_kept") is not None and comp.get("channels_total"):
         kept, total = comp["channels_kept"], comp["channels_total"]
         extra.append(f"channels kept {kept} / {total} ({_pct(kept / total, frac=True, digits=1)})")
@@ -478,10 +521,13 @@ def _target_line(report: Mapping) -> list[str]:
             f"{_x(t.get('reached'))} reached"
             + (f" (checks of the sparse model: {checks})." if checks else ".")
         ]
-    ok = "✅" if t.get("within") else "❌"
-    what = _TARGET_WORDS.get(t.get("kind"), f"{t.get('kind')} reduction")
+    parts = []
+    for one in t.get("targets") or [t]:  # every target given
+        ok = "✅" if one.get("met", one.get("within")) else "❌"
+        what = _TARGET_WORDS.get(one.get("kind"), f"{one.get('kind')} reduction")
+        parts.append(f"{_x(one.get('asked'))} {what} asked, {_x(one.get('reached'))} reached {ok}")
     return [
-        f"**Target:** {_x(t.get('asked'))} {what} asked, {_x(t.get('reached'))} reached {ok} "
+        f"**Target:** {'; '.join(parts)} "
         f"(counts when within {round((1 - TARGET_SLACK) * 100)}% of the asked factor)."
     ]
 
@@ -494,6 +540,42 @@ def _activation_line(report: Mapping) -> list[str]:
         f"**Activations:** {a.get('bits')}-bit, STE `{a.get('ste')}`; "
         f"swapped {_cell(a.get('swapped'))}, skipped {_cell(a.get('skipped'))}."
     ]
+
+
+def _fmt_scale(scale: Any) -> str:
+    if _is_num(scale) and math.isclose(float(scale), 1 / 255, rel_tol=1e-9):
+        return "1/255"
+    return _num(scale, 6)
+
+
+def _nums(values: Any) -> str:
+    if not isinstance(values, (list, tuple)):
+        return "—"
+    return "[" + ", ".join(_num(v, 6) for v in values) + "]"
+
+
+def _preprocessing_lines(report: Mapping) -> list[str]:
+    p = report.get("preprocessing")
+    if not isinstance(p, Mapping):
+        return []
+    shape = p.get("input_shape")
+    mean, std = p.get("mean"), p.get("std")
+    scale = p.get("scale")
+    if _is_num(scale) and float(scale) != 1.0:
+        source = f"pixels × {_fmt_scale(scale)}"
+    else:
+        source = "values (float data, used as stored)"
+    normalised = not (
+        isinstance(mean, list) and isinstance(std, list)
+        and all(m == 0 for m in mean) and all(s == 1 for s in std)
+    )  # fmt: skip
+    formula = f"(({source}) − mean) / std" if normalised else source
+    text = (
+        f"**Input preprocessing** (what `model.onnx` expects): float32 NCHW, one sample "
+        f"{_cell(shape)} (C×H×W), x = {formula}"
+    )
+    text += f" with mean {_nums(mean)}, std {_nums(std)} per channel." if normalised else "."
+    return [text]
 
 
 def _layer_lines(report: Mapping) -> list[str]:
@@ -526,8 +608,8 @@ _EPOCH_COLS = [
     ("weight_sparsity", "Weight sparsity", lambda v: _pct(v, frac=True, digits=1)),
     ("channel_sparsity", "Channel sparsity", lambda v: _pct(v, frac=True, digits=1)),
     ("beta", "β", lambda v: _num(v, 3)),
-    ("strength", "Strength", lambda v: _num(v, 3)),
     ("macs_x", "MACs reduction", lambda v: _x(v)),
+    ("params_x", "Params reduction", lambda v: _x(v)),
 ]
 
 
@@ -587,6 +669,7 @@ def render_markdown(report: Mapping) -> str:
         [_headline(report)],
         _summary_table(report),
         _target_line(report),
+        _preprocessing_lines(report),
         _activation_line(report),
         _verification_lines(report),
         _gate_lines(report),
@@ -615,19 +698,40 @@ def _save_png(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def plot_channels(report: Mapping, path: str | os.PathLike) -> bool:
-    """Bar chart of output channels per layer, before vs after. False (no file) when no data."""
-    layers = [
-        layer
+def _channel_bars(report: Mapping) -> list[tuple[str, int, int]]:
+    """(name, before, after) per prunable channel group; the report's ``channels_kept`` and
+    ``channels_total`` are the sums. Reports without ``channel_groups`` fall back to the
+    conv/linear layers (norm layers repeat their producer's channels)."""
+    groups = [
+        g for g in report.get("channel_groups") or []
+        if _is_num(g.get("before")) and _is_num(g.get("after"))
+    ]  # fmt: skip
+    if groups:
+        return [(str(g.get("root")), int(g["before"]), int(g["after"])) for g in groups]
+    return [
+        (
+            str(layer.get("name")),
+            int(layer["shape_before"][0]),
+            int(layer["shape_after"][0]) if layer["shape_after"] else 0,
+        )
         for layer in report.get("layers") or []
-        if layer.get("shape_before") and layer.get("shape_after") is not None
+        if layer.get("shape_before")
+        and len(layer["shape_before"]) > 1  # conv/linear weights; norm layers are 1-d
+        and layer.get("shape_after") is not None
     ]
-    if not layers:
+
+
+def plot_channels(report: Mapping, path: str | os.PathLike) -> bool:
+    """Bar chart of the channels of each prunable channel group (by its root layer), before vs
+    after; the title's totals are the report's ``channels_kept`` of ``channels_total``.
+    False (no file) when there is nothing to plot."""
+    bars = _channel_bars(report)
+    if not bars:
         return False
-    names = [str(layer.get("name")) for layer in layers]
-    before = [int(layer["shape_before"][0]) for layer in layers]
-    after = [int(layer["shape_after"][0]) if layer["shape_after"] else 0 for layer in layers]
-    n = len(layers)
+    names = [b[0] for b in bars]
+    before = [b[1] for b in bars]
+    after = [b[2] for b in bars]
+    n = len(bars)
     fig = _new_figure(min(24.0, max(6.0, 0.35 * n + 2)), 4.5)
     ax = fig.add_subplot()
     xs = range(n)
@@ -637,9 +741,10 @@ def plot_channels(report: Mapping, path: str | os.PathLike) -> bool:
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7 if n > 30 else 8)
     ax.set_xlim(-0.6, n - 0.4)
-    ax.set_ylabel("output channels")
+    ax.set_ylabel("channels")
+    ax.set_xlabel("channel group (named by its root layer)")
     kept, total = sum(after), sum(before)
-    ax.set_title(f"Output channels per layer: {kept} of {total} kept")
+    ax.set_title(f"Channels per prunable group: {kept} of {total} kept")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     _save_png(fig, Path(path))
@@ -652,21 +757,55 @@ def _series(epochs: Sequence[Mapping], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _asked_targets(report: Mapping) -> dict[str, float]:
+    """Reduction factor asked per kind (macs, params, size) from ``report["target"]``
+    (one target summary, a list of them, or ``{"targets": [...]}``)."""
+    target = report.get("target")
+    if isinstance(target, Mapping) and isinstance(target.get("targets"), Sequence):
+        items = list(target["targets"])
+    elif isinstance(target, Mapping):
+        items = [target]
+    elif isinstance(target, Sequence) and not isinstance(target, str):
+        items = list(target)
+    else:
+        items = []
+    return {
+        str(t.get("kind")): float(t["asked"])
+        for t in items
+        if isinstance(t, Mapping) and _is_num(t.get("asked"))
+    }
+
+
+def _accuracy_gate(report: Mapping) -> float | None:
+    for g in report.get("gates") or []:
+        if g.get("name") == "accuracy_drop" and _is_num(g.get("threshold")):
+            return float(g["threshold"])
+    return None
+
+
 def plot_training(report: Mapping, path: str | os.PathLike) -> bool:
-    """Loss, sparse-model accuracy and (when recorded) MACs reduction / strength per epoch.
+    """Per epoch: training loss; the sparse model's accuracy against the baseline (and the
+    accuracy gate); the reduction reached against the target asked.
 
     False (no file) when no epoch has a value to plot.
     """
     epochs = report.get("epochs") or []
     loss = _series(epochs, "loss")
     acc = _series(epochs, "accuracy")
-    macs = _series(epochs, "macs_x")
-    strength = _series(epochs, "strength")
+    asked = _asked_targets(report)
+    reductions = [
+        (key, label, color, _series(epochs, key), asked.get(kind))
+        for key, kind, label, color in (
+            ("macs_x", "macs", "MACs", "#27ae60"),
+            ("params_x", "params", "params", "#d35400"),
+        )
+    ]
+    # MACs always (what the seeker and a MACs target move); params when it is a target
+    reductions = [r for r in reductions if r[3][0] and (r[0] == "macs_x" or r[4] is not None)]
     panels = [p for p in (loss, acc) if p[0]]
-    has_third = bool(macs[0] or strength[0])
-    if not panels and not has_third:
+    if not panels and not reductions:
         return False
-    n = len(panels) + has_third
+    n = len(panels) + bool(reductions)
     fig = _new_figure(4.2 * n, 3.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
     i = 0
@@ -680,25 +819,27 @@ def plot_training(report: Mapping, path: str | os.PathLike) -> bool:
         base = (report.get("baseline") or {}).get("accuracy")
         if _is_num(base):
             axes[i].axhline(base, ls="--", color="grey", label="baseline")
+            gate = _accuracy_gate(report)
+            if gate is not None:
+                axes[i].axhline(base - gate, ls=":", color="#c0392b", label=f"gate (-{gate:g})")
+        comp = (report.get("compressed") or {}).get("accuracy")
+        if _is_num(comp):
+            axes[i].plot([acc[0][-1]], [comp], marker="*", ms=12, ls="", color="#1a3d7c",
+                         label="shipped model")  # fmt: skip
         axes[i].set_title("accuracy (%)")
         axes[i].set_xlabel("epoch")
         axes[i].legend(fontsize=8)
         i += 1
-    if has_third:
+    if reductions:
         ax = axes[i]
+        for _key, label, color, series, target in reductions:
+            ax.plot(*series, marker="o", color=color, label=f"{label} reached")
+            if target is not None:
+                ax.axhline(target, ls="--", color=color, label=f"{label} target {target:g}x")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title("reduction reached (x fewer)")
         ax.set_xlabel("epoch")
-        if macs[0]:
-            ax.plot(*macs, marker="o", color="#27ae60")
-            ax.set_ylabel("MACs reduction (x)", color="#27ae60")
-        if strength[0]:
-            ax2 = ax.twinx() if macs[0] else ax
-            ax2.plot(*strength, marker="s", ls=":", color="#8e44ad")
-            ax2.set_ylabel("penalty strength", color="#8e44ad")
-        ax.set_title(
-            "MACs reduction / strength"
-            if macs[0] and strength[0]
-            else ("MACs reduction" if macs[0] else "penalty strength")
-        )
+        ax.legend(fontsize=8)
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:

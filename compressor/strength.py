@@ -1,6 +1,6 @@
 """Penalty strengths that mean the same thing on every model, and the target controller.
 
-A raw ``lambda`` is not portable (DESIGN.md, "Practical notes"): in RVSM the
+A raw ``lambda`` is not portable (docs/math.md, "Strength"): in RVSM the
 coupling ``beta (w - u)`` pulls every penalised weight toward its thresholded
 copy, and over a run that pull adds up to about
 ``mu * sum_t(beta_t * lr_t) / (1 - momentum)``: it grows with the learning
@@ -35,13 +35,19 @@ at exactly zero in ``w`` (``RVSM.hold_zero``; recipe ``target.hold``: from the
 step they are chosen, or once frozen), and the kept units are not shrunk
 (unless ``target.shrink``). Once reached, the zero set is frozen, so the rest
 of training fine-tunes the network that will ship.
+
+Several targets at once (``--target-macs 2 --target-params 3``, a size target
+counted in params) are one :class:`CostTargets`: the single place that says how
+far a candidate zero set is from each target (``gaps``) and how far from all of
+them (``attainment``, the least-met target's reached / asked). The controller
+grows the zero set until every target meets its schedule.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -259,16 +265,89 @@ def cubic_schedule(progress: float) -> float:
     return 1.0 - (1.0 - p) ** 3
 
 
-class TargetController:
-    """Raises the group strength until the zero units remove the asked share of MACs or params.
+COST_MEASURES = ("macs", "params")  # what ChannelGroups.estimate_cost counts
 
-    ``kind`` is ``"macs"`` or ``"params"``; ``factor`` the asked reduction (4 = 4x fewer).
+
+@dataclass(frozen=True)
+class Target:
+    """One asked reduction: ``kind`` as the user named it (``macs``, ``params``, ``size``),
+    ``factor`` (4 = 4x fewer) and the cost it is counted in (``measure``: ``macs`` or
+    ``params``; a size target is counted in params, default: ``kind``)."""
+
+    kind: str
+    factor: float
+    measure: str = ""
+
+    def __post_init__(self):
+        measure = self.measure or self.kind
+        if measure not in COST_MEASURES:
+            raise ValueError(
+                f"target {self.kind!r} must be counted in one of {COST_MEASURES}, got {measure!r}"
+            )
+        if not self.factor >= 1:
+            raise ValueError(f"target {self.kind!r} factor must be >= 1, got {self.factor!r}")
+        object.__setattr__(self, "measure", measure)
+        object.__setattr__(self, "factor", float(self.factor))
+
+
+class CostTargets:
+    """Every asked reduction at once, and how far a candidate zero set is from each.
+
+    This is the controller's only notion of "enough": whatever chooses the zero
+    set (a ranking now, penalty thresholds set from a budget later) asks
+    ``attainment(masks)`` and grows the set until it is >= 1.
+    """
+
+    def __init__(self, groups: ChannelGroups, targets: Sequence[Target]):
+        if not targets:
+            raise ValueError("at least one target is needed")
+        kinds = [t.kind for t in targets]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each target kind may be given once, got {kinds}")
+        self.groups = groups
+        self.targets = list(targets)
+        self.base = {"macs": float(groups.total_macs), "params": float(groups.total_params)}
+
+    @property
+    def asked(self) -> dict[str, float]:
+        return {t.kind: t.factor for t in self.targets}
+
+    def reached(self, masks: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Per target kind, the reduction (base cost / cost) once the ``masks`` units are removed."""
+        macs, params = self.groups.estimate_cost(masks)
+        cost = {"macs": macs, "params": params}
+        return {t.kind: self.base[t.measure] / max(cost[t.measure], 1.0) for t in self.targets}
+
+    def gaps(
+        self, masks: Sequence[torch.Tensor], want: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
+        """Per target kind, how far the zero set is from it: ``want / reached`` (> 1: short of it,
+        <= 1: met). ``want`` defaults to the asked factors (a schedule passes its own)."""
+        want = self.asked if want is None else want
+        return {k: want[k] / r for k, r in self.reached(masks).items()}
+
+    def attainment(
+        self, masks: Sequence[torch.Tensor], want: Mapping[str, float] | None = None
+    ) -> float:
+        """``min`` over targets of ``reached / want``: >= 1 when every target is met; the
+        least-met target sets it (for one target, its reached / asked)."""
+        return 1.0 / max(self.gaps(masks, want).values())
+
+
+class TargetController:
+    """Raises the group strength until the zero units remove the asked share of MACs and/or params.
+
+    ``kind`` is ``"macs"`` or ``"params"`` with ``factor`` the asked reduction (4 = 4x
+    fewer), or a sequence of :class:`Target` (``factor`` None) to meet them all at once:
+    the zero set grows until the least-met target is met. ``kind``, ``factor``,
+    ``reached_factor`` and ``floor_factor`` describe the first target; ``reached`` and
+    ``max_reachable`` every target.
     """
 
     def __init__(
         self,
-        kind: str,
-        factor: float,
+        kind: str | Sequence[Target],
+        factor: float | None,
         groups: ChannelGroups,
         strength: Strength,
         *,
@@ -278,11 +357,16 @@ class TargetController:
         balance: float = 0.0,
         importance: str = "magnitude",
     ):
-        if kind not in ("macs", "params"):
-            raise ValueError(f"target kind must be 'macs' or 'params', got {kind!r}")
+        if isinstance(kind, str):
+            if kind not in COST_MEASURES:
+                raise ValueError(f"target kind must be 'macs' or 'params', got {kind!r}")
+            targets = [Target(kind, float(factor))]
+        else:
+            targets = list(kind)
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-        self.kind = kind
+        self.costs = CostTargets(groups, targets)
+        self.kind = targets[0].kind
         self.importance = importance
         # taylor: running mean of each unit's squared first-order loss change (observe_gradients)
         self.taylor: list[torch.Tensor] | None = None
@@ -290,7 +374,7 @@ class TargetController:
         self.groups, self.strength = groups, strength
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.taylor_warmup = min(TAYLOR_WARMUP, max(1, self.reach_step // 3))
-        self.base = groups.total_macs if kind == "macs" else groups.total_params
+        self.base = self.costs.base[targets[0].measure]
         if schedule not in ("cubic", "geometric", "immediate"):
             raise ValueError(
                 f"schedule must be 'cubic', 'geometric' or 'immediate', got {schedule!r}"
@@ -299,9 +383,12 @@ class TargetController:
         self.frozen = False
         self.threshold = 0.0  # score of the last unit zeroed
         self.reached_factor = 1.0
-        self.floor_factor = self._floor_factor(MIN_KEEP_FRACTION)
+        self.reached = {t.kind: 1.0 for t in targets}  # every target's reduction of the zero set
+        # the most each target can reach: every group keeps MIN_KEEP_FRACTION of its units
+        self.max_reachable = self.costs.reached(self._floor_masks(MIN_KEEP_FRACTION))
+        self.floor_factor = self.max_reachable[self.kind]
         self.balance = balance
-        self.ask(factor)
+        self.ask(self.costs.asked if factor is None else factor)
 
     @torch.no_grad()
     def observe_gradients(
@@ -339,27 +426,33 @@ class TargetController:
         scale = (self.strength.weights * self.strength.ref).tolist()
         return [n.double().cpu() / s for n, s in zip(norms, scale, strict=True)]
 
-    def ask(self, factor: float) -> None:
-        """Aim at ``factor`` from now on (the accuracy seeker raises it in stages)."""
-        self.factor = float(factor)
+    def ask(self, factor: float | Mapping[str, float]) -> None:
+        """Aim at ``factor`` from now on: a float for the first target (the accuracy seeker
+        raises it in stages), or ``{kind: factor}`` for several."""
+        asked = factor if isinstance(factor, Mapping) else {self.kind: factor}
+        self.costs.targets = [
+            Target(t.kind, float(asked.get(t.kind, t.factor)), t.measure)
+            for t in self.costs.targets
+        ]
+        self.factor = self.costs.asked[self.kind]
         self.keep_fraction = self._balanced_keep_fraction()
 
-    def _cost(self, masks) -> float:
-        macs, params = self.groups.estimate_cost(masks)
-        return macs if self.kind == "macs" else params
-
     def _factor(self, masks) -> float:
-        """The reduction factor (base cost / cost) once the ``masks`` units are removed."""
-        return self.base / max(self._cost(masks), 1.0)
+        """The first target's reduction factor (base cost / cost) once the ``masks`` units are removed."""
+        return self.costs.reached(masks)[self.kind]
 
-    def _floor_factor(self, keep_fraction: float) -> float:
-        """The reduction when every group keeps only ``keep_fraction`` of its units."""
+    def _floor_masks(self, keep_fraction: float) -> list[torch.Tensor]:
+        """Every group keeps only ``keep_fraction`` of its units (at least one)."""
         masks = []
         for g in self.groups:
             m = torch.ones(g.size, dtype=torch.bool)
             m[: max(1, math.ceil(keep_fraction * g.size))] = False
             masks.append(m)
-        return self._factor(masks)
+        return masks
+
+    def _floor_factor(self, keep_fraction: float) -> float:
+        """The first target's reduction when every group keeps only ``keep_fraction`` of its units."""
+        return self._factor(self._floor_masks(keep_fraction))
 
     def _balanced_keep_fraction(self) -> float:
         """The share of its units every group keeps: ``balance`` times a uniform ratio's.
@@ -370,14 +463,24 @@ class TargetController:
         bottleneck no fine-tuning recovers from). Lowered, down to
         ``MIN_KEEP_FRACTION``, until the target stays reachable.
         """
-        keep = self.balance / math.sqrt(self.factor)
-        while keep > MIN_KEEP_FRACTION and self._floor_factor(keep) < self.factor:
+        keep = self.balance / math.sqrt(max(self.costs.asked.values()))
+        while keep > MIN_KEEP_FRACTION and self.costs.attainment(self._floor_masks(keep)) < 1:
             keep *= 0.9
         return max(MIN_KEEP_FRACTION, keep)
 
     @property
+    def unreachable(self) -> dict[str, float]:
+        """``{kind: max_reachable}`` of each target beyond what removing channels can give."""
+        return {
+            k: self.max_reachable[k]
+            for k, f in self.costs.asked.items()
+            if f > self.max_reachable[k] * 1.0000001
+        }
+
+    @property
     def reachable(self) -> bool:
-        return self.factor <= self.floor_factor * 1.0000001
+        """Every target can be met (then all at once: the floor zero set meets each)."""
+        return not self.unreachable
 
     def scheduled_factor(self, step: int) -> float:
         """The reduction factor the zero set should give at ``step``.
@@ -387,17 +490,25 @@ class TargetController:
         the same ratio every step. ``immediate``: the factor itself (the accuracy
         seeker raises it in stages).
         """
-        if self.schedule == "immediate":
-            return self.factor
-        if self.schedule == "geometric":
-            progress = min(max(step / self.reach_step, 0.0), 1.0)
-            return self.factor**progress
-        final_removed = 1.0 - 1.0 / self.factor
-        removed = final_removed * cubic_schedule(step / self.reach_step)
-        return 1.0 / (1.0 - removed)
+        return self.scheduled(step)[self.kind]
+
+    def scheduled(self, step: int) -> dict[str, float]:
+        """Every target's scheduled reduction at ``step`` (see :meth:`scheduled_factor`)."""
+        out = {}
+        for kind, factor in self.costs.asked.items():
+            if self.schedule == "immediate":
+                out[kind] = factor
+            elif self.schedule == "geometric":
+                progress = min(max(step / self.reach_step, 0.0), 1.0)
+                out[kind] = factor**progress
+            else:
+                removed = (1.0 - 1.0 / factor) * cubic_schedule(step / self.reach_step)
+                out[kind] = min(1.0 / (1.0 - removed), factor)
+        return out
 
     def _refine(self, order, k, finite, sizes, want) -> list[torch.Tensor] | None:
-        """A zero set that meets ``want`` without overshooting it by more than the tolerance.
+        """A zero set that meets every ``want`` without overshooting the least-met one by more
+        than the tolerance.
 
         The first ``k - 1`` units in rank order, then later-ranked units one at a
         time (at most ``REFINE_CANDIDATES``), skipping any whose removal alone
@@ -407,22 +518,26 @@ class TargetController:
         """
         flat = torch.zeros(sum(sizes), dtype=torch.bool)
         flat[order[: k - 1]] = True
-        limit = want * (1 + OVERSHOOT_TOLERANCE)
+        limit = 1 + OVERSHOOT_TOLERANCE
         for unit in order[k - 1 : min(finite, k - 1 + REFINE_CANDIDATES)].tolist():
             flat[unit] = True
             masks = list(torch.split(flat.clone(), sizes))
-            factor = self._factor(masks)
-            if factor > limit:
+            attained = self.costs.attainment(masks, want)
+            if attained > limit:
                 flat[unit] = False
-            elif factor >= want:
+            elif attained >= 1:
                 return masks
         return None
+
+    def _record(self, masks: Sequence[torch.Tensor]) -> None:
+        self.reached = self.costs.reached(masks)
+        self.reached_factor = self.reached[self.kind]
 
     def freeze(self, masks: list[torch.Tensor] | None = None) -> None:
         """Stop raising the strength; keep ``masks`` (default: the current zero set) as the zero set."""
         if masks is not None:
             self.strength.forced_zero = [m.clone() for m in masks]
-            self.reached_factor = self._factor(self.strength.forced_zero)
+            self._record(self.strength.forced_zero)
         self.frozen = True
         self.strength.frozen = True
 
@@ -437,10 +552,10 @@ class TargetController:
         """
         if self.frozen:
             return
-        want = min(self.scheduled_factor(step), self.factor)
+        want = self.scheduled(step)
         warming_up = self.importance == "taylor" and self.taylor_seen < self.taylor_warmup
         if warming_up:
-            want = 1.0  # too few batches for a ranking: remove nothing yet
+            want = dict.fromkeys(want, 1.0)  # too few batches for a ranking: remove nothing yet
         scores = self._scores(tensors)
         for sc in scores:  # every group keeps keep_fraction of its units
             keep = max(1, math.ceil(self.keep_fraction * len(sc)))
@@ -456,34 +571,35 @@ class TargetController:
         def masks_at(k: int) -> list[torch.Tensor]:
             return [r < k for r in ranks]
 
-        lo, hi = 0, finite  # smallest k whose cost meets ``want``
-        if self._factor(masks_at(hi)) < want:
+        def met(k: int) -> bool:
+            return self.costs.attainment(masks_at(k), want) >= 1
+
+        lo, hi = 0, finite  # smallest k whose zero set meets every ``want``
+        if not met(hi):
             lo = hi
         else:
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self._factor(masks_at(mid)) >= want:
+                if met(mid):
                     hi = mid
                 else:
                     lo = mid + 1
         k = lo
         threshold = float(order.values[k - 1]) if k > 0 else 0.0
         masks = masks_at(k)
-        factor = self._factor(masks)
-        if k > 0 and factor > want * (1 + OVERSHOOT_TOLERANCE):
+        if k > 0 and self.costs.attainment(masks, want) > 1 + OVERSHOOT_TOLERANCE:
             refined = self._refine(order.indices, k, finite, [len(sc) for sc in scores], want)
             if refined is not None:
-                masks, factor = refined, self._factor(refined)
+                masks = refined
         self.threshold = threshold
         self.strength.forced_zero = masks
-        self.reached_factor = factor
+        self._record(masks)
         if step >= self.reach_step and self.schedule != "immediate" and not warming_up:
             self.frozen = True
             self.strength.frozen = True
             log.info(
-                "target %.2fx %s reached %.3fx at step %d; zero set frozen",
-                self.factor,
-                self.kind,
-                self.reached_factor,
+                "target %s reached %s at step %d; zero set frozen",
+                ", ".join(f"{f:.2f}x {k}" for k, f in self.costs.asked.items()),
+                ", ".join(f"{f:.3f}x {k}" for k, f in self.reached.items()),
                 step,
             )

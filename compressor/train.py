@@ -1,7 +1,8 @@
 """The training loop: RVSM fine-tuning, evaluation, BatchNorm recalibration, masked recovery.
 
 Read top to bottom like torchvision's reference ``train.py``: one function per
-job, explicit arguments, no global state. Progress goes to ``logging``; the CLI
+job, explicit arguments, no global state. Progress goes to the ``progress``
+argument (a :class:`compressor.progress.Progress`, silent by default); the CLI
 decides how it is shown.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import DivergenceError
+from compressor.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
+) -> tuple[float, float]:
     """Top-1 accuracy (percent) and mean cross-entropy over ``loader`` (summed over DDP ranks)."""
     model.eval()
     correct = total = 0
     loss_sum = 0.0
-    for x, y in loader:
+    for x, y in progress.log_every(loader, "evaluate"):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
@@ -86,7 +90,7 @@ def recalibrate_bn(model: nn.Module, loader, device: torch.device, batches: int)
 
     Shrunk or zeroed weights change what the running statistics should be; a
     sparse model evaluated with the dense model's statistics scores far below
-    its real accuracy (DESIGN.md, "Evaluate u honestly"). Runs ``batches``
+    its real accuracy (docs/design.md, "Evaluating the sparse model"). Runs ``batches``
     training batches in train mode with no gradient, using a cumulative average.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -164,6 +168,9 @@ def train_one_epoch(
     epoch: int = 0,
     teacher: nn.Module | None = None,
     distill: Mapping | None = None,
+    progress: Progress = SILENT,
+    kept_epochs: int = 0,
+    lr_key: str = "train.lr",
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -173,22 +180,33 @@ def train_one_epoch(
     the loss gradients before the coupling is added). With ``masks`` (recovery): zero
     weights stay zero. With ``teacher`` and ``distill`` (the recipe's section):
     the loss is :func:`training_loss`. A non-finite loss raises ``DivergenceError`` before any
-    weight is updated with it.
+    weight is updated with it; its message says what the caller kept for --resume
+    (``kept_epochs``: the completed epochs whose state it saved; 0: nothing) and which
+    learning rate to lower (``lr_key``). ``progress`` shows the steps as they run (step,
+    loss, time left).
     """
     model.train()
     loss_sum, seen = 0.0, 0
     start = time.perf_counter()
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    for step, (x, y) in enumerate(loader):
+    stage = "recover" if masks is not None else "train"
+    batches = progress.log_every(loader, f"{stage} epoch {epoch + 1}", total=steps)
+    for step, (x, y) in enumerate(batches):
         if step >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = training_loss(model(x), y, x, teacher, distill)
         if not torch.isfinite(loss):
             raise DivergenceError(
-                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. "
-                "Lower `train.lr` or the penalty strength (`penalty.group.strength`); "
-                "the last completed epoch is kept for --resume."
+                divergence_message(
+                    loss.item(),
+                    where=f"{'recovery ' if masks is not None else ''}epoch {epoch + 1}, step {step + 1}",
+                    first=epoch == 0 and masks is None,
+                    optimizer=optimizer,
+                    lr_key=lr_key,
+                    kept_epochs=kept_epochs,
+                    penalised=rvsm is not None,
+                )
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,7 +226,8 @@ def train_one_epoch(
                     p.mul_(mask)
         loss_sum += loss.item() * len(y)
         seen += len(y)
-        if log_every and (step + 1) % log_every == 0:
+        batches.update(loss=loss_sum / seen)
+        if log_every and progress.mode == "off" and (step + 1) % log_every == 0:
             rate = seen / (time.perf_counter() - start)
             log.info(
                 "epoch %d step %d/%d loss %.4f (%.0f img/s)",
@@ -219,6 +238,35 @@ def train_one_epoch(
                 rate,
             )
     return loss_sum / max(seen, 1)
+
+
+def divergence_message(
+    loss: float,
+    *,
+    where: str,
+    first: bool,
+    optimizer: torch.optim.Optimizer,
+    lr_key: str,
+    kept_epochs: int,
+    penalised: bool,
+) -> str:
+    """What a diverged run tells the user: where (``"epoch 1, step 3"``), what was kept for
+    --resume (the truth: nothing when ``kept_epochs`` is 0; ``first``: no epoch had completed)
+    and which learning rate (``lr_key``) to lower."""
+    group = optimizer.param_groups[0]
+    lr = group.get("initial_lr", group["lr"])
+    lower = f"lower `{lr_key}` (now {lr:g})"
+    if penalised:
+        lower += " or the penalty strength (`penalty.group.strength`)"
+    what = f"the training loss became {loss} at {where}"
+    if kept_epochs > 0:
+        return (
+            f"{what}. The state after epoch {kept_epochs} is kept for --resume, but resuming "
+            f"with the same settings would likely diverge again: {lower} and rerun without "
+            "--resume."
+        )
+    nothing = " (no epoch had completed)" if first else ""
+    return f"{what}; nothing was kept for --resume{nothing}. To fix it, {lower} and rerun."
 
 
 def nonzero_masks(model: nn.Module) -> dict[torch.nn.Parameter, torch.Tensor]:

@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import pickle
 import sys
+from collections import OrderedDict
 
 import pytest
 import torch
+import torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+import compressor
 from compressor.checkpoint import (
     METADATA_KEY,
     LoadedCheckpoint,
@@ -159,13 +164,39 @@ def test_wrong_arch_lists_keys(tmp_path):
     assert "shape mismatch: conv1.weight checkpoint [20, 1, 5, 5] vs model [16, 1, 3, 3]" in msg
     missing_line = next(line for line in msg.splitlines() if "missing:" in line)
     assert missing_line.count("[") == 5  # at most 5 keys listed
-    assert "Check --arch" in msg
+    assert "this checkpoint is not a resnet20" in msg
+    assert "Closest architectures: lenet5 (100% of keys and shapes match)" in msg
 
 
 def test_explicit_num_classes_mismatch(tmp_path):
     torch.save(lenet5(num_classes=4).state_dict(), tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match=r"has 4 outputs .* --num-classes is 10"):
         load_checkpoint(tmp_path / "m.pt", arch="lenet5", num_classes=10)
+
+
+def test_other_architecture_is_named_before_channel_advice(tmp_path):
+    """A resnet18 state_dict with --arch resnet20 and 1-channel data: the architecture is
+    wrong, not the channels."""
+    torch.save(build_model("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "r18.pt", arch="resnet20", in_channels=1)
+    msg = str(info.value)
+    assert "this checkpoint is not a resnet20" in msg
+    assert "Closest architectures: resnet18 (98% of keys and shapes match)" in msg
+    assert "Pass --arch resnet18" in msg
+    assert "channel" not in msg and "input_shape" not in msg
+    # The right architecture: now the channels are what is wrong.
+    with pytest.raises(CheckpointError, match=r"takes 3-channel inputs .* data has 1 channel"):
+        load_checkpoint(tmp_path / "r18.pt", arch="resnet18", in_channels=1)
+
+
+def test_same_keys_other_shapes_says_other_constructor_arguments(tmp_path):
+    torch.save(resnet20(width=8).state_dict(), tmp_path / "narrow.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "narrow.pt", arch="resnet20")
+    msg = str(info.value)
+    assert "not a resnet20 as built by default: the keys match but" in msg
+    assert "other constructor arguments" in msg
 
 
 def test_unknown_arch_suggests_close_match():
@@ -201,7 +232,7 @@ def test_refused_pickle_runs_no_code(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path / "evil.pt", arch="lenet5")
     msg = str(info.value)
-    assert "pickled" in msg and "runs code from the file" in msg
+    assert "pickled" in msg and "would run builtins.getattr, pathlib.Path, pathlib.PosixPath" in msg
     assert "--trust-checkpoint" in msg and "model.state_dict()" in msg and "--arch" in msg
     assert not marker.exists()
     # Control: the payload is live, so the refusal above is what kept it from running.
@@ -219,6 +250,29 @@ def test_pickled_module_refused_then_loaded_with_trust(tmp_path):
     assert loaded.format == "pickled_module"
     assert loaded.arch == "compressor.models:LeNet5"
     same_output(model, loaded.model, (2, 1, 28, 28))
+
+
+class _RunsShell:
+    """Unpickling this calls os.system('true')."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_refused_pickle_names_the_global_it_would_run(tmp_path, writer):
+    path = tmp_path / "evil.pt"
+    if writer == "torch.save":
+        torch.save({"w": torch.zeros(2), "x": _RunsShell()}, path)
+    else:
+        path.write_bytes(pickle.dumps(_RunsShell(), protocol=4))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, arch="lenet5")
+    msg = str(info.value)
+    system = f"{os.system.__module__}.system"  # posix.system on Linux
+    assert f"would run {system}" in msg and "nothing was run" in msg
+    assert "truncated" not in msg and "corrupt" not in msg
+    assert msg.index("would run") < msg.index("--trust-checkpoint")
 
 
 # ---------------------------------------------------------------- package.module:callable
@@ -378,6 +432,211 @@ def test_compact_errors(tmp_path):
         torch.save(model.state_dict(), tmp_path / "m.pt")
         load(tmp_path / "m.pt")
     assert not list(tmp_path.glob(".m.safetensors.*"))  # no temp files left behind
+
+
+# ---------------------------------------------------------------- compact metadata: no code from a file
+
+
+def _write_compact(path, meta: dict, tensors=None) -> pathlib.Path:
+    """A safetensors file with ``meta`` as its compressor metadata (what an attacker controls)."""
+    tensors = tensors if tensors is not None else {"w": torch.zeros(1)}
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def test_crafted_compact_file_runs_no_code(tmp_path):
+    """The issue's payload: metadata naming os:system with a shell command."""
+    marker = tmp_path / "pwned"
+    path = _write_compact(
+        tmp_path / "e.safetensors",
+        {
+            "format_version": 1,
+            "arch": "os:system",
+            "build_kwargs": {"command": f"touch {marker}"},
+            "modules": {},
+        },
+    )
+    for attempt in (
+        lambda: load(path),
+        lambda: compressor.load(path),
+        lambda: load_checkpoint(path),
+        lambda: load_checkpoint(path, arch="lenet5"),
+    ):
+        with pytest.raises(CheckpointError) as info:
+            attempt()
+        msg = str(info.value)
+        assert "metadata field 'arch'" in msg and "'os:system'" in msg
+        assert "--arch os:system" in msg and "--trust-checkpoint" in msg
+        assert not marker.exists()
+
+
+def _lenet_meta(tmp_path) -> tuple[dict, dict]:
+    save_compact(lenet5(), tmp_path / "ok.safetensors", arch="lenet5", build_kwargs={})
+    with safe_open(str(tmp_path / "ok.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return json.loads(json.dumps(read_compact_metadata(tmp_path / "ok.safetensors"))), tensors
+
+
+BAD_FIELDS = [
+    ("format_version", "1", "format_version"),
+    ("format_version", True, "format_version"),
+    ("arch", "os.system; rm -rf /", "arch"),
+    ("arch", ["lenet5"], "arch"),
+    ("build_kwargs", {"num_classes": {"__class__": 1}}, "build_kwargs.num_classes"),
+    ("build_kwargs", {"not a name": 1}, "build_kwargs.not a name"),
+    ("build_kwargs", {"arch": "os:system"}, "build_kwargs.arch"),
+    ("build_kwargs", {"width": list(range(1000))}, "build_kwargs.width"),
+    ("build_kwargs", {"num_classes": 10**12}, "build_kwargs.num_classes"),
+    ("build_kwargs", [1, 2], "build_kwargs"),
+    ("modules", {"conv1": {"type": "Conv2d", "forward": 1}}, "modules.conv1.forward"),
+    ("modules", {"conv1": {"type": "Conv2d", "out_channels": -3}}, "modules.conv1.out_channels"),
+    ("modules", {"conv1": {"type": "os.system"}}, "modules.conv1.type"),
+    ("modules", {"conv1": {"type": "Conv2d", "num_features": 3}}, "modules"),  # not a conv's
+    ("activations", {"bits": 2, "ste": "os.system"}, "activations.ste"),
+    ("activations", {"bits": 99}, "activations.bits"),
+    ("activations", {"bits": 1, "hook": "x"}, "activations.hook"),
+    ("extra", [1], "extra"),
+    ("extra", {"input_shape": [1, 10**9, 1]}, "extra.input_shape[1]"),
+    ("preprocessing", {"scale": "x"}, "preprocessing.scale"),
+    ("preprocessing", {"std": [0.0]}, "preprocessing.std[0]"),
+    ("preprocessing", {"mean": [0.1, 0.2], "input_shape": [3, 8, 8]}, "preprocessing.mean"),
+    ("preprocessing", {"input_shape": [1, 28]}, "preprocessing.input_shape"),
+    ("preprocessing", {"shell": "x"}, "preprocessing.shell"),
+    ("module_versions", {"conv1": "2"}, "module_versions.conv1"),
+    ("payload", "x", "payload"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), BAD_FIELDS, ids=[b[2] for b in BAD_FIELDS])
+def test_compact_metadata_fields_are_checked(tmp_path, field, value, named):
+    meta, tensors = _lenet_meta(tmp_path)
+    meta[field] = value
+    path = _write_compact(tmp_path / "bad.safetensors", meta, tensors)
+    for attempt in (lambda: load(path), lambda: load_checkpoint(path)):
+        with pytest.raises(CheckpointError) as info:
+            attempt()
+        assert f"metadata field {named!r}" in str(info.value)
+
+
+def test_compact_metadata_missing_arch(tmp_path):
+    meta, tensors = _lenet_meta(tmp_path)
+    del meta["arch"]
+    path = _write_compact(tmp_path / "bad.safetensors", meta, tensors)
+    with pytest.raises(CheckpointError, match="metadata field 'arch' is missing"):
+        read_compact_metadata(path)
+
+
+def test_compact_preprocessing_round_trip_and_checked_on_save(tmp_path):
+    pre = {"scale": 1 / 255, "mean": [0.5], "std": [0.25], "input_shape": [1, 28, 28]}
+    path = save_compact(
+        lenet5(), tmp_path / "m.safetensors", arch="lenet5", build_kwargs={}, preprocessing=pre
+    )
+    assert read_compact_metadata(path)["preprocessing"] == pre
+    load(path)
+    with pytest.raises(ValueError, match=r"metadata field 'preprocessing.std\[0\]'"):
+        save_compact(
+            lenet5(),
+            tmp_path / "bad.safetensors",
+            arch="lenet5",
+            build_kwargs={},
+            preprocessing={**pre, "std": [-1.0]},
+        )
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_compact_callable_arch_needs_the_user_to_name_or_trust_it(tmp_path, monkeypatch):
+    """A compact file of package.module:callable imports that module only with consent."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "imported"
+    pkg = tmp_path / "ckpt_consent_nets"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "small.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from torch import nn\n"
+        "def net(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(4, num_classes))\n"
+    )
+    arch = "ckpt_consent_nets.small:net"
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6)
+    )
+    path = save_compact(
+        model, tmp_path / "m.safetensors", arch=arch, build_kwargs={"num_classes": 6}
+    )
+    for attempt in (
+        lambda: load(path),
+        lambda: compressor.load(path),
+        lambda: load_checkpoint(path),
+        lambda: load_checkpoint(path, arch="lenet5"),
+    ):
+        with pytest.raises(CheckpointError, match=rf"metadata field 'arch' names '{arch}'"):
+            attempt()
+    assert not marker.exists() and "ckpt_consent_nets" not in sys.modules
+    try:
+        for loaded in (
+            load(path, trust_checkpoint=True),
+            compressor.load(path, arch=arch),
+            load_checkpoint(path, arch=arch).model,
+            load_checkpoint(path, trust_checkpoint=True).model,
+        ):
+            same_output(model, loaded, (2, 3, 8, 8))
+        assert marker.exists()
+    finally:
+        for name in [n for n in sys.modules if n.startswith("ckpt_consent_nets")]:
+            monkeypatch.delitem(sys.modules, name)
+
+
+# ---------------------------------------------------------------- state_dict module versions
+
+
+def test_state_dict_module_versions_are_kept(tmp_path):
+    """torchvision's MNASNet reads its version from the state_dict's ``_metadata``."""
+    model = build_model("mnasnet0_5", num_classes=10).eval()
+    randomize_bn(model)
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / "plain.pt")
+    wrapped = nn.DataParallel(model).state_dict()  # "module." keys and versions
+    assert "module" in wrapped._metadata
+    torch.save({"state_dict": wrapped}, tmp_path / "ddp.pt")
+    save_file(dict(sd), str(tmp_path / "plain.safetensors"))  # no versions at all
+    for name in ("plain.pt", "ddp.pt", "plain.safetensors"):
+        loaded = load_checkpoint(tmp_path / name, arch="mnasnet0_5")
+        same_output(model, loaded.model, (2, 3, 32, 32))
+    path = save_compact(
+        loaded.model,
+        tmp_path / "m.safetensors",
+        arch="mnasnet0_5",
+        build_kwargs={"num_classes": 10},
+    )
+    assert read_compact_metadata(path)["module_versions"][""] == 2
+    same_output(model, load(path), (2, 3, 32, 32))
+
+
+TORCHVISION_MODELS = torchvision.models.list_models(module=torchvision.models)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_every_torchvision_state_dict_loads(tmp_path, name):
+    """``torch.save(model.state_dict())`` of each torchvision classification model loads.
+
+    The state_dict (keys, dtypes, shapes, ``_metadata``) is the model's own; its tensors are
+    stride-0 views of one zero, so the file stays a few kB even for vit_h_14."""
+    try:
+        with torch.device("meta"):
+            source = torchvision.models.get_model(name, weights=None)
+    except Exception:  # regnet computes its widths with tensors: build it for real
+        source = torchvision.models.get_model(name, weights=None)
+    sd = source.state_dict()
+    light = OrderedDict((k, torch.zeros((), dtype=v.dtype).expand(v.shape)) for k, v in sd.items())
+    light._metadata = sd._metadata
+    torch.save(light, tmp_path / "sd.pt")
+    loaded = load_checkpoint(tmp_path / "sd.pt", arch=name)
+    assert loaded.build_kwargs["num_classes"] == 1000
+    assert list(loaded.model.state_dict()) == list(sd)
 
 
 def _prune_with_torch_pruning(model: nn.Module, example: torch.Tensor, max_groups: int) -> int:

@@ -188,6 +188,8 @@ def resnet20_run(tmp_path_factory):
     argv = [
         root / "model.pt", "--arch", "resnet20", "--data", data, "--out", out, "--device", "cpu",
         "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", *FAST, "-q",
+        # random data: accuracy is chance, so the default 5-point accuracy gate would judge noise
+        "--set", "gates.max_accuracy_drop=null",
     ]  # fmt: skip
     # capfd cannot serve a module fixture: capture at the file-descriptor level by hand
     with _logging_restored(), _CaptureFds() as captured:
@@ -431,6 +433,31 @@ def test_pickled_module_is_refused_without_running_it(tmp_path, lenet, capsys):
     assert not out.exists()
 
 
+def test_crafted_compact_file_runs_no_code_exit_2(tmp_path, lenet, capsys):
+    """A .safetensors whose compressor metadata names os:system with a shell command."""
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "pwned"
+    meta = {
+        "format_version": 1,
+        "arch": "os:system",
+        "build_kwargs": {"command": f"touch {marker}"},
+        "modules": {},
+    }
+    evil = tmp_path / "e.safetensors"
+    save_file({"w": torch.zeros(1)}, str(evil), metadata={"compressor": json.dumps(meta)})
+    out = tmp_path / "out"
+
+    code, _, err = run_cli(
+        [evil, "--data", lenet[1], "--out", out, "--device", "cpu", *FAST], capsys
+    )
+
+    assert code == 2, err
+    assert "metadata field 'arch'" in err and "'os:system'" in err, err
+    assert "--arch os:system" in err and "--trust-checkpoint" in err
+    assert not marker.exists(), "the file's code ran"
+
+
 # ----------------------------------------------------------------------------- outcomes
 
 
@@ -512,3 +539,35 @@ def test_help_exits_0(capsys):
         cli.main(["--help"])
     assert info.value.code == 0
     assert "--trust-checkpoint" in capsys.readouterr().out
+
+
+def test_a_collapsed_model_fails_the_default_accuracy_gate(trained, tmp_path, capsys):
+    """Issue 18 items 3 and 6: `--set train.lr=2` collapses the model; by default that is exit 3
+    (a drop over 5 points), report.md's first line says by how much, the seeker stays off, and
+    the earlier PASS run's outputs move aside. `gates.max_accuracy_drop=null` lets it pass."""
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    common = [
+        checkpoint, "--arch", "lenet5", "--data", data, "--out", out, "--device", "cpu",
+        "--set", "train.lr=2", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=8",
+        *FAST,
+    ]  # fmt: skip
+    code, _, err = run_cli([*common, "--set", "gates.max_accuracy_drop=null"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["gates"] == [] and report["target"] is None
+    assert "PASS (exit 0)" in (out / "report.md").read_text().splitlines()[0]
+
+    code, _, err = run_cli(common, capsys)
+    assert code == 3, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["exit_code"] == 3
+    assert report["target"] is None  # the default gate does not start the accuracy seeker
+    (gate,) = report["gates"]
+    base, comp = report["baseline"]["accuracy"], report["compressed"]["accuracy"]
+    assert base == 100.0 and base - comp > 50  # collapsed
+    assert gate["name"] == "accuracy_drop" and gate["threshold"] == 5.0 and not gate["passed"]
+    head = (out / "report.md").read_text().splitlines()[0]
+    assert "GATE FAILED (exit 3)" in head
+    assert f"accuracy 100.0% → {comp:.1f}% ({comp - base:+.1f} points, gate 5.0)" in head
+    assert "PASS (exit 0)" in (out / "previous" / "report.md").read_text().splitlines()[0]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import pickle
 import struct
 from pathlib import Path
@@ -35,10 +36,11 @@ def save_npz(path, x_train, y_train, x_val, y_val, **extra):
 
 
 def write_idx(path: Path, array: np.ndarray, compress=True):
-    codes = {np.dtype(np.uint8): 0x08}
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.float32): 0x0D}
     header = bytes([0, 0, codes[array.dtype], array.ndim])
     header += b"".join(struct.pack(">I", d) for d in array.shape)
-    raw = header + array.tobytes()
+    stored = array.astype(array.dtype.newbyteorder(">")) if array.dtype.kind == "f" else array
+    raw = header + stored.tobytes()
     path.write_bytes(gzip.compress(raw) if compress else raw)
 
 
@@ -203,6 +205,31 @@ def test_npz_corrupt_and_pickled(tmp_path):
         load_data(path)
 
 
+@pytest.mark.parametrize("split,index,bad", [("train", 4, np.nan), ("val", 2, -np.inf)])
+def test_npz_non_finite_images_are_bad_input_naming_file_split_and_index(
+    tmp_path, split, index, bad
+):
+    """Issue 18.7: NaN/Inf pixels used to surface as a NaN loss (exit 1) or a failed export (4)."""
+    x = {s: rng().random((6, 1, 4, 4)).astype(np.float32) for s in ("train", "val")}
+    x[split][index, 0, 1, 2] = bad
+    x[split][index + 1, 0, 0, 0] = bad
+    path = save_npz(tmp_path / "d.npz", x["train"], np.arange(6) % 3, x["val"], np.arange(6) % 3)
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    msg = str(info.value)
+    assert f"x_{split} in {path} ({split} split)" in msg
+    assert f"sample index {index} " in msg and "(0, 1, 2)" in msg
+    assert ("NaN" if np.isnan(bad) else "-Inf") in msg
+    assert "2 of its 6 samples" in msg
+    assert info.value.exit_code == 2
+
+
+def test_float64_values_beyond_float32_are_not_mistaken_for_inf(tmp_path):
+    x = rng().random((3, 1, 4, 4))  # float64, finite
+    path = save_npz(tmp_path / "d.npz", x, np.arange(3), x, np.arange(3))
+    assert torch.isfinite(load_data(path).train.x).all()
+
+
 # ---------------------------------------------------------------- idx
 
 
@@ -251,6 +278,18 @@ def test_real_fashion_mnist():
     check_input_shape(splits, (1, 28, 28))
 
 
+def test_idx_float_images_with_nan_are_bad_input(tmp_path):
+    folder = make_idx_dir(tmp_path / "m")
+    images = rng().random((4, 5, 4)).astype(np.float32)
+    images[3, 2, 1] = np.nan
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
+    with pytest.raises(DataError) as info:
+        load_data(folder)
+    msg = str(info.value)
+    assert "t10k-images-idx3-ubyte.gz (val split)" in msg
+    assert "NaN at sample index 3 " in msg
+
+
 # ---------------------------------------------------------------- cifar
 
 
@@ -297,6 +336,22 @@ def test_cifar_not_a_batch_and_truncated(tmp_path):
     (folder / "data_batch_1").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match="corrupt"):
         load_data(folder)
+
+
+def test_cifar_float_batch_with_inf_names_the_batch_file_and_split_index(tmp_path):
+    folder = make_cifar_dir(tmp_path / "c", per_batch=3)
+    with open(folder / "data_batch_2", "rb") as f:
+        batch = pickle.load(f)
+    data = batch[b"data"].astype(np.float32)
+    data[1, 7] = np.inf
+    batch[b"data"] = data
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(DataError) as info:
+        load_data(folder)
+    msg = str(info.value)
+    # index in the train split: 3 samples of data_batch_1, then the second of data_batch_2
+    assert "data_batch_2 (train split) holds +Inf at sample index 4 " in msg
 
 
 # ---------------------------------------------------------------- imagefolder
@@ -383,9 +438,7 @@ def test_check_labels_and_input_shape(tmp_path):
     with pytest.raises(DataError) as info:
         check_labels(splits, 10)
     msg = str(info.value)
-    assert (
-        "labels go up to 11 but the model has 10 outputs; pass --num-classes or fix the data" in msg
-    )
+    assert "labels go up to 11 (4 distinct values, 0..11), but the model has 10 outputs" in msg
     assert str(path) in msg
     check_input_shape(splits, (1, 4, 4))
     check_input_shape(splits, (1, None, None))
@@ -393,6 +446,26 @@ def test_check_labels_and_input_shape(tmp_path):
         DataError, match=r"have shape \(1, 4, 4\).*expects \(3, 32, 32\).*data.input_shape"
     ):
         check_input_shape(splits, (3, 32, 32))
+
+
+def test_labels_beyond_the_classifier_say_what_to_check_not_num_classes(tmp_path):
+    """Issue 18.12: labels 1..10 for a 10-class model suggested --num-classes, which the
+    checkpoint's classifier weights then refused."""
+    x = np.zeros((10, 1, 4, 4), np.uint8)
+    y = np.arange(1, 11)
+    splits = load_data(save_npz(tmp_path / "d.npz", x, y, x, y))
+    with pytest.raises(DataError) as info:
+        check_labels(splits, 10, classifier="fc3, Linear 84 -> 10")
+    msg = str(info.value)
+    assert "the labels exceed the model's classes" in msg
+    assert "(classifier fc3, Linear 84 -> 10)" in msg
+    assert "labels must be 0..9" in msg and "look 1-based" in msg
+    assert "--num-classes cannot change its 10 outputs" in msg
+    assert "pass --num-classes" not in msg
+    with pytest.raises(DataError) as info:  # only where the classifier can be resized
+        check_labels(splits, 10, resizable=True)
+    assert "pass --num-classes 11" in str(info.value)
+    assert "1-based" in str(info.value)
 
 
 # ---------------------------------------------------------------- loaders
@@ -455,3 +528,49 @@ def test_subset_is_seeded(tmp_path):
     assert len(subset(splits.train, 100, seed=0)) == 10
     x, y = a[0]
     assert x.shape == (1, 2, 2)
+
+
+# ---------------------------------------------------------------- through compress
+
+
+@pytest.fixture
+def lenet_checkpoint(tmp_path):
+    from compressor.models import lenet5
+
+    torch.save(lenet5().state_dict(), tmp_path / "lenet5.pt")
+    return tmp_path / "lenet5.pt"
+
+
+def test_compress_with_one_based_labels_names_the_classifier(lenet_checkpoint, tmp_path):
+    import compressor
+
+    x = rng().integers(0, 256, (20, 1, 12, 12), dtype=np.uint8)
+    y = np.arange(20) % 10 + 1
+    data = save_npz(tmp_path / "d.npz", x, y, x, y)
+    with pytest.raises(DataError) as info:
+        compressor.compress(
+            lenet_checkpoint, arch="lenet5", data=str(data), out=tmp_path / "o", device="cpu"
+        )
+    msg = str(info.value)
+    assert "(classifier fc3, Linear 84 -> 10)" in msg and "look 1-based" in msg
+    assert "pass --num-classes" not in msg
+
+
+def test_cli_nan_in_the_data_exits_2_before_training(lenet_checkpoint, tmp_path, capsys):
+    from compressor import cli
+
+    x = rng().random((20, 1, 12, 12)).astype(np.float32)
+    x[7, 0, 5, 5] = np.nan
+    data = save_npz(tmp_path / "d.npz", x, np.arange(20) % 10, x[:4], np.arange(4))
+    logger = logging.getLogger("compressor")
+    saved = (logger.handlers[:], logger.level, logger.propagate)  # cli.main installs a handler
+    try:
+        code = cli.main(
+            [str(lenet_checkpoint), "--arch", "lenet5", "--data", str(data), "--out",
+             str(tmp_path / "o"), "--device", "cpu", "-q"]
+        )  # fmt: skip
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"x_train in {data} (train split) holds NaN at sample index 7" in err

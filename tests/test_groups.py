@@ -9,7 +9,7 @@ from tests.helpers import zero_fraction_of_groups
 def test_resnet20_groups_cover_residual_stream_without_overlap():
     model = resnet20(in_channels=1)
     groups = build_groups(model, torch.randn(1, 1, 28, 28))
-    # 3 residual streams + 9 inner block channels, 448 channels (DESIGN.md numbers)
+    # 3 residual streams + 9 inner block channels, 448 channels (the bundled example's numbers)
     assert len(groups) == 12
     assert groups.total_channels == 448
     seen = {}

@@ -302,3 +302,27 @@ def test_bad_set_syntax(bad):
 def test_bad_set_value_yaml():
     with pytest.raises(RecipeError, match=r"Cannot parse the value of --set 'prune.keep=\[a'"):
         load_recipe("tl1-group", ["prune.keep=[a"])
+
+
+def test_accuracy_gate_has_a_default_that_does_not_seek(tmp_path):
+    """Issue 18 item 6: a collapse fails by default (5 points); the seeker only when asked."""
+    defaults = default_recipe()
+    assert defaults["gates"]["max_accuracy_drop"] == 5.0
+    assert defaults["target"]["seek_accuracy_drop"] is None
+    assert (
+        apply_overrides({}, ["gates.max_accuracy_drop=null"])["gates"]["max_accuracy_drop"] is None
+    )
+    # set explicitly (file or --set) the gate also asks for the seeker, as it always did
+    from_file = load_recipe(write(tmp_path, "gates: {max_accuracy_drop: 1}\n"))
+    assert from_file["target"]["seek_accuracy_drop"] == 1.0
+    from_set = load_recipe("tl1-group", ["gates.max_accuracy_drop=2"])
+    assert from_set["target"]["seek_accuracy_drop"] == 2.0
+    both = load_recipe("tl1-group", ["gates.max_accuracy_drop=2", "target.seek_accuracy_drop=null"])
+    assert (
+        both["gates"]["max_accuracy_drop"] == 2.0 and both["target"]["seek_accuracy_drop"] is None
+    )
+    # recipe.yaml of a default run repeats it: the default gate, still no seeking
+    dumped = write(tmp_path, dump_recipe(load_recipe("tl1-group")), "resolved.yaml")
+    again = load_recipe(dumped)
+    assert again == load_recipe("tl1-group")
+    assert again["target"]["seek_accuracy_drop"] is None

@@ -262,3 +262,102 @@ def test_helpers():
         "speedup": {"batch_1": 4.0},
     }
     assert rp.target_summary("macs", 2.0, None)["within"] is False
+
+
+# --------------------------------------------------------------------------- issue 18
+
+
+def test_headline_says_the_exit_code_and_the_accuracy_drop():
+    """A collapsed model: the first line says FAIL, the exit code and the drop against the gate."""
+    r = synthetic(exit_code=EXIT_GATE_FAILED)
+    r["baseline"]["accuracy"], r["compressed"]["accuracy"] = 91.2, 13.5
+    r["gates"] = rp.evaluate_gates(r, max_accuracy_drop=5.0)
+    head = rp.render_markdown(r).splitlines()[0]
+    assert head.startswith("## ❌") and "GATE FAILED (exit 3)" in head
+    assert "accuracy 91.2% → 13.5% (-77.7 points, gate 5.0)" in head
+    ok = rp.render_markdown(synthetic()).splitlines()[0]
+    assert "PASS (exit 0)" in ok and "points" not in ok
+
+
+def test_a_failed_run_says_fail_and_its_exit_code():
+    r = rp.new_report(input={"arch": "lenet5"})
+    r["exit_code"] = 1
+    r["error"] = "the training loss became nan at epoch 1, step 4"
+    md = rp.render_markdown(r)
+    assert md.splitlines()[0] == "## ❌ compressor: FAILED (exit 1) — lenet5"
+    assert "> **Error:** the training loss became nan" in md
+
+
+def _capture_figures(monkeypatch) -> list:
+    figures = []
+    monkeypatch.setattr(rp, "_save_png", lambda fig, path: figures.append(fig))
+    return figures
+
+
+def test_channels_plot_counts_the_units_the_report_counts(monkeypatch):
+    """The title's totals are the report's channels kept / total (prunable channel groups),
+    not a sum over every layer (norm layers and the classifier counted again)."""
+    figures = _capture_figures(monkeypatch)
+    r = synthetic()
+    r["layers"].insert(1, {"name": "bn1", "type": "BatchNorm2d", "shape_before": [16],
+                           "shape_after": [12], "sparsity": 0.0})  # fmt: skip
+    r["channel_groups"] = [
+        {"root": "conv1", "before": 16, "after": 12},
+        {"root": "layer1.0.conv1", "before": 432, "after": 288},
+    ]
+    assert rp.plot_channels(r, "unused.png")
+    (ax,) = figures[0].axes
+    kept, total = r["compressed"]["channels_kept"], r["compressed"]["channels_total"]
+    assert f"{kept} of {total} kept" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["conv1", "layer1.0.conv1"]
+
+
+def test_training_plot_shows_the_reduction_against_the_target(monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    r = synthetic()
+    assert rp.plot_training(r, "unused.png")
+    axes = figures[0].axes
+    texts = " ".join(
+        [ax.get_title() for ax in axes]
+        + [ax.get_ylabel() for ax in axes]
+        + [t.get_text() for ax in axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    ).lower()
+    assert "strength" not in texts
+    reduction = next(ax for ax in axes if "reduction" in ax.get_title())
+    ys = [tuple(line.get_ydata()) for line in reduction.get_lines()]
+    assert tuple(e["macs_x"] for e in r["epochs"]) in ys  # the reduction reached per epoch
+    assert (2.5, 2.5) in ys  # the asked target, as a horizontal line
+    accuracy = next(ax for ax in axes if "accuracy" in ax.get_title())
+    gate = r["baseline"]["accuracy"] - 1.0  # synthetic's accuracy gate is 1 point
+    assert (gate, gate) in [tuple(line.get_ydata()) for line in accuracy.get_lines()]
+
+
+def test_epoch_table_drops_the_internal_strength():
+    r = synthetic()
+    for e in r["epochs"]:
+        e["params_x"] = 1.0 + e["epoch"]
+    md = rp.render_markdown(r)
+    header = next(line for line in md.splitlines() if line.startswith("| Epoch"))
+    assert "Strength" not in header
+    assert "MACs reduction" in header and "Params reduction" in header
+
+
+def test_markdown_states_the_input_preprocessing_and_both_sparsities():
+    r = synthetic()
+    r["compressed"]["weight_sparsity"] = 0.079
+    r["compressed"]["sparse_model_weight_sparsity"] = 0.269
+    r["preprocessing"] = {
+        "scale": 1 / 255, "mean": [0.2860], "std": [0.3530], "input_shape": [1, 28, 28],
+    }  # fmt: skip
+    md = rp.render_markdown(r)
+    line = next(line for line in md.splitlines() if line.startswith("**Input preprocessing**"))
+    assert "1×28×28" in line and "pixels × 1/255" in line
+    assert "mean [0.286], std [0.353]" in line
+    assert "weight sparsity 7.9% (26.9% in the sparse model" in md
+    r["preprocessing"] = {"scale": 1.0, "mean": [0.0], "std": [1.0], "input_shape": [1, 8, 8]}
+    line = next(
+        line
+        for line in rp.render_markdown(r).splitlines()
+        if line.startswith("**Input preprocessing**")
+    )
+    assert "used as stored" in line and "mean" not in line

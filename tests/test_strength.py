@@ -7,7 +7,9 @@ from compressor import penalties
 from compressor.groups import build_groups
 from compressor.models import resnet20
 from compressor.strength import (
+    CostTargets,
     Strength,
+    Target,
     TargetController,
     cubic_schedule,
     group_weights,
@@ -159,6 +161,72 @@ def test_unreachable_target_is_reported_not_collapsed():
     assert ctl.reached_factor < 1e6
     for g, z in zip(groups, strength.forced_zero, strict=True):
         assert int((~z).sum()) >= 1, f"group {g.root} emptied"
+
+
+def test_cost_targets_say_how_far_a_zero_set_is_from_each_target():
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    costs = CostTargets(groups, [Target("macs", 2.0), Target("size", 3.0, "params")])
+    none = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
+    assert costs.reached(none) == {"macs": 1.0, "size": 1.0}
+    assert costs.gaps(none) == {"macs": 2.0, "size": 3.0}
+    assert costs.attainment(none) == pytest.approx(1 / 3)  # the least-met target sets it
+    half = [torch.arange(g.size) < g.size // 2 for g in groups]
+    macs, params = groups.estimate_cost(half)
+    reached = costs.reached(half)
+    assert reached["macs"] == pytest.approx(groups.total_macs / macs)
+    assert reached["size"] == pytest.approx(groups.total_params / params)  # size counts params
+    assert costs.attainment(half, {"macs": 1.0, "size": 1.0}) == pytest.approx(
+        min(reached.values())
+    )
+    with pytest.raises(ValueError, match="once"):
+        CostTargets(groups, [Target("macs", 2.0), Target("macs", 3.0)])
+    with pytest.raises(ValueError, match="counted in"):
+        Target("size", 2.0)  # a size target must say what it is counted in
+
+
+def test_controller_grows_the_zero_set_until_every_target_is_met():
+    """Issue 18.4: with MACs and params targets the binding one (params here) is met too."""
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    strength = Strength.from_recipe(PENALTY, model, groups, [])
+    ctl = TargetController(
+        [Target("macs", 2.0), Target("params", 3.0)], None, groups, strength,
+        total_steps=100, reach_fraction=0.5, balance=0.75,
+    )  # fmt: skip
+    assert ctl.kind == "macs" and ctl.factor == 2.0 and ctl.reachable
+    tensors = dict(model.named_parameters())
+    for step in range(1, 61):
+        ctl.update(step, tensors)
+    assert ctl.frozen
+    macs, params = groups.estimate_cost(strength.forced_zero)
+    assert groups.total_params / params >= 3.0
+    assert groups.total_macs / macs >= 2.0
+    assert ctl.reached == pytest.approx(
+        {"macs": groups.total_macs / macs, "params": groups.total_params / params}
+    )
+    # the binding target (params) is met without overshooting it by more than the tolerance
+    assert ctl.reached["params"] <= 3.0 * 1.05
+    alone = Strength.from_recipe(PENALTY, model, groups, [])
+    macs_only = TargetController(
+        "macs", 2.0, groups, alone, total_steps=100, reach_fraction=0.5, balance=0.75
+    )
+    for step in range(1, 61):
+        macs_only.update(step, tensors)
+    assert macs_only.reached["macs"] < ctl.reached["macs"]  # the params target removed more
+
+
+def test_unreachable_lists_each_target_beyond_reach_with_its_maximum():
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    strength = Strength.from_recipe(PENALTY, model, groups, [])
+    ctl = TargetController(
+        [Target("macs", 2.0), Target("params", 1e6)], None, groups, strength, total_steps=10
+    )
+    assert not ctl.reachable
+    assert list(ctl.unreachable) == ["params"]
+    assert ctl.unreachable["params"] == ctl.max_reachable["params"] < 1e6
+    assert ctl.max_reachable["macs"] == ctl.floor_factor
 
 
 def _seeking_controller():

@@ -1,6 +1,8 @@
-"""Target-driven compression end to end: the asked factor is reached within 5% with default strengths."""
+"""Target-driven compression end to end: the asked factor is reached within 5% with default strengths;
+every target given is honoured at once; a target beyond reach is bad input before training."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +11,108 @@ import torch
 import torchvision
 
 import compressor
+from compressor import pipeline, train
+from compressor import report as report_mod
+from compressor.errors import EXIT_BAD_INPUT, BadInputError
+from compressor.groups import build_groups
+from compressor.models import lenet5
+from compressor.strength import Strength, Target, TargetController
+from tests.test_pipeline import FAST, random_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    """A random LeNet-5 state_dict (1x12x12 inputs, 10 classes) and random data for it."""
+    root = tmp_path_factory.mktemp("lenet")
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), root / "lenet5.pt")
+    return root / "lenet5.pt", random_npz(root / "data.npz", (1, 12, 12))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_every_target_given_is_met_and_reported(lenet, tmp_path):
+    """Issue 18.4: ``--target-macs 2 --target-params 3`` used to drop the params target (1.9x)."""
+    checkpoint, data = lenet
+    report = compressor.compress(
+        str(checkpoint), arch="lenet5", data=str(data), out=tmp_path / "out", device="cpu",
+        target_macs=2, target_params=3, overrides=["train.epochs=1", *FAST],
+    )  # fmt: skip
+    assert report["exit_code"] == 0
+    assert report["reduction"]["macs_x"] >= 2 * 0.95
+    assert report["reduction"]["params_x"] >= 3 * 0.95
+    listed = {t["kind"]: t for t in report["target"]["targets"]}
+    assert set(listed) == {"macs", "params"}
+    assert listed["params"]["asked"] == 3 and listed["params"]["met"] is True
+    assert listed["params"]["reached"] == pytest.approx(report["reduction"]["params_x"])
+    assert listed["macs"]["reached"] == pytest.approx(report["reduction"]["macs_x"])
+    assert report["target"]["within"] is True
+    gates = {g["name"]: g for g in report["gates"]}
+    assert gates["target_macs"]["passed"] and gates["target_params"]["passed"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "3.00x fewer params asked" in md and "2.00x fewer MACs asked" in md
+
+
+def test_targets_not_all_met_fail_their_gates_with_the_reached_values():
+    """Issue 18.4: a combination that is not met is a gate failure naming each reached value."""
+    model = lenet5()
+    groups = build_groups(model, torch.randn(1, 1, 12, 12))
+    penalty = {
+        "individual": {"kind": "none", "strength": 0.0, "lambda": None, "a": 1.0, "alpha": 1.0},
+        "group": {"strength": 0.0, "lambda": None, "weighting": "uniform"},
+    }
+    strength = Strength.from_recipe(penalty, model, groups, [])
+    ctl = TargetController(
+        [Target("macs", 2.0), Target("params", 3.0)], None, groups, strength, total_steps=10
+    )
+    baseline = {"macs": 1000.0, "params": 900.0, "onnx_bytes": 4000}
+    compressed = {"macs": 400.0, "params": 450.0, "onnx_bytes": 2000}  # 2.5x MACs, 2x params
+    summary = pipeline._target_summary(("macs", 2.0, ctl, None), compressed, baseline)
+    assert [(t["kind"], t["asked"], t["met"]) for t in summary["targets"]] == [
+        ("macs", 2.0, True),
+        ("params", 3.0, False),
+    ]
+    assert summary["within"] is False
+    gates = {g["name"]: g for g in report_mod.evaluate_gates({}, target=summary)}
+    assert gates["target_macs"]["passed"] is True
+    assert gates["target_params"]["passed"] is False
+    assert gates["target_params"]["value"] == pytest.approx(2.0)
+    assert "2.00x reached, 3.00x asked" in gates["target_params"]["detail"]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    "targets,flag,most",
+    [
+        ({"target_macs": 1000}, "--target-macs 1000", "at most 141.15x"),
+        ({"target_macs": 2, "target_params": 1000}, "--target-params 1000", "at most 322.27x"),
+        ({"target_size": 1000}, "--target-size 1000", "fewer params here, about"),
+    ],
+)
+def test_a_target_beyond_reach_is_bad_input_before_training(
+    lenet, tmp_path, monkeypatch, targets, flag, most
+):
+    """Issue 18.5: it used to warn, then train every epoch; now exit 2 with the most reachable."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the target cannot be reached")
+
+    monkeypatch.setattr(train, "train_one_epoch", no_training)
+    checkpoint, data = lenet
+    with pytest.raises(BadInputError) as info:
+        compressor.compress(
+            str(checkpoint), arch="lenet5", data=str(data), out=tmp_path / "out", device="cpu",
+            overrides=["train.epochs=1", *FAST], **targets,
+        )  # fmt: skip
+    msg = str(info.value)
+    assert info.value.exit_code == EXIT_BAD_INPUT
+    assert flag in msg and most in msg and "Nothing was trained" in msg
+    if "target_size" in targets:  # the smallest size it can reach, as the value to pass
+        smallest = re.search(r"about (\d+) bytes: pass --target-size (\d+) or more", msg)
+        assert smallest and smallest[1] == smallest[2] and int(smallest[1]) > 1000
+    assert msg.count("asks for") == 1  # only the target beyond reach is named
 
 
 @pytest.mark.slow

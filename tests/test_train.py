@@ -9,6 +9,7 @@ from torch import nn
 
 import compressor
 from compressor import train
+from compressor.errors import DivergenceError
 from compressor.models import lenet5
 from tests.test_pipeline import FAST, random_npz
 
@@ -62,3 +63,45 @@ def test_compress_with_distillation(tmp_path):
     assert report["exit_code"] == 0
     assert report["recipe"]["distill"] == {"weight": 0.5, "temperature": 2.0}
     assert report["target"]["reached"] >= 2 * 0.95
+
+
+def test_first_epoch_divergence_says_nothing_was_kept(tmp_path):
+    """Issue 18.13: it said "the last completed epoch is kept for --resume" when none was."""
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), tmp_path / "lenet5.pt")
+    data = random_npz(tmp_path / "data.npz", (1, 12, 12))
+    with pytest.raises(DivergenceError) as info:
+        compressor.compress(
+            str(tmp_path / "lenet5.pt"), arch="lenet5", data=str(data), out=tmp_path / "out",
+            device="cpu", overrides=["train.lr=1e6", "train.epochs=1", *FAST],
+        )  # fmt: skip
+    msg = str(info.value)
+    assert "at epoch 1," in msg
+    assert "nothing was kept for --resume (no epoch had completed)" in msg
+    assert "is kept for --resume" not in msg
+    assert "lower `train.lr` (now 1e+06)" in msg
+    assert not (tmp_path / "out" / ".compressor-state" / "state.pt").exists()
+
+
+def _diverging_epoch(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+    loader[2][0][0, 0] = float("inf")  # the loss of the third step is not finite
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e12, momentum=0.9)
+    scheduler = train.make_scheduler(optimizer, "constant", 4)
+    with pytest.raises(DivergenceError) as info:
+        train.train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), **kwargs)
+    return str(info.value)
+
+
+def test_divergence_message_tells_what_the_caller_kept():
+    later = _diverging_epoch(epoch=2, kept_epochs=2)
+    assert "at epoch 3," in later
+    assert "The state after epoch 2 is kept for --resume" in later
+    assert "would likely diverge again" in later and "lower `train.lr` (now 1e+12)" in later
+    bare = _diverging_epoch()  # a caller that keeps nothing
+    assert "nothing was kept for --resume" in bare and "is kept" not in bare
+    recovery = _diverging_epoch(epoch=1, masks={}, kept_epochs=3, lr_key="recover.lr")
+    assert "at recovery epoch 2," in recovery and "`recover.lr`" in recovery
+    assert "penalty" not in recovery  # no penalty acts during recovery

@@ -6,7 +6,7 @@ patches and Gaussian input. An input ``x`` in ``R^{k d}`` is ``k`` patches
 (fixed output weights ``v_j = 1/k``). A sparse teacher ``w*`` labels the data;
 the loss is the population square loss ``l(w) = E[(f(x; w) - f(x; w*))^2]``.
 
-RVSM (DESIGN.md, "The algorithm") minimises ``l(w) + lambda P(u) + beta/2 ||w - u||^2``:
+RVSM (docs/math.md, "Relaxed variable splitting") minimises ``l(w) + lambda P(u) + beta/2 ||w - u||^2``:
 
     w <- w - lr (g(w) + beta (w - u));   u <- prox_{P, lambda/beta}(w)   (compressor.penalties)
 

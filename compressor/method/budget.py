@@ -1,0 +1,226 @@
+"""Budgets (``--target-macs/--target-params/--target-size``) as thresholds of the group prox.
+
+A budget never picks channels itself: each step it chooses the threshold of the
+group term so that the prox's own zero set meets the budget's schedule. With
+``s_gu = ||w_gu|| / scale_g`` (a unit's norm against its group's scale,
+``scale_g = c_g ref_g``: the group weighting times the group's median norm at
+the start), the prox zeroes unit ``u`` of group ``g`` exactly when
+``||w_gu|| <= t_g``; the controller sets ``t_g = min(tau, cap_g) scale_g`` with
+one global ``tau`` (the smallest that meets every target's scheduled
+reduction) and a per-group cap ``cap_g`` that leaves every group at least
+``balance`` times the share of units a uniform ratio would keep. So the zero
+set at every step is ``{(g, u) : s_gu <= min(tau, cap_g)}``, the prox's.
+
+The removed share of the cost follows Zhu & Gupta's cubic ramp ("To prune, or
+not to prune", 2017), reaching the targets at ``reach_fraction`` of training.
+Then the zero set is frozen: its groups are held at zero in ``w``, the limit
+``beta -> inf`` of the coupling on them (``RVSM.hold_zero``), and the group
+threshold of the others drops to 0, so the rest of training fine-tunes the
+network that will ship.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from compressor.groups import ChannelGroups
+
+log = logging.getLogger(__name__)
+
+MIN_KEEP_FRACTION = 0.05  # a budget never empties a group below this share of its units
+COST_KINDS = ("macs", "params")
+SCHEDULES = ("cubic", "immediate")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One asked reduction: ``kind`` ``macs``, ``params`` or ``size``; ``factor`` of its cost.
+
+    ``size`` (bytes of the exported model) is costed as params: ``factor`` is
+    the baseline size over the asked bytes, ``asked`` keeps what the user typed.
+    """
+
+    kind: str
+    factor: float
+    asked: float
+
+    @property
+    def cost(self) -> str:
+        return "macs" if self.kind == "macs" else "params"
+
+
+def cubic_schedule(progress: float) -> float:
+    """Share of the final removal reached at ``progress`` in [0, 1] (Zhu & Gupta 2017)."""
+    p = min(max(progress, 0.0), 1.0)
+    return 1.0 - (1.0 - p) ** 3
+
+
+class BudgetController:
+    """Chooses the group threshold of every step so that the zero set meets the targets."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        groups: ChannelGroups,
+        scale: torch.Tensor,
+        *,
+        total_steps: int,
+        reach_fraction: float = 0.3,
+        balance: float = 0.75,
+        schedule: str = "cubic",
+    ):
+        if not targets:
+            raise ValueError("a budget needs at least one target")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.groups = groups
+        self.scale = scale.to(torch.float64).cpu()
+        self.schedule = schedule
+        self.balance = float(balance)
+        self.reach_step = max(1, int(round(reach_fraction * total_steps)))
+        self.base = {"macs": float(groups.total_macs), "params": float(groups.total_params)}
+        self.frozen = False
+        self.zero: list[torch.Tensor] | None = None  # the prox's zero set at the last step
+        self.tau = 0.0  # the global threshold of the last step, in units of scale_g
+        self.reached: dict[str, float] = {k: 1.0 for k in COST_KINDS}
+        self.ask(targets)
+
+    # ------------------------------------------------------------------ costs
+    def factors(self, zero: Sequence[torch.Tensor]) -> dict[str, float]:
+        """The reduction of every cost kind once the ``zero`` units are removed."""
+        macs, params = self.groups.estimate_cost(zero)
+        return {"macs": self.base["macs"] / max(macs, 1.0), "params": self.base["params"] / max(params, 1.0)}
+
+    def meets(self, factors: dict[str, float], wants: dict[str, float]) -> bool:
+        return all(factors[k] >= w for k, w in wants.items())
+
+    def _floor_zero(self, keep_fraction: float) -> list[torch.Tensor]:
+        masks = []
+        for g in self.groups:
+            m = torch.ones(g.size, dtype=torch.bool)
+            m[: max(1, math.ceil(keep_fraction * g.size))] = False
+            masks.append(m)
+        return masks
+
+    def floor_factors(self, keep_fraction: float = MIN_KEEP_FRACTION) -> dict[str, float]:
+        """The largest reduction of each cost: every group down to ``keep_fraction`` of its units."""
+        return self.factors(self._floor_zero(keep_fraction))
+
+    @property
+    def unreachable(self) -> list[Target]:
+        """The targets beyond what removing channels can give."""
+        floor = self.floor_factors()
+        return [t for t in self.targets if t.factor > floor[t.cost] * (1 + 1e-7)]
+
+    # ---------------------------------------------------------------- asking
+    def ask(self, targets: Sequence[Target]) -> None:
+        """Aim at ``targets`` from now on (the accuracy seeker raises its MACs target in stages)."""
+        self.targets = list(targets)
+        self.wants = {}
+        for t in self.targets:
+            self.wants[t.cost] = max(self.wants.get(t.cost, 1.0), t.factor)
+        self.keep_fraction = self._balanced_keep_fraction()
+
+    def _balanced_keep_fraction(self) -> float:
+        """``balance`` times the share a uniform ratio keeps (about ``1/sqrt(factor)``),
+        lowered (down to ``MIN_KEEP_FRACTION``) until every target stays reachable."""
+        keep = self.balance / math.sqrt(max(self.wants.values()))
+        while keep > MIN_KEEP_FRACTION and not self.meets(
+            self.factors(self._floor_zero(keep)), self.wants
+        ):
+            keep *= 0.9
+        return max(MIN_KEEP_FRACTION, keep)
+
+    def scheduled(self, step: int) -> dict[str, float]:
+        """Every target's reduction due at ``step`` (cubic: of the removed share of the cost)."""
+        if self.schedule == "immediate":
+            return dict(self.wants)
+        ramp = cubic_schedule(step / self.reach_step)
+        return {k: 1.0 / (1.0 - (1.0 - 1.0 / w) * ramp) for k, w in self.wants.items()}
+
+    # ------------------------------------------------------------- thresholds
+    @torch.no_grad()
+    def thresholds(self, step: int, norms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per group, the norm threshold ``t_g`` of every unit at ``step`` (``norms``: ``||w_gu||``).
+
+        Frozen: 0 everywhere (the held zero set is exactly zero in ``w``, so the
+        prox zeroes it and nothing else).
+        """
+        if self.frozen:
+            return [torch.zeros(g.size, dtype=torch.float64) for g in self.groups]
+        scores = [n.detach().double().cpu() / s for n, s in zip(norms, self.scale.tolist(), strict=True)]
+        caps = [self._cap(sc) for sc in scores]
+        eligible = torch.cat([torch.where(sc <= c, sc, torch.inf) for sc, c in zip(scores, caps, strict=True)])
+        values = torch.sort(eligible).values
+        finite = int(torch.isfinite(values).sum())
+        want = self.scheduled(step)
+
+        def zero_at(tau: float) -> list[torch.Tensor]:
+            return [sc <= min(tau, c) for sc, c in zip(scores, caps, strict=True)]
+
+        def tau_of(k: int) -> float:  # zeroes exactly the k lowest eligible scores (no ties)
+            if k == 0:
+                return float(values[0]) / 2 if len(values) and math.isfinite(values[0]) else 0.0
+            if k >= finite:
+                return float(values[finite - 1])
+            return (float(values[k - 1]) + float(values[k])) / 2
+
+        lo, hi = 0, finite
+        if not self.meets(self.factors(zero_at(tau_of(hi))), want):
+            lo = hi
+        while lo < hi:  # the fewest units whose removal meets every scheduled target
+            mid = (lo + hi) // 2
+            if self.meets(self.factors(zero_at(tau_of(mid))), want):
+                hi = mid
+            else:
+                lo = mid + 1
+        self.tau = tau_of(lo)
+        self.zero = zero_at(self.tau)
+        self.reached = self.factors(self.zero)
+        if self.schedule == "cubic" and step >= self.reach_step:
+            self.freeze()
+        return [
+            torch.full((len(sc),), min(self.tau, c) * s, dtype=torch.float64)
+            for sc, c, s in zip(scores, caps, self.scale.tolist(), strict=True)
+        ]
+
+    def _cap(self, scores: torch.Tensor) -> float:
+        """The largest score a group may lose while keeping ``keep_fraction`` of its units."""
+        keep = max(1, math.ceil(self.keep_fraction * len(scores)))
+        if keep >= len(scores):
+            return -math.inf
+        top = torch.sort(scores, descending=True).values
+        return (float(top[keep - 1]) + float(top[keep])) / 2
+
+    def freeze(self, zero: Sequence[torch.Tensor] | None = None) -> None:
+        """Stop moving the threshold; ``zero`` (default: the last step's) is the final zero set."""
+        if zero is not None:
+            self.zero = [z.clone() for z in zero]
+        if self.zero is None:
+            self.zero = [torch.zeros(g.size, dtype=torch.bool) for g in self.groups]
+        self.reached = self.factors(self.zero)
+        if not self.frozen:
+            log.info(
+                "budget: zero set frozen at %s",
+                ", ".join(f"{self.reached[k]:.2f}x {k}" for k in self.wants),
+            )
+        self.frozen = True
+
+    def state_dict(self) -> dict:
+        return {
+            "targets": [(t.kind, t.factor, t.asked) for t in self.targets],
+            "frozen": self.frozen,
+            "zero": self.zero,
+            "tau": self.tau,
+            "reached": dict(self.reached),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ask([Target(*t) for t in state["targets"]])
+        self.frozen, self.zero, self.tau = state["frozen"], state["zero"], state["tau"]
+        self.reached = dict(state["reached"])

@@ -1,0 +1,105 @@
+"""The accuracy seeker: the largest MACs reduction whose sparse model stays within a budget.
+
+It only sets the budget's MACs target (:class:`BudgetController`), which only
+sets the group prox's thresholds: the channels that die are still the prox's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from compressor.method.budget import BudgetController, Target
+
+log = logging.getLogger(__name__)
+
+
+class AccuracySeeker:
+    """Raises the MACs reduction in stages while the sparse model stays within ``max_drop``.
+
+    The reach part of training is split into ``stages``; each stage asks the
+    budget for ``growth`` times the last good stage's reduction. At the end of
+    a stage the sparse model is evaluated (``evaluate()``, after BatchNorm
+    recalibration): within ``max_drop`` points of the baseline, the zero set is
+    kept (and the model state saved with ``snapshot()``) and the next stage
+    begins; over budget, the model is put back to the last state within budget
+    (``restore(saved)``) and the next stage tries half the step (in log scale:
+    ``growth`` becomes its square root), a bisection between the last good
+    reduction and the failed one. Once the step is below ``min_growth`` or the
+    reach part of training is over, the last good zero set is frozen, so the
+    rest of training recovers accuracy.
+    """
+
+    def __init__(
+        self, budget: BudgetController, *, stages, evaluate, baseline_accuracy, max_drop,
+        growth=1.3, min_growth=1.05, snapshot=None, restore=None,
+    ):  # fmt: skip
+        self.budget = budget
+        self.snapshot, self.restore = snapshot, restore
+        self.saved = snapshot() if snapshot is not None else None
+        self.every = max(1, budget.reach_step // stages)
+        self.evaluate = evaluate
+        self.baseline_accuracy = baseline_accuracy
+        self.max_drop = max_drop
+        self.growth, self.min_growth = growth, min_growth
+        self.ceiling = budget.floor_factors()["macs"]
+        self.factor = 1.0  # the asked reduction of the running stage
+        self.good_factor = 1.0  # the asked reduction of the last stage within budget
+        self.last_good: list[torch.Tensor] | None = None
+        self.log: list[dict] = []
+        self._ask(min(growth, self.ceiling))
+
+    def _ask(self, factor: float) -> None:
+        self.factor = factor
+        self.budget.ask([Target("macs", factor, factor)])
+
+    def state_dict(self) -> dict:
+        return {
+            "factor": self.factor,
+            "growth": self.growth,
+            "good_factor": self.good_factor,
+            "last_good": self.last_good,
+            "saved": self.saved,
+            "log": self.log,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ask(state["factor"])
+        self.growth, self.good_factor = state["growth"], state["good_factor"]
+        self.last_good, self.saved, self.log = state["last_good"], state["saved"], state["log"]
+
+    def check(self, step: int) -> None:
+        """At the end of each stage: keep and go on, or roll back and bisect, or freeze."""
+        budget = self.budget
+        if step % self.every or budget.zero is None:
+            return
+        acc = self.evaluate()
+        ok = self.baseline_accuracy - acc <= self.max_drop
+        reached = budget.reached["macs"]
+        self.log.append({"step": step, "macs_x": reached, "accuracy": acc, "within": ok})
+        log.info(
+            "seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (%s)",
+            step, reached, acc, "ok" if ok else "over budget",
+        )  # fmt: skip
+        steps_left = step + self.every <= budget.reach_step
+        if ok:
+            self.good_factor = self.factor
+            self.last_good = [m.clone() for m in budget.zero]
+            if self.snapshot is not None:
+                self.saved = self.snapshot()
+            if steps_left and self.factor < self.ceiling:
+                self._ask(min(self.factor * self.growth, self.ceiling))
+                return
+            budget.freeze()
+        else:
+            if self.restore is not None and self.saved is not None:
+                self.restore(self.saved)  # the channels zeroed since then come back
+            masks = self.last_good or [torch.zeros_like(m) for m in budget.zero]
+            self.growth = math.sqrt(self.growth)
+            if steps_left and self.growth >= self.min_growth:
+                self._ask(min(self.good_factor * self.growth, self.ceiling))
+                return
+            budget.freeze(masks)
+        log.info("seek: froze the zero set at %.2fx MACs", budget.reached["macs"])

@@ -1,0 +1,205 @@
+"""The method in one object: RVSM under the sparse group penalty, with an optional budget.
+
+:class:`SparseTraining` is what the training loop calls, through two hooks:
+``after_backward()`` (add the coupling gradient ``beta (w - u)``) and
+``after_step()`` (refresh the sparse copy ``u = prox(w)``). Everything that
+decides which channels die lives behind it:
+
+* the individual term (``compressor.penalties``, elementwise prox),
+* the group term (:mod:`compressor.method.group_terms`, prox of the unit norms),
+* the penalty weights ``lambda`` (:mod:`compressor.method.strength`; ``mu = lambda / beta``),
+* the RVSM state ``u`` and ``beta`` (:mod:`compressor.splitting`),
+* the budget (:mod:`compressor.method.budget`), which only sets the group
+  term's thresholds, and the accuracy seeker (:mod:`compressor.method.seeker`),
+  which only sets the budget.
+
+The zero set of every step is the group prox's (a unit is zero in ``u``
+exactly when the group term zeroed it); ``state_dict()`` holds all of it for
+``--resume``, and :meth:`summary` says what happened for the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressor.groups import ChannelGroups
+from compressor.method.budget import BudgetController
+from compressor.method.group_terms import GroupTerm
+from compressor.method.strength import Lambdas
+from compressor.splitting import RVSM, Thresholds
+
+log = logging.getLogger(__name__)
+
+HISTORY_EVERY = 10  # steps between two rows of the training trace (||w - u||, threshold)
+
+
+@dataclass
+class Trace:
+    """What the method did, step by step, for the report and its plots."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+
+class SparseTraining:
+    """RVSM fine-tuning under ``individual + group`` penalties; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: ChannelGroups,
+        rvsm: RVSM,
+        lambdas: Lambdas,
+        group_term: GroupTerm,
+        *,
+        scale: torch.Tensor,
+        budget: BudgetController | None = None,
+        seeker=None,
+    ):
+        self.model, self.groups, self.rvsm = model, groups, rvsm
+        self.lambdas, self.term = lambdas, group_term
+        self.scale = scale  # c_g ref_g per group: the unit of the budget's thresholds
+        self.budget = budget
+        self.seeker = seeker
+        self.trace = Trace()
+        self.last_thresholds: list[torch.Tensor] | None = None  # t_g of the last prox, norm units
+
+    # ------------------------------------------------------------------ hooks
+    def after_backward(self) -> None:
+        """``grad w += beta (w - u)``: after ``loss.backward()``, before ``optimizer.step()``."""
+        self.rvsm.add_coupling_grad()
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()``: hold the frozen zero set, count the step, refresh ``u``."""
+        rvsm = self.rvsm
+        with torch.no_grad():
+            rvsm._project_held()
+        rvsm.step_count += 1
+        step = rvsm.step_count
+        if self.seeker is not None and not self.budget.frozen:
+            self.seeker.check(step)
+        if self.budget is not None and self.budget.frozen and rvsm.held_zero is None:
+            rvsm.hold_zero(self.budget.zero)  # the beta -> inf limit on the frozen zero set
+        if step % rvsm.prox_every == 0:
+            self.prox(step)
+        if step % HISTORY_EVERY == 0:
+            self._trace(step)
+
+    def end_epoch(self, epoch: int) -> None:
+        self.rvsm.end_epoch(epoch)
+
+    # ------------------------------------------------------------------- prox
+    @torch.no_grad()
+    def prox(self, step: int | None = None) -> None:
+        """``u = group_prox(individual_prox(w))`` with this step's thresholds.
+
+        The group term sees the unit norms of the individual prox's output (with
+        fused kernels, those of ``w``: the entries that measure a unit, BatchNorm
+        gamma and beta, have no individual penalty). With a budget, its
+        thresholds come from those same norms, so the budget's zero set and the
+        prox's are one set.
+        """
+        rvsm = self.rvsm
+        step = rvsm.step_count if step is None else step
+        ind = self.lambdas.individual_thresholds(rvsm.beta)
+        thresholds = Thresholds(dict(ind.mu), dict(ind.a), [], dict(ind.scale))
+        fused = rvsm.fused and rvsm.can_fuse_prox(thresholds)
+        if not fused:
+            rvsm.individual_prox_(thresholds)
+        norms = self.groups.channel_norms(rvsm.param_by_name if fused else rvsm.u)
+        mus = self._group_mus(step, norms)
+        factors = [self.term.factor(n.double(), mu.double()).float() for n, mu in zip(norms, mus, strict=True)]
+        if fused and rvsm.sparse_group_pass_(thresholds, factors):
+            return
+        if fused:
+            rvsm.individual_prox_(thresholds)
+        self.groups.scale_(rvsm.u, factors)
+
+    def _group_mus(self, step: int, norms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per group and unit, ``mu`` of the group term: from the budget's thresholds, else
+        ``lambda_g / beta``."""
+        if self.budget is None:
+            mu = self.lambdas.group_mu(self.rvsm.beta)
+            self.last_thresholds = [
+                torch.full((g.size,), self.term.threshold(float(m)), dtype=torch.float64)
+                for g, m in zip(self.groups, mu.tolist(), strict=True)
+            ]
+            return [torch.full((g.size,), float(m), dtype=torch.float64) for g, m in zip(self.groups, mu.tolist(), strict=True)]
+        self.last_thresholds = self.budget.thresholds(step, norms)
+        return [
+            torch.tensor([self.term.mu_for_threshold(float(t)) for t in ts], dtype=torch.float64)
+            if len(ts) and float(ts.max()) > 0
+            else torch.zeros(len(ts), dtype=torch.float64)
+            for ts in self.last_thresholds
+        ]
+
+    # ---------------------------------------------------------------- state
+    def zero_masks(self) -> list[torch.Tensor]:
+        """Per group, the units that are zero in ``u`` (the prox's zero set)."""
+        return self.groups.zero_masks(self.rvsm.u)
+
+    @torch.no_grad()
+    def gap(self) -> float:
+        """``max |w - u|`` over the penalised tensors."""
+        return max(
+            (float((p.detach() - self.rvsm.u[n]).abs().max()) for n, p in self.rvsm.param_by_name.items()),
+            default=0.0,
+        )
+
+    def _trace(self, step: int) -> None:
+        zero = self.zero_masks()
+        macs, params = self.groups.estimate_cost(zero)
+        tau = self.budget.tau if self.budget is not None else None
+        self.trace.add(
+            step=step,
+            w_minus_u=self.gap(),
+            tau=tau,
+            beta=self.rvsm.beta,
+            zero_units=int(sum(int(z.sum()) for z in zero)),
+            macs_x=self.groups.total_macs / max(macs, 1.0),
+            params_x=self.groups.total_params / max(params, 1.0),
+        )
+
+    @contextlib.contextmanager
+    def sparse_weights(self) -> Iterator[None]:
+        with self.rvsm.sparse_weights():
+            yield
+
+    def finalize(self) -> None:
+        """``w := u``: the model becomes the sparse model."""
+        self.rvsm.finalize()
+
+    def state_dict(self) -> dict:
+        return {
+            "rvsm": self.rvsm.state_dict(),
+            "budget": self.budget.state_dict() if self.budget is not None else None,
+            "seeker": self.seeker.state_dict() if self.seeker is not None else None,
+            "trace": list(self.trace.rows),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rvsm.load_state_dict(state["rvsm"])
+        if self.budget is not None and state.get("budget") is not None:
+            self.budget.load_state_dict(state["budget"])
+        if self.seeker is not None and state.get("seeker") is not None:
+            self.seeker.load_state_dict(state["seeker"])
+        self.trace.rows = list(state.get("trace", []))
+
+    def summary(self) -> dict:
+        """For the report: which penalty chose the zeros, and the trace."""
+        return {
+            "group_term": self.term.name,
+            "individual_term": self.lambdas.individual_kind,
+            "zero_set_chosen_by": "group prox threshold set by the budget"
+            if self.budget is not None
+            else "group prox with lambda / beta",
+            "trace": list(self.trace.rows),
+        }
