@@ -1,26 +1,19 @@
-"""Ablation of the target controller: what each ``target`` recipe key buys, against Torch-Pruning.
+"""Ablation of the budget: which group term's threshold it sets, and its options, against Torch-Pruning.
 
 Runs ``compressor.compress`` with ``--target-macs`` on the bundled example
-checkpoint (ResNet-20, Fashion-MNIST) with five settings of the ``target``
-recipe keys, everything else equal (recipe ``tl1-group`` with its distillation,
-2 epochs over a fixed 10,000-image training subset, tested on the 10,000 test
-images, seed 0):
+checkpoint (ResNet-20, Fashion-MNIST) with the settings in ``VARIANTS``,
+everything else equal (recipe ``tl1-group`` with its distillation, 2 epochs
+over a fixed 10,000-image training subset, tested on the 10,000 test images,
+seed 0). In every variant the budget only sets the group term's threshold, so
+the zero set is the group prox's:
 
-* ``coupled, reach 0.6, shrink``: the zero set is reached at 60% of training,
-  the kept channels are shrunk by the group penalty meanwhile, and the chosen
-  channels are only pulled toward zero by the RVSM coupling (plain RVSM);
-* ``masked, reach 0.3, shrink``: the frozen channels are held at exactly zero
-  in ``w``, reached at 30% (the defaults before 2026-11-28);
-* ``always, shrink``: every step's zero channels are held at zero from the step
-  they are chosen (gradual pruning);
-* ``always, no shrink``: the same without shrinking the kept channels;
-* ``always, no shrink, balance 0.75``: every group keeps at least 0.75x the share
-  a uniform ratio would keep (the defaults from 2026-11-28);
-* ``..., macs weighting``: the same with channels ranked by norm per MACs they
-  save (``penalty.group.weighting: auto`` with a MACs target: the defaults now).
-
-The first five pin ``penalty.group.weighting=uniform`` (the default when they
-were recorded), so their rows stay reproducible.
+* ``group l1``: the group lasso; its threshold also shrinks every kept unit by
+  the same amount (the bias of the L1 norm);
+* ``group l0``: the group hard threshold; kept units are not shrunk;
+* ``group tl1, a=...``: transformed L1 of the unit norm (norms in units of a
+  typical unit of the group): between the two, nearer L0 for small ``a``;
+* ``..., balance 0``: no per-group floor; ``..., uniform weighting``: units
+  ranked by norm alone instead of norm per MACs they save.
 
 Torch-Pruning's one-shot magnitude pruning (uniform ratio) plus fine-tuning for
 the same 2 epochs, without and with the same distillation, runs first at each
@@ -66,31 +59,13 @@ from compressor.metrics import count_macs  # noqa: E402
 log = logging.getLogger("benchmarks.ablation_targets")
 HERE = Path(__file__).resolve().parent
 BASELINE = ROOT / "examples" / "fashion-mnist" / "model.pt"
-VARIANTS = {
-    "coupled, reach 0.6, shrink": [
-        "target.hold=coupled", "target.reach_fraction=0.6", "target.shrink=true",
-        "target.balance=0", "penalty.group.weighting=uniform",
-    ],
-    "masked, reach 0.3, shrink": [
-        "target.hold=masked", "target.reach_fraction=0.3", "target.shrink=true",
-        "target.balance=0", "penalty.group.weighting=uniform",
-    ],
-    "always, shrink": [
-        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=true",
-        "target.balance=0", "penalty.group.weighting=uniform",
-    ],
-    "always, no shrink": [
-        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
-        "target.balance=0", "penalty.group.weighting=uniform",
-    ],
-    "always, no shrink, balance 0.75": [
-        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
-        "target.balance=0.75", "penalty.group.weighting=uniform",
-    ],
-    "always, no shrink, balance 0.75, macs weighting": [
-        "target.hold=always", "target.reach_fraction=0.3", "target.shrink=false",
-        "target.balance=0.75", "penalty.group.weighting=macs",
-    ],
+VARIANTS = {  # the group term whose threshold the budget sets, and the budget's options
+    "group l1 (group lasso)": ["penalty.group.kind=l1"],
+    "group l0 (hard threshold)": ["penalty.group.kind=l0"],
+    "group tl1, a=1": ["penalty.group.kind=tl1", "penalty.group.a=1.0"],
+    "group tl1, a=0.1": ["penalty.group.kind=tl1", "penalty.group.a=0.1"],
+    "group l0, balance 0": ["penalty.group.kind=l0", "target.balance=0"],
+    "group l0, uniform weighting": ["penalty.group.kind=l0", "penalty.group.weighting=uniform"],
 }  # fmt: skip
 REFERENCES = ("tp-magnitude", "tp-magnitude-kd")
 

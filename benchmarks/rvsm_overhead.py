@@ -55,18 +55,26 @@ from benchmarks.common import (  # noqa: E402
     timed_ms,
     write_json,
 )
+from compressor import method as method_mod  # noqa: E402
+from compressor import recipe as recipe_mod  # noqa: E402
+from compressor.config import Recipe  # noqa: E402
 from compressor.groups import build_groups  # noqa: E402
-from compressor.splitting import RVSM  # noqa: E402
-from compressor.strength import Strength, TargetController  # noqa: E402
+from compressor.method.budget import BudgetController, Target  # noqa: E402
+from compressor.method.splitting import Thresholds  # noqa: E402
 
 log = logging.getLogger("benchmarks.rvsm_overhead")
 
 SCHEMA_VERSION = 1
 GOAL_OVERHEAD = 0.10
-PENALTY = {
-    "individual": {"kind": "tl1", "strength": 0.5, "lambda": None, "a": 1.0, "alpha": 1.0},
-    "group": {"strength": 1.0, "lambda": None, "weighting": "size"},
-}
+# The penalty of the measured step: TL1 individual + group lasso, no budget (lambda / beta).
+OVERRIDES = [
+    "penalty.individual.strength=0.5",
+    "penalty.group.kind=l1",
+    "penalty.group.strength=1.0",
+    "penalty.group.weighting=size",
+    "splitting.beta=1.0",
+    "train.lr=0.01",
+]
 
 
 def _stats(ms: list[float]) -> dict:
@@ -107,23 +115,29 @@ class Steps:
         self.x = torch.randn(batch, 3, resolution, resolution).to(self.device)
         self.y = torch.randint(0, 10, (batch,)).to(self.device)
         self.groups = build_groups(self.model, self.x[:1])
-        self.rvsm = RVSM(
-            self.model,
-            self.groups,
-            individual_kind="tl1",
-            beta=1.0,
-            prox_every=prox_every,
-            fused=fused,
+        recipe = Recipe.from_dict(
+            recipe_mod.load_recipe(
+                "tl1-group",
+                [*OVERRIDES, f"splitting.prox_every={prox_every}", f"splitting.fused={fused}"],
+            )
         )
-        self.strength = Strength.from_recipe(
-            PENALTY, self.model, self.groups, self.rvsm.individual_names
+        # no targets and no seeker: the measured step is RVSM under lambda / beta alone
+        self.method = method_mod.build(
+            recipe, self.model, self.groups, total_steps=10_000, baseline={"params": 1}
         )
-        self.rvsm.prox(self.strength.thresholds(self.rvsm.beta))  # u0 = prox(w0), as the pipeline
+        self.rvsm = self.method.rvsm
         self.opt_plain = torch.optim.SGD(self.plain.parameters(), lr=0.01, momentum=0.9)
         self.opt_rvsm = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
 
-    def thresholds(self):
-        return self.strength.thresholds(self.rvsm.beta)
+    def thresholds(self) -> Thresholds:
+        """The prox parameters of one step, in the form the RVSM primitives take."""
+        lambdas, beta = self.method.lambdas, self.rvsm.beta
+        ind = lambdas.individual_thresholds(beta)
+        group = [
+            torch.full((g.size,), float(mu), dtype=torch.float32)
+            for g, mu in zip(self.groups, lambdas.group_mu(beta).tolist(), strict=True)
+        ]
+        return Thresholds(dict(ind.mu), dict(ind.a), group, dict(ind.scale))
 
     def sync(self) -> None:
         """Wait for the queued CUDA kernels (a no-op on the CPU)."""
@@ -151,13 +165,13 @@ class Steps:
         loss.backward()
         self.sync()
         t1 = time.perf_counter()
-        self.rvsm.add_coupling_grad()
+        self.method.after_backward()
         self.sync()
         t2 = time.perf_counter()
         self.opt_rvsm.step()
         self.sync()
         t3 = time.perf_counter()
-        self.rvsm.after_optimizer_step(self.thresholds)
+        self.method.after_step()
         self.sync()
         t4 = time.perf_counter()
         return {
@@ -202,7 +216,7 @@ def interleaved(steps: Steps, reps: int, warmup: int) -> dict:
 def prox_parts(steps: Steps) -> dict[str, Callable[[], object]]:
     """The phases of ``RVSM.prox`` as separate callables (same calls, same order, same data).
 
-    This follows ``compressor.splitting.RVSM.prox`` so each phase can be timed
+    This follows ``compressor.method.splitting.RVSM.prox`` so each phase can be timed
     alone (each after the ones before it): with the one-pass fused prox, the
     group norms and shrink factors of ``w`` and then the fused pass; otherwise
     the individual prox, the norms and factors of ``u``, and ``scale_``. The
@@ -267,11 +281,12 @@ def components(steps: Steps, reps: int) -> dict:
 
 
 def controller_update(steps: Steps, reps: int) -> dict:
-    """The target controller's per-step update (``--target-macs 2``), on a copy of the state."""
-    strength = copy.deepcopy(steps.strength)
-    ctl = TargetController("macs", 2.0, steps.groups, strength, total_steps=10_000)
-    u = steps.rvsm.u
-    return _time(lambda: ctl.update(100, u), reps, sync=steps.sync)
+    """The budget's per-step threshold choice (``--target-macs 2``), on the current ``u``."""
+    budget = BudgetController(
+        [Target("macs", 2.0, 2.0)], steps.groups, steps.method.scale, total_steps=10_000
+    )
+    norms = steps.groups.channel_norms(steps.rvsm.u)
+    return _time(lambda: budget.thresholds(100, norms), reps, sync=steps.sync)
 
 
 def profile_step(steps: Steps, reps: int) -> list[dict]:
@@ -391,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": args.batch,
             "input_shape": [3, args.resolution, args.resolution],
             "optimizer": "SGD(lr=0.01, momentum=0.9)",
-            "penalty": PENALTY,
+            "recipe_overrides": OVERRIDES,
             "beta": steps.rvsm.beta,
             "prox_every": steps.rvsm.prox_every,
             "fused": args.fused,

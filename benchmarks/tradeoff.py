@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -89,6 +90,7 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.train_baseline import DEFAULT_CACHE, DEFAULT_DATA, load_fmnist, train_baseline  # noqa: E402
 from compressor import recipe as recipe_mod  # noqa: E402
 from compressor import train as train_mod  # noqa: E402
+from compressor.config import Recipe, Train  # noqa: E402
 from compressor.data import load_data, make_loaders  # noqa: E402
 from compressor.export import export_onnx, onnx_size_bytes  # noqa: E402
 from compressor.fileio import atomic_write_text  # noqa: E402
@@ -154,11 +156,10 @@ def prepare_data(
     return path
 
 
-def train_config(budget_epochs: int) -> dict:
+def train_config(budget_epochs: int) -> Train:
     """The fine-tuning hyperparameters every method uses (compressor's recipe defaults)."""
-    cfg = recipe_mod.load_recipe("tl1-group")["train"]
-    cfg["epochs"] = budget_epochs
-    return cfg
+    cfg = recipe_mod.load_recipe("tl1-group", [f"train.epochs={budget_epochs}"])
+    return Recipe.from_dict(cfg).train
 
 
 # ----------------------------------------------------------------------------- measures
@@ -373,7 +374,7 @@ def run_torch_pruning(
     np.random.seed(seed)
     cfg = train_config(budget_epochs)
     splits = load_data(npz)
-    train_loader, val_loader = make_loaders(splits, batch_size=cfg["batch_size"], seed=seed)
+    train_loader, val_loader = make_loaders(splits, batch_size=cfg.batch_size, seed=seed)
     total_steps = budget_epochs * len(train_loader)
     stream = _stream(train_loader, device)
     model = load_baseline_model(baseline_path).to(device)
@@ -381,8 +382,8 @@ def run_torch_pruning(
     teacher = distill = None
     if method == "tp-magnitude-kd":
         teacher = load_baseline_model(baseline_path).to(device).requires_grad_(False)
-        distill = recipe_mod.load_recipe("tl1-group")["distill"]
-        details["distill"] = dict(distill)
+        distill = Recipe.from_dict(recipe_mod.load_recipe("tl1-group")).distill
+        details["distill"] = dataclasses.asdict(distill)
     sparse_steps = 0
     if method == "tp-sparse":
         sparse_steps = int(round(sparse_fraction * total_steps))
@@ -413,7 +414,7 @@ def run_torch_pruning(
     pruned_accuracy = train_mod.evaluate(model, val_loader, device)[0]
     finetune_steps = total_steps - sparse_steps
     optimizer = train_mod.make_optimizer(model, cfg)
-    scheduler = train_mod.make_scheduler(optimizer, cfg["schedule"], finetune_steps)
+    scheduler = train_mod.make_scheduler(optimizer, cfg.schedule, finetune_steps)
     details["finetune_loss"] = sgd_steps(
         model, stream, optimizer, scheduler, finetune_steps, teacher=teacher, distill=distill
     )

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from compressor.errors import RecipeError
+from compressor.method.group_terms import GROUP_TERMS
 
 __all__ = [
     "SCHEMA",
@@ -144,6 +145,21 @@ class Options:
 
 
 @dataclass(frozen=True)
+class Registered(Options):
+    """One of the names in a registry (a dict filled by ``register_*`` decorators), read at
+    check time, so a technique registered after import is a valid recipe value too."""
+
+    registry: Mapping = None  # type: ignore[assignment]
+
+    def __init__(self, registry: Mapping):
+        object.__setattr__(self, "registry", registry)
+
+    @property
+    def values(self) -> tuple:  # type: ignore[override]
+        return tuple(self.registry)
+
+
+@dataclass(frozen=True)
 class Str:
     """Any string; ``one_line`` refuses line breaks."""
 
@@ -242,12 +258,19 @@ SCHEMA: dict[str, Any] = {
             "alpha": Param(1.0, _float(0, 1, closed="right"), help="L1-L2 parameter"),
         },
         "group": {
-            "strength": Param(1.0, _float(0)),
-            "lambda": Param(None, _float(0), nullable=True),
+            "kind": Param(
+                "l0",
+                Registered(GROUP_TERMS),
+                help="the group term on each unit's norm: l1 (group lasso), l0 (group hard "
+                "threshold), tl1 (transformed L1 of the norm)",
+            ),
+            "strength": Param(1.0, _float(0), help="scale-free strength"),
+            "lambda": Param(None, _float(0), nullable=True, help="raw lambda; overrides strength"),
+            "a": Param(1.0, _float(0, closed="neither"), help="tl1 group term parameter"),
             "weighting": Param(
                 "auto",
                 Options(("auto", "uniform", "size", "macs")),
-                help="auto: macs with a MACs target, else uniform",
+                help="auto: size with lambda keys, macs with a MACs target, else uniform",
             ),
         },
     },
@@ -284,31 +307,13 @@ SCHEMA: dict[str, Any] = {
             _float(0, 1),
             help="every group keeps at least this times the share a uniform ratio would keep",
         ),
-        "shrink": Param(
-            False,
-            Bool(),
-            help="also shrink the channels the controller keeps with penalty.group until the "
-            "target is reached",
-        ),
-        "importance": Param(
-            "magnitude",
-            Options(("magnitude", "taylor")),
-            help="rank channels by their norm against their layer's median (magnitude) or by "
-            "the first-order loss change their removal causes, averaged over recent batches "
-            "(taylor, Molchanov et al. 2019)",
-        ),
-        "hold": Param(
-            "always",
-            Options(("always", "masked", "coupled")),
-            help="keep the controller's zero channels exactly zero in w from the first step "
-            "(always), once the zero set freezes (masked), or only pull them (coupled)",
-        ),
         "seek_accuracy_drop": Param(
-            None,
+            1.0,
             _float(0),
             nullable=True,
             help="percentage points; with no macs/params/size target, seek the largest MACs "
-            "reduction whose sparse model stays within this drop (null: no seeking). "
+            "reduction whose sparse model stays within this drop (null: no seeking, the group "
+            "term's lambda alone decides). "
             "--max-accuracy-drop sets it; so does setting gates.max_accuracy_drop in a recipe "
             "or with --set when this key is not set",
         ),

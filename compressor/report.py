@@ -532,6 +532,21 @@ def _target_line(report: Mapping) -> list[str]:
     ]
 
 
+def _method_line(report: Mapping) -> list[str]:
+    """Which penalty chose the zero channels, and how far ``w`` stayed from its sparse copy."""
+    m = report.get("method")
+    if not m:
+        return []
+    trace = m.get("trace") or []
+    gaps = [row["w_minus_u"] for row in trace if _is_num(row.get("w_minus_u"))]
+    gap = f"; max |w - u| during training {_sci(max(gaps))}" if gaps else ""
+    return [
+        f"**Method:** RVSM; zero channels chosen by the `{m.get('group_term')}` group term's "
+        f"prox ({m.get('zero_set_chosen_by')}), individual term `{m.get('individual_term')}`, "
+        f"group weighting `{m.get('group_weighting')}`{gap}."
+    ]
+
+
 def _activation_line(report: Mapping) -> list[str]:
     a = report.get("activations")
     if not a:
@@ -669,6 +684,7 @@ def render_markdown(report: Mapping) -> str:
         [_headline(report)],
         _summary_table(report),
         _target_line(report),
+        _method_line(report),
         _preprocessing_lines(report),
         _activation_line(report),
         _verification_lines(report),
@@ -803,9 +819,10 @@ def plot_training(report: Mapping, path: str | os.PathLike) -> bool:
     # MACs always (what the seeker and a MACs target move); params when it is a target
     reductions = [r for r in reductions if r[3][0] and (r[0] == "macs_x" or r[4] is not None)]
     panels = [p for p in (loss, acc) if p[0]]
+    trace = (report.get("method") or {}).get("trace") or []
     if not panels and not reductions:
         return False
-    n = len(panels) + bool(reductions)
+    n = len(panels) + bool(reductions) + bool(trace)
     fig = _new_figure(4.2 * n, 3.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
     i = 0
@@ -840,13 +857,34 @@ def plot_training(report: Mapping, path: str | os.PathLike) -> bool:
         ax.set_title("reduction reached (x fewer)")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
+        i += 1
+    if trace:
+        _plot_splitting(axes[i], trace)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in axes:
+    for ax in axes[: n - bool(trace)]:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save_png(fig, Path(path))
     return True
+
+
+def _plot_splitting(ax, trace: Sequence[Mapping]) -> None:
+    """Per logged step: ``max |w - u|`` (how far the trained weights are from the sparse copy)
+    and the budget's group threshold (in units of a typical unit of each group)."""
+    steps = [row["step"] for row in trace]
+    ax.plot(steps, [row.get("w_minus_u") for row in trace], color="#8e44ad", label="max |w - u|")
+    ax.set_xlabel("step")
+    ax.set_title("splitting")
+    ax.grid(alpha=0.3)
+    taus = [row.get("tau") for row in trace]
+    if any(_is_num(t) for t in taus):
+        twin = ax.twinx()
+        twin.plot(steps, [t if _is_num(t) else None for t in taus], color="#16a085", ls="--",
+                  label="group threshold")  # fmt: skip
+        twin.set_ylabel("group threshold (x median unit norm)")
+        twin.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left")
 
 
 # --------------------------------------------------------------------------- writing

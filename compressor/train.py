@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,23 +24,22 @@ log = logging.getLogger(__name__)
 
 
 def make_optimizer(
-    model: nn.Module, train: Mapping, lr: float | None = None
+    model: nn.Module, train, lr: float | None = None
 ) -> torch.optim.Optimizer:
-    """SGD (Nesterov-free, the reference), Adam or AdamW over all trainable parameters."""
-    lr = train["lr"] if lr is None else lr
+    """SGD (Nesterov-free, the reference), Adam or AdamW over all trainable parameters.
+
+    ``train`` is the recipe's train section (:class:`compressor.config.Train`)."""
+    lr = train.lr if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
-    name = train.get("optimizer", "sgd")
-    if name == "sgd":
+    if train.optimizer == "sgd":
         return torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=train.get("momentum", 0.9),
-            weight_decay=train.get("weight_decay", 0.0),
+            params, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay
         )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=train.get("weight_decay", 0.0))
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=train.get("weight_decay", 0.0))
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    name = train.optimizer
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -135,20 +134,20 @@ def training_loss(
     labels: torch.Tensor,
     x: torch.Tensor,
     teacher: nn.Module | None,
-    distill: Mapping | None,
+    distill,
 ) -> torch.Tensor:
     """Cross-entropy, mixed with :func:`distillation_loss` against ``teacher`` when given.
 
-    ``(1 - w) CE + w KD`` with ``w = distill["weight"]``; the teacher (the input
+    ``(1 - w) CE + w KD`` with ``w = distill.weight``; the teacher (the input
     model, frozen, eval mode) runs without gradient on the same batch.
     """
     ce = F.cross_entropy(logits, labels)
-    if teacher is None or not distill or distill["weight"] <= 0:
+    if teacher is None or distill is None or distill.weight <= 0:
         return ce
     with torch.no_grad():
         teacher_logits = teacher(x)
-    w = distill["weight"]
-    return (1 - w) * ce + w * distillation_loss(logits, teacher_logits, distill["temperature"])
+    w = distill.weight
+    return (1 - w) * ce + w * distillation_loss(logits, teacher_logits, distill.temperature)
 
 
 def train_one_epoch(
@@ -158,26 +157,23 @@ def train_one_epoch(
     scheduler,
     device: torch.device,
     *,
-    rvsm=None,
-    before_prox: Callable[[int], None] | None = None,
-    after_backward: Callable[[], None] | None = None,
-    thresholds: Callable[[], object] | None = None,
+    method=None,
     max_steps: int | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     log_every: int = 50,
     epoch: int = 0,
     teacher: nn.Module | None = None,
-    distill: Mapping | None = None,
+    distill=None,
     progress: Progress = SILENT,
     kept_epochs: int = 0,
     lr_key: str = "train.lr",
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
-    With ``rvsm``: adds the coupling gradient ``beta (w - u)`` after backward and
-    refreshes ``u`` after the optimizer step (``before_prox(step)`` lets the
-    target controller set the strength first; ``after_backward()`` lets it read
-    the loss gradients before the coupling is added). With ``masks`` (recovery): zero
+    With ``method`` (a :class:`compressor.method.SparseTraining`), its two hooks run
+    around the optimizer step: ``method.after_backward()`` (the coupling gradient
+    ``beta (w - u)``) and ``method.after_step()`` (the sparse copy ``u = prox(w)``).
+    With ``masks`` (recovery): zero
     weights stay zero. With ``teacher`` and ``distill`` (the recipe's section):
     the loss is :func:`training_loss`. A non-finite loss raises ``DivergenceError`` before any
     weight is updated with it; its message says what the caller kept for --resume
@@ -205,21 +201,17 @@ def train_one_epoch(
                     optimizer=optimizer,
                     lr_key=lr_key,
                     kept_epochs=kept_epochs,
-                    penalised=rvsm is not None,
+                    penalised=method is not None,
                 )
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if after_backward is not None:
-            after_backward()
-        if rvsm is not None:
-            rvsm.add_coupling_grad()
+        if method is not None:
+            method.after_backward()
         optimizer.step()
         scheduler.step()
-        if rvsm is not None:
-            if before_prox is not None:
-                before_prox(rvsm.step_count + 1)
-            rvsm.after_optimizer_step(thresholds)
+        if method is not None:
+            method.after_step()
         if masks is not None:
             with torch.no_grad():
                 for p, mask in masks.items():

@@ -47,6 +47,8 @@ def test_torchrun_two_processes(tmp_path):
         "train.bn_recalibration_batches=2",
         "--set",
         "export.verify_samples=8",
+        "--set",
+        "gates.max_accuracy_drop=null",  # random data: accuracy is chance
         "--device",
         "cpu",
         "-q",

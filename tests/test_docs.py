@@ -10,7 +10,7 @@ import pytest
 
 from compressor import cli
 from compressor.activations import STE_CHOICES
-from compressor.penalties import INDIVIDUAL_PENALTIES
+from compressor.method.penalties import INDIVIDUAL_PENALTIES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import kernels, penalties
 from compressor.groups import build_groups
-from compressor.splitting import RVSM, Thresholds
+from compressor.method import kernels, penalties
+from compressor.method.splitting import RVSM, Thresholds
 from tests.test_splitting import blob_data, tiny_net
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from compressor.groups import build_groups
 from compressor.method.budget import BudgetController, Target
 from compressor.method.group_terms import group_term
+from compressor.method.splitting import RVSM
 from compressor.method.strength import (
     Lambdas,
     group_weights,
@@ -21,7 +22,7 @@ from compressor.method.strength import (
 )
 from compressor.method.training import SparseTraining
 from compressor.models import resnet20
-from compressor.splitting import RVSM
+from tests.test_budget import trained_like_resnet20
 
 
 def _penalty(*, ind_kind="tl1", ind_strength=0.1, ind_lam=None, grp_strength=1.0, grp_lam=None):
@@ -33,7 +34,7 @@ def _penalty(*, ind_kind="tl1", ind_strength=0.1, ind_lam=None, grp_strength=1.0
 
 def _method(targets=(), *, term="tl1", steps=30, penalty=None, weighting="macs", beta=1.0):
     torch.manual_seed(0)
-    model = resnet20(in_channels=1)
+    model = trained_like_resnet20()
     groups = build_groups(model, torch.randn(1, 1, 16, 16))
     rvsm = RVSM(model, groups, individual_kind="tl1", beta=beta, beta_growth=1.25)
     weights = group_weights(groups, weighting)

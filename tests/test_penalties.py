@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compressor.errors import BadInputError
-from compressor.penalties import (
+from compressor.method.penalties import (
     INDIVIDUAL_PENALTIES,
     group_norms,
     group_penalty_value,
@@ -510,7 +510,7 @@ def test_out_must_be_like_the_input(bad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_blocked_kernels_match_the_tensor_parameter_path(kind, dtype):
     """Number parameters take the in-place blocked kernels; tensor ones the plain expressions."""
-    from compressor import penalties
+    from compressor.method import penalties
 
     n = 2 * penalties._BLOCK + 123  # two full blocks and a short one
     y = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(9)) * 3

@@ -109,17 +109,6 @@ def test_target_macs_is_reached_and_gated(reference):
     assert target["group_weighting"] == "macs"
 
 
-def test_taylor_importance_reaches_the_target_on_a_short_run(lenet, tmp_path):
-    # 12 steps, the target due at step 4: the Taylor ranking's warm-up must fit before it.
-    checkpoint, data = lenet
-    kwargs = target_run_kwargs(checkpoint, data, tmp_path / "out")
-    kwargs["overrides"] = [*kwargs["overrides"], "target.importance=taylor"]
-    report = compressor.compress(str(checkpoint), **kwargs)
-    assert report["exit_code"] == 0
-    assert report["target"]["importance"] == "taylor"
-    assert report["target"]["reached"] >= 1.9
-
-
 def test_api_bad_input_raises_with_exit_code_2(lenet, tmp_path):
     checkpoint, data = lenet
     out = tmp_path / "out"
@@ -210,7 +199,7 @@ def test_resume_goes_on_seeking_where_the_interrupted_run_stopped(lenet, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         compressor.compress(str(checkpoint), out=out, **kwargs)
     state = torch.load(out / ".compressor-state" / "state.pt", weights_only=True)
-    assert state["seek"] is not None and state["seek"]["log"]  # stopped mid-seek
+    assert state["method"]["seeker"]["log"]  # stopped mid-seek
     monkeypatch.setattr(compressor.train, "train_one_epoch", real)
     resumed = compressor.compress(str(checkpoint), out=out, resume=True, **kwargs)
 
@@ -283,6 +272,7 @@ def test_resnet18_end_to_end(tmp_path, capsys):
         [
             str(tmp_path / "resnet18.pt"), "--arch", "resnet18", "--data", str(data), "--out", str(out),
             "--device", "cpu", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
+            "--set", "gates.max_accuracy_drop=null",  # random data: accuracy is chance
             "--target-macs", "2", *(arg for kv in FAST for arg in ("--set", kv)),
         ]
     )  # fmt: skip
@@ -301,40 +291,6 @@ def test_resnet18_end_to_end(tmp_path, capsys):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
-
-
-@pytest.mark.parametrize(
-    "hold,frozen,held",
-    [
-        ("always", False, True),  # gradual: held from the first zeroing
-        ("masked", False, False),  # ramping: left to the coupling
-        ("masked", True, True),  # frozen: held
-        ("coupled", True, False),  # never held
-    ],
-)
-def test_hold_zero_set_follows_the_recipe_key(hold, frozen, held):
-    from compressor.groups import build_groups
-    from compressor.pipeline import hold_zero_set
-    from compressor.splitting import RVSM
-    from compressor.strength import Strength
-
-    model = lenet5()
-    groups = build_groups(model, torch.randn(1, 1, 28, 28))
-    rvsm = RVSM(model, groups, individual_kind="none")
-    penalty = {
-        "individual": {"kind": "none", "strength": 0.0, "lambda": None, "a": 1.0},
-        "group": {"strength": 0.0, "lambda": None, "weighting": "uniform"},
-    }
-    strength = Strength.from_recipe(penalty, model, groups, [])
-    strength.forced_zero = [torch.arange(g.size) % 2 == 0 for g in groups]
-    hold_zero_set(rvsm, strength, hold, frozen=frozen)
-    norms = groups.channel_norms(dict(model.named_parameters()), all_members=True)
-    for n, z in zip(norms, strength.forced_zero, strict=True):
-        assert bool((n[z] == 0).all()) is held
-        assert (n[~z] > 0).all()
-
-
-# ----------------------------------------------------------------------------- issue 18
 
 
 def _report(out):
@@ -482,13 +438,14 @@ def test_report_agrees_with_the_shipped_model(lenet, tmp_path):
 
 def test_preprocessing_scale_follows_the_stored_data(tmp_path):
     from compressor import data as data_mod
+    from compressor.config import Data
     from compressor.pipeline import _preprocessing
 
     rng = np.random.default_rng(0)
     x = rng.random((8, 1, 6, 6), dtype=np.float32)
     y = np.arange(8) % 2
     np.savez(tmp_path / "f.npz", x_train=x, y_train=y, x_val=x, y_val=y)
-    cfg = {"mean": None, "std": None}
+    cfg = Data(mean=None, std=None, input_shape=None)
     floats = data_mod.load_data(tmp_path / "f.npz")
     assert _preprocessing(floats, cfg, (1, 6, 6)) == {
         "scale": 1.0, "mean": [0.0], "std": [1.0], "input_shape": [1, 6, 6],

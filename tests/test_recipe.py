@@ -304,11 +304,12 @@ def test_bad_set_value_yaml():
         load_recipe("tl1-group", ["prune.keep=[a"])
 
 
-def test_accuracy_gate_has_a_default_that_does_not_seek(tmp_path):
-    """Issue 18 item 6: a collapse fails by default (5 points); the seeker only when asked."""
+def test_accuracy_gate_and_seeker_have_their_own_defaults(tmp_path):
+    """A collapse fails by default (5 points); without a target the seeker looks for the
+    largest reduction within 1 point; each has its own key."""
     defaults = default_recipe()
     assert defaults["gates"]["max_accuracy_drop"] == 5.0
-    assert defaults["target"]["seek_accuracy_drop"] is None
+    assert defaults["target"]["seek_accuracy_drop"] == 1.0
     assert (
         apply_overrides({}, ["gates.max_accuracy_drop=null"])["gates"]["max_accuracy_drop"] is None
     )
@@ -321,8 +322,8 @@ def test_accuracy_gate_has_a_default_that_does_not_seek(tmp_path):
     assert (
         both["gates"]["max_accuracy_drop"] == 2.0 and both["target"]["seek_accuracy_drop"] is None
     )
-    # recipe.yaml of a default run repeats it: the default gate, still no seeking
+    # recipe.yaml of a default run repeats it: the default gate and the default seeker
     dumped = write(tmp_path, dump_recipe(load_recipe("tl1-group")), "resolved.yaml")
     again = load_recipe(dumped)
     assert again == load_recipe("tl1-group")
-    assert again["target"]["seek_accuracy_drop"] is None
+    assert again["target"]["seek_accuracy_drop"] == 1.0

@@ -1,11 +1,15 @@
+from types import SimpleNamespace as NS
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compressor.groups import build_groups
+from compressor.method.group_terms import group_term
+from compressor.method.splitting import RVSM, Thresholds
+from compressor.method.strength import Lambdas, group_weights, reference_norms
+from compressor.method.training import SparseTraining
 from compressor.prune import prune_zero_channels
-from compressor.splitting import RVSM, Thresholds
-from compressor.strength import Strength
 
 
 def tiny_net():
@@ -110,13 +114,19 @@ def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
     model = tiny_net()
     x, y = blob_data()
     groups = build_groups(model, x[:1])
-    penalty = {
-        "individual": {"kind": "tl1", "strength": 0.3, "lambda": None, "a": 1.0, "alpha": 1.0},
-        "group": {"strength": 0.6, "lambda": None, "weighting": "size"},
-    }
+    penalty = NS(
+        individual=NS(kind="tl1", strength=0.3, lam=None, a=1.0),
+        group=NS(strength=0.6, lam=None),
+    )
     rvsm = RVSM(model, groups, individual_kind="tl1", beta=1.0)
-    strength = Strength.from_recipe(penalty, model, groups, rvsm.individual_names)
-    rvsm.prox(strength.thresholds(rvsm.beta))
+    weights = group_weights(groups, "size")
+    lambdas = Lambdas.from_recipe(
+        penalty, model=model, groups=groups, individual_names=rvsm.individual_names,
+        weights=weights, budget=1.0,
+    )  # fmt: skip
+    scale = weights * reference_norms(groups, dict(model.named_parameters()))
+    method = SparseTraining(model, groups, rvsm, lambdas, group_term("l1"), scale=scale)
+    method.prox(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(300):
@@ -124,9 +134,9 @@ def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
         loss = F.cross_entropy(model(x[i]), y[i])
         opt.zero_grad()
         loss.backward()
-        rvsm.add_coupling_grad()
+        method.after_backward()
         opt.step()
-        rvsm.after_optimizer_step(lambda: strength.thresholds(rvsm.beta))
+        method.after_step()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
     masks = groups.zero_masks(rvsm.u)
@@ -142,7 +152,7 @@ def test_rvsm_with_tl1_and_group_penalty_sparsifies_and_prunes_exactly():
 
 
 def test_prox_with_tensor_scale_is_s_times_prox_of_w_over_s():
-    from compressor import penalties
+    from compressor.method import penalties
 
     torch.manual_seed(1)
     model = tiny_net()

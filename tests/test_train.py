@@ -9,6 +9,7 @@ from torch import nn
 
 import compressor
 from compressor import train
+from compressor.config import Distill
 from compressor.errors import DivergenceError
 from compressor.models import lenet5
 from tests.test_pipeline import FAST, random_npz
@@ -38,9 +39,9 @@ def test_training_loss_mixes_and_leaves_the_teacher_alone():
     kd = train.distillation_loss(logits, teacher(x), 2.0)
     assert torch.equal(train.training_loss(logits, y, x, None, None), ce)
     assert torch.equal(
-        train.training_loss(logits, y, x, teacher, {"weight": 0.0, "temperature": 2.0}), ce
+        train.training_loss(logits, y, x, teacher, Distill(weight=0.0, temperature=2.0)), ce
     )
-    mixed = train.training_loss(logits, y, x, teacher, {"weight": 0.25, "temperature": 2.0})
+    mixed = train.training_loss(logits, y, x, teacher, Distill(weight=0.25, temperature=2.0))
     assert torch.allclose(mixed, 0.75 * ce + 0.25 * kd)
     mixed.backward()
     assert student.weight.grad is not None

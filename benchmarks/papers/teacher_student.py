@@ -64,7 +64,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import command_line, load_average, machine_info, write_json  # noqa: E402
 from compressor.activations import BinaryActivation  # noqa: E402
-from compressor.penalties import individual_prox  # noqa: E402
+from compressor.method.penalties import individual_prox  # noqa: E402
 
 log = logging.getLogger("benchmarks.papers.teacher_student")
 

@@ -1,0 +1,201 @@
+"""The method: RVSM fine-tuning under the sparse group penalty, in one package.
+
+* :mod:`~compressor.method.penalties` — elementwise proximal operators (pure functions);
+* :mod:`~compressor.method.group_terms` — the group terms and their registry;
+* :mod:`~compressor.method.kernels` — fused (``torch.compile``) coupling and TL1 prox;
+* :mod:`~compressor.method.splitting` — the RVSM state ``u`` and ``beta``;
+* :mod:`~compressor.method.strength` — ``lambda`` from the recipe, ``mu = lambda / beta``;
+* :mod:`~compressor.method.budget` — targets as the group prox's thresholds;
+* :mod:`~compressor.method.seeker` — the accuracy seeker (sets the budget);
+* :mod:`~compressor.method.training` — :class:`SparseTraining`, the one object the
+  training loop calls.
+
+:func:`build` makes that object from the typed recipe; adding a penalty is one
+class and one registry entry (``@register_group_term``) plus a recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.errors import BadInputError
+from compressor.groups import ChannelGroups
+from compressor.method.budget import MIN_KEEP_FRACTION, BudgetController, Target
+from compressor.method.group_terms import GROUP_TERMS, group_term
+from compressor.method.seeker import AccuracySeeker
+from compressor.method.splitting import RVSM
+from compressor.method.strength import (
+    Lambdas,
+    group_weights,
+    pull_budget,
+    reference_norms,
+    resolve_group_weighting,
+)
+from compressor.method.training import SparseTraining
+
+__all__ = ["SeekHooks", "SparseTraining", "Target", "build", "targets_from_recipe"]
+
+# The accuracy seeker's stages span at least this share of training: each stage needs
+# steps for the network to adapt before its accuracy check.
+SEEK_MIN_FRACTION = 0.6
+SEEK_STAGES = 8
+
+
+@dataclass(frozen=True)
+class SeekHooks:
+    """What the accuracy seeker needs from the pipeline: the sparse model's accuracy, the
+    baseline's, and a way to save and put back the model's state."""
+
+    evaluate: Callable[[], float]
+    baseline_accuracy: float
+    snapshot: Callable[[], dict]
+    restore: Callable[[dict], object]
+
+
+def targets_from_recipe(target, baseline: dict) -> list[Target]:
+    """The recipe's targets (``target.macs``, ``.params``, ``.size``); a size in bytes is
+    costed in params, as the factor of the baseline's ONNX bytes over it."""
+    targets = []
+    if target.macs is not None:
+        targets.append(Target("macs", float(target.macs), float(target.macs)))
+    if target.params is not None:
+        targets.append(Target("params", float(target.params), float(target.params)))
+    if target.size is not None:
+        base_bytes = baseline.get("onnx_bytes") or 4 * baseline["params"]
+        factor = max(1.0 + 1e-9, base_bytes / float(target.size))
+        targets.append(Target("size", factor, float(target.size)))
+    return targets
+
+
+def unreachable_message(budget: BudgetController, baseline: dict) -> str:
+    """Exit 2 before training: which target removing channels cannot reach, and what can be."""
+    most = budget.floor_factors()
+    parts = []
+    for t in budget.unreachable:
+        if t.kind == "size":
+            base_bytes = baseline.get("onnx_bytes") or 4 * baseline["params"]
+            smallest = math.ceil(base_bytes / most["params"])
+            parts.append(
+                f"--target-size {t.asked:g} (target.size, bytes) asks for a {t.factor:.2f}x smaller "
+                f"model, but removing channels reaches at most {most['params']:.2f}x fewer params "
+                f"here, about {smallest} bytes: pass --target-size {smallest} or more"
+            )
+        else:
+            words = "MACs" if t.kind == "macs" else "params"
+            parts.append(
+                f"--target-{t.kind} {t.asked:g} (target.{t.kind}) asks for {t.factor:.2f}x fewer "
+                f"{words}, but removing channels reaches at most {most[t.cost]:.2f}x here: pass "
+                f"--target-{t.kind} {math.floor(most[t.cost] * 100) / 100:g} or less"
+            )
+    return (
+        "; ".join(parts) + f". (Every layer keeps at least {MIN_KEEP_FRACTION:.0%} of its "
+        "channels, and prune.keep layers keep all.) Nothing was trained."
+    )
+
+
+def build(
+    recipe,
+    model: nn.Module,
+    groups: ChannelGroups,
+    *,
+    total_steps: int,
+    baseline: dict,
+    seek: SeekHooks | None = None,
+) -> SparseTraining:
+    """The :class:`SparseTraining` of a run, with ``u0 = prox(w0)`` computed.
+
+    ``recipe`` is the typed recipe (:class:`compressor.config.Recipe`). With targets,
+    a budget sets the group thresholds; without, and with ``seek`` and
+    ``target.seek_accuracy_drop``, the accuracy seeker sets the budget's MACs
+    target; otherwise ``lambda / beta`` alone does. Raises ``BadInputError``
+    (exit 2) when a target is beyond what removing channels can reach.
+    """
+    pen, spl, tcfg, tgt = recipe.penalty, recipe.splitting, recipe.train, recipe.target
+    rvsm = RVSM(
+        model,
+        groups,
+        individual_kind=pen.individual.kind,
+        alpha=pen.individual.alpha,
+        beta=spl.beta,
+        beta_growth=spl.beta_growth,
+        beta_every=spl.beta_every,
+        prox_every=spl.prox_every,
+        fused=spl.fused,
+    )
+    targets = targets_from_recipe(tgt, baseline)
+    weighting = resolve_group_weighting(
+        pen.group.weighting,
+        macs_target=any(t.kind == "macs" for t in targets),
+        raw_lambda=pen.group.lam is not None,
+    )
+    weights = group_weights(groups, weighting)
+    lambdas = Lambdas.from_recipe(
+        pen,
+        model=model,
+        groups=groups,
+        individual_names=rvsm.individual_names,
+        weights=weights,
+        budget=pull_budget(
+            lr=tcfg.lr,
+            momentum=tcfg.momentum,
+            schedule=tcfg.schedule,
+            total_steps=total_steps,
+            optimizer=tcfg.optimizer,
+        ),
+    )
+    scale = weights * reference_norms(groups, dict(model.named_parameters()))
+    seeking = (
+        not targets and seek is not None and tgt.seek_accuracy_drop is not None and len(groups) > 0
+    )
+    budget = seeker = None
+    if targets:
+        budget = BudgetController(
+            targets,
+            groups,
+            scale,
+            total_steps=total_steps,
+            reach_fraction=tgt.reach_fraction,
+            balance=tgt.balance,
+        )
+        if budget.unreachable:
+            raise BadInputError(unreachable_message(budget, baseline))
+    elif seeking:
+        budget = BudgetController(
+            [Target("macs", 1.0 + 1e-9, 1.0)],
+            groups,
+            scale,
+            total_steps=total_steps,
+            reach_fraction=max(tgt.reach_fraction, SEEK_MIN_FRACTION),
+            balance=tgt.balance,
+            schedule="immediate",
+        )
+        seeker = AccuracySeeker(
+            budget,
+            stages=SEEK_STAGES,
+            evaluate=seek.evaluate,
+            baseline_accuracy=seek.baseline_accuracy,
+            max_drop=tgt.seek_accuracy_drop,
+            snapshot=seek.snapshot,
+            restore=seek.restore,
+        )
+    term = GROUP_TERMS[pen.group.kind]
+    term_params = {name: getattr(pen.group, name) for name in term.parameters}
+    method = SparseTraining(
+        model,
+        groups,
+        rvsm,
+        lambdas,
+        group_term(pen.group.kind, **term_params),
+        scale=scale,
+        budget=budget,
+        seeker=seeker,
+        weighting=weighting,
+    )
+    with torch.no_grad():
+        method.prox(0)  # u0 = prox(w0)
+    return method

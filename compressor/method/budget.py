@@ -94,7 +94,10 @@ class BudgetController:
     def factors(self, zero: Sequence[torch.Tensor]) -> dict[str, float]:
         """The reduction of every cost kind once the ``zero`` units are removed."""
         macs, params = self.groups.estimate_cost(zero)
-        return {"macs": self.base["macs"] / max(macs, 1.0), "params": self.base["params"] / max(params, 1.0)}
+        return {
+            "macs": self.base["macs"] / max(macs, 1.0),
+            "params": self.base["params"] / max(params, 1.0),
+        }
 
     def meets(self, factors: dict[str, float], wants: dict[str, float]) -> bool:
         return all(factors[k] >= w for k, w in wants.items())
@@ -153,9 +156,13 @@ class BudgetController:
         """
         if self.frozen:
             return [torch.zeros(g.size, dtype=torch.float64) for g in self.groups]
-        scores = [n.detach().double().cpu() / s for n, s in zip(norms, self.scale.tolist(), strict=True)]
+        scores = [
+            n.detach().double().cpu() / s for n, s in zip(norms, self.scale.tolist(), strict=True)
+        ]
         caps = [self._cap(sc) for sc in scores]
-        eligible = torch.cat([torch.where(sc <= c, sc, torch.inf) for sc, c in zip(scores, caps, strict=True)])
+        eligible = torch.cat(
+            [torch.where(sc <= c, sc, torch.inf) for sc, c in zip(scores, caps, strict=True)]
+        )
         values = torch.sort(eligible).values
         finite = int(torch.isfinite(values).sum())
         want = self.scheduled(step)
@@ -166,8 +173,8 @@ class BudgetController:
         def tau_of(k: int) -> float:  # zeroes exactly the k lowest eligible scores (no ties)
             if k == 0:
                 return float(values[0]) / 2 if len(values) and math.isfinite(values[0]) else 0.0
-            if k >= finite:
-                return float(values[finite - 1])
+            if k >= finite:  # every eligible unit: just above the largest, clear of rounding
+                return float(values[finite - 1]) * (1 + 1e-9) + 1e-300
             return (float(values[k - 1]) + float(values[k])) / 2
 
         lo, hi = 0, finite

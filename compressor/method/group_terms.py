@@ -29,8 +29,8 @@ from typing import ClassVar
 
 import torch
 
-from compressor import penalties
 from compressor.errors import BadInputError
+from compressor.method import penalties
 
 GROUP_TERMS: dict[str, type[GroupTerm]] = {}
 
@@ -64,6 +64,7 @@ class GroupTerm:
     """``phi`` of a group's norm; subclasses give its prox as a factor on the group."""
 
     name: ClassVar[str] = ""
+    parameters: ClassVar[tuple[str, ...]] = ()  # recipe keys of penalty.group it takes
 
     def __init__(self, **params: float):
         if params:
@@ -132,10 +133,12 @@ class GroupL0(GroupTerm):
 class GroupTL1(GroupTerm):
     """``phi(r) = (a+1) r / (a + r)`` (transformed L1 of the norm, Zhang & Xin 2018).
 
-    ``r(n)`` is the scalar TL1 prox (:func:`compressor.penalties.prox_tl1`) of
+    ``r(n)`` is the scalar TL1 prox (:func:`compressor.method.penalties.prox_tl1`) of
     the norm: it shrinks large groups less than the group lasso does (``a``
     small: near L0, ``a`` large: near L1).
     """
+
+    parameters = ("a",)
 
     def __init__(self, a: float = 1.0):
         if not (isinstance(a, int | float) and math.isfinite(a) and a > 0):

@@ -27,14 +27,16 @@ class AccuracySeeker:
     begins; over budget, the model is put back to the last state within budget
     (``restore(saved)``) and the next stage tries half the step (in log scale:
     ``growth`` becomes its square root), a bisection between the last good
-    reduction and the failed one. Once the step is below ``min_growth`` or the
+    reduction and the failed one. A check comes soon after the zero set changed,
+    before the network has adapted to it, so a stage over budget first gets
+    ``patience`` more stages at the same reduction before it counts as failed. Once the step is below ``min_growth`` or the
     reach part of training is over, the last good zero set is frozen, so the
     rest of training recovers accuracy.
     """
 
     def __init__(
         self, budget: BudgetController, *, stages, evaluate, baseline_accuracy, max_drop,
-        growth=1.3, min_growth=1.05, snapshot=None, restore=None,
+        growth=1.3, min_growth=1.05, snapshot=None, restore=None, patience=1,
     ):  # fmt: skip
         self.budget = budget
         self.snapshot, self.restore = snapshot, restore
@@ -48,6 +50,8 @@ class AccuracySeeker:
         self.factor = 1.0  # the asked reduction of the running stage
         self.good_factor = 1.0  # the asked reduction of the last stage within budget
         self.last_good: list[torch.Tensor] | None = None
+        self.patience = patience
+        self.waited = 0  # stages this reduction has been over budget in a row
         self.log: list[dict] = []
         self._ask(min(growth, self.ceiling))
 
@@ -63,12 +67,14 @@ class AccuracySeeker:
             "last_good": self.last_good,
             "saved": self.saved,
             "log": self.log,
+            "waited": self.waited,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self._ask(state["factor"])
         self.growth, self.good_factor = state["growth"], state["good_factor"]
         self.last_good, self.saved, self.log = state["last_good"], state["saved"], state["log"]
+        self.waited = state.get("waited", 0)
 
     def check(self, step: int) -> None:
         """At the end of each stage: keep and go on, or roll back and bisect, or freeze."""
@@ -84,6 +90,10 @@ class AccuracySeeker:
             step, reached, acc, "ok" if ok else "over budget",
         )  # fmt: skip
         steps_left = step + self.every <= budget.reach_step
+        if not ok and self.waited < self.patience and steps_left:
+            self.waited += 1  # give the network a stage to adapt before judging
+            return
+        self.waited = 0
         if ok:
             self.good_factor = self.factor
             self.last_good = [m.clone() for m in budget.zero]

@@ -31,8 +31,8 @@ from torch import nn
 from compressor.groups import ChannelGroups
 from compressor.method.budget import BudgetController
 from compressor.method.group_terms import GroupTerm
+from compressor.method.splitting import RVSM, Thresholds
 from compressor.method.strength import Lambdas
-from compressor.splitting import RVSM, Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,14 @@ class SparseTraining:
         scale: torch.Tensor,
         budget: BudgetController | None = None,
         seeker=None,
+        weighting: str = "uniform",
     ):
         self.model, self.groups, self.rvsm = model, groups, rvsm
         self.lambdas, self.term = lambdas, group_term
         self.scale = scale  # c_g ref_g per group: the unit of the budget's thresholds
         self.budget = budget
         self.seeker = seeker
+        self.weighting = weighting  # the c_g rule (strength.group_weights)
         self.trace = Trace()
         self.last_thresholds: list[torch.Tensor] | None = None  # t_g of the last prox, norm units
 
@@ -115,31 +117,35 @@ class SparseTraining:
         if not fused:
             rvsm.individual_prox_(thresholds)
         norms = self.groups.channel_norms(rvsm.param_by_name if fused else rvsm.u)
-        mus = self._group_mus(step, norms)
-        factors = [self.term.factor(n.double(), mu.double()).float() for n, mu in zip(norms, mus, strict=True)]
+        factors = [f.float() for f in self._group_factors(step, norms)]
         if fused and rvsm.sparse_group_pass_(thresholds, factors):
             return
         if fused:
             rvsm.individual_prox_(thresholds)
         self.groups.scale_(rvsm.u, factors)
 
-    def _group_mus(self, step: int, norms: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per group and unit, ``mu`` of the group term: from the budget's thresholds, else
-        ``lambda_g / beta``."""
+    def _group_factors(self, step: int, norms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per group and unit, the group term's prox factor ``r(n) / n``.
+
+        With a budget, norms are measured in units of ``scale_g`` (a typical unit of
+        the group, so TL1's ``a`` means the same in every layer) and the threshold is
+        the budget's; without, ``mu_g = lambda_g / beta`` on the norms themselves (the
+        papers' parametrisation).
+        """
         if self.budget is None:
-            mu = self.lambdas.group_mu(self.rvsm.beta)
-            self.last_thresholds = [
-                torch.full((g.size,), self.term.threshold(float(m)), dtype=torch.float64)
-                for g, m in zip(self.groups, mu.tolist(), strict=True)
-            ]
-            return [torch.full((g.size,), float(m), dtype=torch.float64) for g, m in zip(self.groups, mu.tolist(), strict=True)]
-        self.last_thresholds = self.budget.thresholds(step, norms)
-        return [
-            torch.tensor([self.term.mu_for_threshold(float(t)) for t in ts], dtype=torch.float64)
-            if len(ts) and float(ts.max()) > 0
-            else torch.zeros(len(ts), dtype=torch.float64)
-            for ts in self.last_thresholds
-        ]
+            mu = self.lambdas.group_mu(self.rvsm.beta).tolist()
+            self.last_thresholds = [self.term.threshold(m) for m in mu]
+            return [self.term.factor(n.double(), m) for n, m in zip(norms, mu, strict=True)]
+        thresholds = self.budget.thresholds(step, norms)  # in norm units, per unit
+        self.last_thresholds = [float(t.max()) if len(t) else 0.0 for t in thresholds]
+        factors = []
+        for n, t, s in zip(norms, thresholds, self.scale.tolist(), strict=True):
+            tau = float(t.max()) / s if len(t) else 0.0  # one threshold per group
+            if tau <= 0:
+                factors.append((n > 0).double())  # no shrink; exact zeros stay zero
+                continue
+            factors.append(self.term.factor(n.double() / s, self.term.mu_for_threshold(tau)))
+        return factors
 
     # ---------------------------------------------------------------- state
     def zero_masks(self) -> list[torch.Tensor]:
@@ -150,7 +156,10 @@ class SparseTraining:
     def gap(self) -> float:
         """``max |w - u|`` over the penalised tensors."""
         return max(
-            (float((p.detach() - self.rvsm.u[n]).abs().max()) for n, p in self.rvsm.param_by_name.items()),
+            (
+                float((p.detach() - self.rvsm.u[n]).abs().max())
+                for n, p in self.rvsm.param_by_name.items()
+            ),
             default=0.0,
         )
 
@@ -197,6 +206,7 @@ class SparseTraining:
         """For the report: which penalty chose the zeros, and the trace."""
         return {
             "group_term": self.term.name,
+            "group_weighting": self.weighting,
             "individual_term": self.lambdas.individual_kind,
             "zero_set_chosen_by": "group prox threshold set by the budget"
             if self.budget is not None

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor import kernels, penalties
 from compressor.groups import ChannelGroups
+from compressor.method import kernels, penalties
 
 FUSED_MIN_ELEMENTS = 1 << 20
 """``fused="auto"`` compiles the fused kernels from this many penalised weights on:
@@ -171,7 +171,7 @@ class RVSM:
 
     @torch.no_grad()
     def sparse_group_pass_(self, thresholds: Thresholds, factors: Sequence[torch.Tensor]) -> bool:
-        """``u = f * prox_tl1(w)`` in one fused pass (:func:`compressor.kernels.sparse_group_prox_`).
+        """``u = f * prox_tl1(w)`` in one fused pass (:func:`compressor.method.kernels.sparse_group_prox_`).
 
         ``factors`` are the group shrink factors (:meth:`group_factors` of ``w``);
         False, with nothing written, where the fused kernel cannot run.

@@ -1,6 +1,6 @@
 """Fused kernels for the RVSM step's hot path: the transformed-L1 prox and the coupling.
 
-In eager PyTorch the TL1 prox (:func:`compressor.penalties.prox_tl1`) is about
+In eager PyTorch the TL1 prox (:func:`compressor.method.penalties.prox_tl1`) is about
 fifteen elementwise passes over every penalised weight, two of them the
 transcendental ``asin`` and ``sin``, and the coupling ``grad += beta (w - u)``
 is two more passes; on torchvision's ``resnet18`` (11.2M weights) that is most
@@ -11,7 +11,7 @@ Triton on CUDA) over the flat views of all the tensors, one call per step.
 The TL1 loop also drops the two transcendentals and one square root. The
 prox's magnitude is ``|y| - 4/3 (a+|y|) c^2`` with ``c = sin(theta/3)``,
 ``sin(theta) = x`` and ``x^2 = q = k / (a+|y|)^3`` (see
-:func:`~compressor.penalties.prox_tl1`), so ``c^2 = q H`` with
+:func:`~compressor.method.penalties.prox_tl1`), so ``c^2 = q H`` with
 ``H = (sin(theta/3) / sin(theta))^2``. ``H`` is an even function of ``theta``,
 hence analytic in ``z = cos(theta) = sqrt(1 - q)`` on the whole range ``z`` in
 ``[0, 1]`` (its nearest singularity is at ``z = -1``), so a degree-10
@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from compressor import penalties
+from compressor.method import penalties
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,215 @@
+"""The budget: targets become the group prox's thresholds; the seeker sets the budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compressor.groups import build_groups
+from compressor.method.budget import BudgetController, Target, cubic_schedule
+from compressor.method.seeker import AccuracySeeker
+from compressor.method.strength import group_weights, reference_norms
+from compressor.models import resnet20
+
+
+def trained_like_resnet20() -> torch.nn.Module:
+    """A ResNet-20 whose BatchNorm scales differ, as after training (at init they all tie at 1,
+    and a threshold cannot split a tie: the prox zeroes all of it or none)."""
+    model = resnet20(in_channels=1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.1)
+    return model
+
+
+def _budget(targets, *, steps=100, balance=0.0, schedule="cubic"):
+    model = trained_like_resnet20()
+    groups = build_groups(model, torch.randn(1, 1, 16, 16))
+    weights = group_weights(groups, "uniform")
+    scale = weights * reference_norms(groups, dict(model.named_parameters()))
+    budget = BudgetController(
+        targets, groups, scale, total_steps=steps, reach_fraction=0.5, balance=balance,
+        schedule=schedule,
+    )  # fmt: skip
+    return model, groups, budget
+
+
+def lands_within_one_unit(groups, reached: float, want: float) -> bool:
+    """A threshold removes whole units in norm order: it meets ``want`` and passes it by at
+    most the MACs of one unit (one residual-stream channel can be several percent)."""
+    one_unit = max(groups.macs_per_channel())
+    cost, wanted = groups.total_macs / reached, groups.total_macs / want
+    return reached >= want and cost >= wanted - one_unit
+
+
+def _norms(model, groups):
+    return groups.channel_norms(dict(model.named_parameters()))
+
+
+def _skew_one_group(model, groups, factor=0.01):
+    """Make every unit of the widest group tiny, so a global threshold empties it."""
+    params = dict(model.named_parameters())
+    big = max(groups, key=lambda g: len(g.members))
+    with torch.no_grad():
+        for member in big.norm_members:
+            params[member.param].mul_(factor)
+    return big
+
+
+def test_cubic_schedule_endpoints():
+    assert cubic_schedule(0) == 0 and cubic_schedule(1) == 1 and cubic_schedule(2) == 1
+    assert cubic_schedule(0.5) > 0.5  # front-loaded
+
+
+def test_thresholds_zero_exactly_the_units_the_budget_counts():
+    model, groups, budget = _budget([Target("macs", 4.0, 4.0)])
+    norms = _norms(model, groups)
+    thresholds = budget.thresholds(20, norms)
+    for n, t, z in zip(norms, thresholds, budget.zero, strict=True):
+        assert torch.equal(n.double() <= t, z)  # the prox zeroes norm <= threshold
+    assert lands_within_one_unit(groups, budget.reached["macs"], budget.scheduled(20)["macs"])
+
+
+def test_schedule_reaches_the_target_then_freezes_to_zero_thresholds():
+    model, groups, budget = _budget([Target("macs", 4.0, 4.0)])
+    norms = _norms(model, groups)
+    budget.thresholds(10, norms)
+    early = budget.reached["macs"]
+    assert 1.0 < early < 4.0
+    budget.thresholds(50, norms)
+    assert budget.frozen and lands_within_one_unit(groups, budget.reached["macs"], 4.0)
+    frozen = [z.clone() for z in budget.zero]
+    later = budget.thresholds(80, norms)
+    assert all(float(t.max()) == 0 for t in later)  # nothing more is zeroed or shrunk
+    assert all(torch.equal(a, b) for a, b in zip(frozen, budget.zero, strict=True))
+
+
+def test_balance_keeps_a_share_of_every_group():
+    for balance in (0.0, 0.75):
+        model, groups, budget = _budget([Target("macs", 4.0, 4.0)], balance=balance)
+        skewed = _skew_one_group(model, groups)
+        budget.thresholds(50, _norms(model, groups))
+        assert lands_within_one_unit(groups, budget.reached["macs"], 4.0)
+        kept = {g.root: int((~z).sum()) for g, z in zip(groups, budget.zero, strict=True)}
+        if balance == 0.0:  # the skewed group falls below the threshold to its floor
+            assert kept[skewed.root] <= math.ceil(0.05 * skewed.size)
+        else:
+            assert budget.keep_fraction == pytest.approx(0.75 / 2)
+            for g in groups:
+                assert kept[g.root] >= math.ceil(0.75 / 2 * g.size), g.root
+
+
+def test_balance_is_lowered_when_it_would_make_the_target_unreachable():
+    model, groups, budget = _budget([Target("macs", 8.0, 8.0)], balance=1.0)
+    assert 0.05 <= budget.keep_fraction < 1 / math.sqrt(8)
+    budget.thresholds(50, _norms(model, groups))
+    assert lands_within_one_unit(groups, budget.reached["macs"], 8.0)
+
+
+def test_every_target_is_met_and_the_binding_one_decides():
+    model, groups, both = _budget([Target("macs", 2.0, 2.0), Target("params", 3.0, 3.0)])
+    _, _, macs_only = _budget([Target("macs", 2.0, 2.0)])
+    norms = _norms(model, groups)
+    both.thresholds(60, norms)
+    macs_only.thresholds(60, norms)
+    assert both.reached["macs"] >= 2.0 and both.reached["params"] >= 3.0
+    assert both.reached["params"] <= 3.0 * 1.05
+    assert macs_only.reached["macs"] < both.reached["macs"]  # the params target removed more
+
+
+def test_a_size_target_is_costed_in_params():
+    model, groups, budget = _budget([Target("size", 2.5, 1000.0)])
+    budget.thresholds(60, _norms(model, groups))
+    assert budget.reached["params"] >= 2.5
+
+
+def test_unreachable_targets_are_listed_and_the_floor_is_kept():
+    model, groups, budget = _budget([Target("macs", 2.0, 2.0), Target("params", 1e6, 1e6)])
+    assert [t.kind for t in budget.unreachable] == ["params"]
+    budget.thresholds(60, _norms(model, groups))
+    for g, z in zip(groups, budget.zero, strict=True):
+        assert int((~z).sum()) >= 1, f"group {g.root} emptied"
+
+
+def _seeking():
+    return _budget([Target("macs", 1.0 + 1e-9, 1.0)], steps=100, schedule="immediate")
+
+
+def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    accuracies = iter([90.0, 89.5, 80.0])  # baseline 90, budget 1: ok, ok, over budget
+    snapshots, restored = [], []
+
+    def snapshot():
+        snapshots.append(len(snapshots))
+        return snapshots[-1]
+
+    seek = AccuracySeeker(
+        budget, stages=3, evaluate=lambda: next(accuracies), baseline_accuracy=90.0,
+        max_drop=1.0, snapshot=snapshot, restore=restored.append, patience=0,
+    )  # fmt: skip
+    norms = _norms(model, groups)
+    reached = []
+    for step in range(1, 61):
+        seek.check(step)
+        if budget.frozen:
+            break
+        budget.thresholds(step, norms)
+        reached.append(budget.reached["macs"])
+    assert [row["within"] for row in seek.log] == [True, True, False]
+    assert restored == [2] and snapshots == [0, 1, 2]  # the second good stage's state
+    assert budget.frozen and 1.0 < budget.reached["macs"] < max(reached)
+    assert all(torch.equal(a, b) for a, b in zip(budget.zero, seek.last_good, strict=True))
+
+
+def test_accuracy_seeker_bisects_after_a_stage_over_budget():
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    accuracies = iter([90.0, 80.0, 89.5, 80.0, 80.0])  # baseline 90, budget 1
+    asked = []
+    seek = AccuracySeeker(
+        budget, stages=6, evaluate=lambda: next(accuracies), baseline_accuracy=90.0, max_drop=1.0,
+        patience=0,
+    )
+    norms = _norms(model, groups)
+    for step in range(1, 61):
+        seek.check(step)
+        if budget.frozen:
+            break
+        asked.append(seek.factor)
+        budget.thresholds(step, norms)
+    # 1.3 ok; 1.69 over -> half the step from 1.3; that ok -> the same step again;
+    # over -> a quarter of it; over with a step below 1.05 -> freeze the last good set
+    g = math.sqrt(1.3)
+    steps = sorted(set(asked), key=asked.index)
+    assert steps == pytest.approx([1.3, 1.3**2, 1.3 * g, 1.3 * g * g, 1.3 * g * math.sqrt(g)])
+    assert [row["within"] for row in seek.log] == [True, False, True, False, False]
+    assert budget.frozen and seek.good_factor == pytest.approx(1.3 * g)
+
+
+def test_accuracy_seeker_gives_a_stage_over_budget_time_to_adapt():
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    accuracies = iter([90.0, 85.0, 89.5, 80.0, 80.0, 80.0])  # baseline 90, budget 1
+    asked = []
+    seek = AccuracySeeker(
+        budget, stages=6, evaluate=lambda: next(accuracies), baseline_accuracy=90.0, max_drop=1.0
+    )
+    norms = _norms(model, groups)
+    for step in range(1, 61):
+        seek.check(step)
+        if budget.frozen:
+            break
+        asked.append(seek.factor)
+        budget.thresholds(step, norms)
+    # 1.3 ok; 1.69 over, kept one more stage; then within: 1.69 is good and 2.197 is asked;
+    # over twice -> roll back and bisect
+    steps = sorted(set(asked), key=asked.index)
+    assert steps[:3] == pytest.approx([1.3, 1.3**2, 1.3**3])
+    assert [row["within"] for row in seek.log][:4] == [True, False, True, False]
+    assert seek.good_factor == pytest.approx(1.3**2)
