@@ -194,6 +194,17 @@ def _fused(settings: dict) -> str:
     return "eager kernels"
 
 
+def _penalty_text(settings: dict) -> str:
+    """The measured step's penalty: recorded as recipe overrides (now) or as a penalty dict."""
+    if "recipe_overrides" in settings:
+        return "recipe tl1-group with " + ", ".join(f"`{o}`" for o in settings["recipe_overrides"])
+    pen = settings["penalty"]
+    return (
+        f"TL1 (strength {pen['individual']['strength']}) + group shrink (strength "
+        f"{pen['group']['strength']}, weighting {pen['group']['weighting']})"
+    )
+
+
 def render_overhead(data: dict, variants: list[dict] = ()) -> str:
     s = data["settings"]
     steps = data["steps"]
@@ -205,9 +216,7 @@ def render_overhead(data: dict, variants: list[dict] = ()) -> str:
         "",
         f"Settings: {s['arch']} ({s['num_classes']} classes), batch {s['batch']} of "
         f"{'x'.join(map(str, s['input_shape']))}, {s['optimizer']}, torch {s['torch_threads']} "
-        f"thread(s), TL1 (strength {s['penalty']['individual']['strength']}) + group shrink "
-        f"(strength {s['penalty']['group']['strength']}, weighting "
-        f"{s['penalty']['group']['weighting']}), prox every {s['prox_every']} step, "
+        f"thread(s), {_penalty_text(s)}, prox every {s['prox_every']} step, "
         f"{_fused(s)}; "
         f"{s['reps']} interleaved step pairs after {s['warmup']} warm-up pairs.",
         "",
@@ -252,7 +261,7 @@ def render_overhead(data: dict, variants: list[dict] = ()) -> str:
     ctl = data.get("target_controller_update")
     if ctl:
         lines.append(
-            f"| `TargetController.update` (only with a target) | {_ms(ctl['median_ms'])} | "
+            f"| budget threshold choice (only with a target) | {_ms(ctl['median_ms'])} | "
             f"{100 * ctl['median_ms'] / data['plain_step_ms']:.1f}% |"
         )
     lines += [

@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from compressor.models import lenet5
+from tests.helpers import random_npz
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -14,3 +17,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    """A random LeNet-5 state_dict (1x12x12 inputs, 10 classes) and random data for it."""
+    root = tmp_path_factory.mktemp("lenet")
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), root / "lenet5.pt")
+    return root / "lenet5.pt", random_npz(root / "data.npz", (1, 12, 12))

@@ -1,6 +1,20 @@
 """Helpers shared by the tests."""
 
+import numpy as np
 import torch
+
+
+def random_npz(path, shape, n_train=128, n_val=64, classes=10, seed=0):
+    """Random uint8 images and labels as the ``.npz`` that ``compress --data`` reads."""
+    rng = np.random.default_rng(seed)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        y_train=rng.integers(0, classes, n_train),
+        x_val=rng.integers(0, 256, (n_val, *shape), dtype=np.uint8),
+        y_val=rng.integers(0, classes, n_val),
+    )
+    return path
 
 
 def randomize_bn(model: torch.nn.Module) -> None:

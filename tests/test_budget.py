@@ -12,17 +12,15 @@ from compressor.method.budget import BudgetController, Target, cubic_schedule
 from compressor.method.seeker import AccuracySeeker
 from compressor.method.strength import group_weights, reference_norms
 from compressor.models import resnet20
+from tests.helpers import randomize_bn
 
 
 def trained_like_resnet20() -> torch.nn.Module:
     """A ResNet-20 whose BatchNorm scales differ, as after training (at init they all tie at 1,
     and a threshold cannot split a tie: the prox zeroes all of it or none)."""
     model = resnet20(in_channels=1)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.1)
+    torch.manual_seed(0)
+    randomize_bn(model)
     return model
 
 

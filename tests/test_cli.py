@@ -116,15 +116,6 @@ def trained(tmp_path_factory):
     return root / "lenet5.pt", write_npz(root / "quadrants.npz", x, y, xv, yv)
 
 
-@pytest.fixture(scope="module")
-def lenet(tmp_path_factory):
-    """A random LeNet-5 state_dict (1x12x12 inputs, 10 classes) and random data for it."""
-    root = tmp_path_factory.mktemp("lenet")
-    torch.manual_seed(0)
-    torch.save(lenet5().state_dict(), root / "lenet5.pt")
-    return root / "lenet5.pt", random_npz(root / "data.npz", (1, 12, 12))
-
-
 def run_cli(argv, capsys):
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()

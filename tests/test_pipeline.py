@@ -14,9 +14,9 @@ import torch
 import compressor
 from compressor import cli
 from compressor.errors import CompressorError, VerificationError
-from compressor.models import lenet5
 from compressor.pipeline import STATE_DIR
 from compressor.recipe import load_recipe
+from tests.helpers import random_npz
 
 FAST = ["train.bn_recalibration_batches=2", "export.verify_samples=8", "train.batch_size=32"]
 REPORT_KEYS = {
@@ -37,25 +37,6 @@ def _restore_logging():
     logger.handlers[:], logger.level, logger.propagate = saved
 
 
-def random_npz(path, shape, n_train=128, n_val=64, classes=10, seed=0):
-    rng = np.random.default_rng(seed)
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
-        y_train=rng.integers(0, classes, n_train),
-        x_val=rng.integers(0, 256, (n_val, *shape), dtype=np.uint8),
-        y_val=rng.integers(0, classes, n_val),
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def lenet(tmp_path_factory):
-    """A random LeNet-5 state_dict (1x12x12 inputs, 10 classes) and random data for it."""
-    root = tmp_path_factory.mktemp("lenet")
-    torch.manual_seed(0)
-    torch.save(lenet5().state_dict(), root / "lenet5.pt")
-    return root / "lenet5.pt", random_npz(root / "data.npz", (1, 12, 12))
 
 
 def target_run_kwargs(checkpoint, data, out) -> dict:

@@ -19,19 +19,10 @@ from compressor.groups import build_groups
 from compressor.method.budget import BudgetController, Target
 from compressor.method.group_terms import group_term
 from compressor.models import lenet5
-from tests.test_pipeline import FAST, random_npz
+from tests.test_pipeline import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion-mnist"
-
-
-@pytest.fixture(scope="module")
-def lenet(tmp_path_factory):
-    """A random LeNet-5 state_dict (1x12x12 inputs, 10 classes) and random data for it."""
-    root = tmp_path_factory.mktemp("lenet")
-    torch.manual_seed(0)
-    torch.save(lenet5().state_dict(), root / "lenet5.pt")
-    return root / "lenet5.pt", random_npz(root / "data.npz", (1, 12, 12))
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -3,7 +3,10 @@
 import json
 
 import pytest
+import torch
 
+from compressor.groups import build_groups
+from compressor.models import resnet20
 from tests.helpers import fashion_mnist_dir
 
 pytestmark = pytest.mark.slow
@@ -91,8 +94,14 @@ def test_ablation_targets_smoke(tmp_path):
     assert sorted(r["variant"] for r in runs) == sorted(expected)
     reference = next(r for r in runs if r["variant"] == "tp-magnitude")
     assert reference["macs_x"] >= 2
-    for r in runs:  # every variant lands on Torch-Pruning's reduction (within 5%)
-        assert abs(r["macs_x"] - reference["macs_x"]) / reference["macs_x"] <= 0.05, r
+    # every variant reaches Torch-Pruning's reduction; a threshold removes whole channels in
+    # norm order, so it passes it by at most one channel's share of the MACs
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 28, 28))
+    one_unit = max(groups.macs_per_channel()) / groups.total_macs
+    for r in runs:
+        assert r["macs_x"] >= reference["macs_x"] * 0.999, r
+        assert 1 / r["macs_x"] >= 1 / reference["macs_x"] - one_unit - 1e-9, r
     text = md.read_text()
-    assert "always, no shrink, balance 0.75" in text and "tp-magnitude-kd" in text
+    assert "group l0 (hard threshold)" in text and "tp-magnitude-kd" in text
     assert "old" not in text
