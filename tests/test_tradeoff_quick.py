@@ -104,4 +104,4 @@ def test_ablation_targets_smoke(tmp_path):
         assert 1 / r["macs_x"] >= 1 / reference["macs_x"] - one_unit - 1e-9, r
     text = md.read_text()
     assert "group l0 (hard threshold)" in text and "tp-magnitude-kd" in text
-    assert "old" not in text
+    assert "\nold\n" not in text  # the placeholder block was replaced
