@@ -1,7 +1,7 @@
 """The user's own command, ``compress model.pt --recipe tl1-group --data D``, with no other flag.
 
-On the trade-off benchmark's ResNet-20 trained on Fashion-MNIST
-(``benchmarks/train_baseline.py``), for each training-set size (the full 55,000
+On the benchmarks' ResNet-20 trained on Fashion-MNIST
+(``benchmarks/train_baseline.py``, 8 epochs, never on the validation split below), for each training-set size (the full 55,000
 images left after carving the validation split, and a 10,000-image subset of
 them): the data handed to ``compress`` is that training set plus a validation
 split of 5,000 images carved from the training images (seed 0, never trained
@@ -35,7 +35,13 @@ import torch  # noqa: E402
 
 import compressor  # noqa: E402
 from benchmarks.common import command_line, machine_info  # noqa: E402
-from benchmarks.train_baseline import DEFAULT_CACHE, DEFAULT_DATA, load_fmnist, train_baseline  # noqa: E402
+from benchmarks.train_baseline import (  # noqa: E402
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    load_fmnist,
+    train_baseline,
+    validation_split,
+)
 from compressor.fileio import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmarks.default_command")
@@ -50,8 +56,7 @@ def carve(data_dir: Path, cache: Path, size: int | None, seed: int = 0) -> Path:
     if path.exists():
         return path
     (x, y), _ = load_fmnist(data_dir)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, rest = order[:VAL_IMAGES], order[VAL_IMAGES:]
+    val, rest = validation_split(len(x), VAL_IMAGES, seed)
     train = rest if size is None else rest[:size]
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = Path(args.cache_dir)
-    baseline = train_baseline(data_dir=args.data, epochs=args.baseline_epochs, cache_dir=cache)
+    baseline = train_baseline(
+        data_dir=args.data, epochs=args.baseline_epochs, holdout=VAL_IMAGES, cache_dir=cache
+    )
     _, (x_test, y_test) = load_fmnist(args.data)
     out = Path(args.out)
     rows = json.loads(out.read_text())["runs"] if out.exists() else []

@@ -59,10 +59,19 @@ DEFAULT_DATA = next(
 DEFAULT_CACHE = ROOT / "benchmarks" / ".cache"
 
 
-def cache_path(cache_dir: str | Path, epochs: int, seed: int, subset: int | None = None) -> Path:
+def cache_path(
+    cache_dir: str | Path, epochs: int, seed: int, subset: int | None = None, holdout: int = 0
+) -> Path:
     """Where the baseline state_dict of these settings lives."""
-    suffix = f"_n{subset}" if subset else ""
+    suffix = (f"_n{subset}" if subset else "") + (f"_h{holdout}" if holdout else "")
     return Path(cache_dir) / f"resnet20_fmnist_e{epochs}_s{seed}{suffix}.pt"
+
+
+def validation_split(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (validation, rest) of ``n`` training images: the validation split the
+    benchmarks carve (``size`` images, seeded) and what is left to train on."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:size], order[size:]
 
 
 def load_fmnist(
@@ -113,6 +122,7 @@ def train_baseline(
     epochs: int = 15,
     seed: int = 0,
     subset: int | None = None,
+    holdout: int = 0,
     cache_dir: str | Path = DEFAULT_CACHE,
     lr: float = 0.1,
     batch_size: int = 128,
@@ -126,7 +136,7 @@ def train_baseline(
     While another live process trains the same baseline (its pid in the ``.lock``
     file next to the cache), this waits for it instead of training a second copy.
     """
-    path = cache_path(cache_dir, epochs, seed, subset)
+    path = cache_path(cache_dir, epochs, seed, subset, holdout)
     info_path = path.with_suffix(".json")
     lock = path.with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +162,7 @@ def train_baseline(
             epochs=epochs,
             seed=seed,
             subset=subset,
+            holdout=holdout,
             lr=lr,
             batch_size=batch_size,
             weight_decay=weight_decay,
@@ -189,6 +200,7 @@ def _train_and_save(
     epochs,
     seed,
     subset,
+    holdout,
     lr,
     batch_size,
     weight_decay,
@@ -199,6 +211,9 @@ def _train_and_save(
     (x_train, y_train), (x_test, y_test) = load_fmnist(data_dir)
     if test_subset:  # smoke runs: test on the first images only
         x_test, y_test = x_test[:test_subset], y_test[:test_subset]
+    if holdout:
+        _, rest = validation_split(len(x_train), holdout)
+        x_train, y_train = x_train[rest.sort().values], y_train[rest.sort().values]
     if subset:
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:subset]
         x_train, y_train = x_train[order], y_train[order]
@@ -229,6 +244,7 @@ def _train_and_save(
         "epochs": trained_epochs,
         "seed": seed,
         "train_images": len(x_train),
+        "held_out_images": holdout,
         "test_images": len(x_test),
         "lr": lr,
         "batch_size": batch_size,
@@ -338,6 +354,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--subset", type=int, default=None, help="train on this many images (default: all 60k)"
     )
+    p.add_argument(
+        "--holdout", type=int, default=0, help="never train on the benchmarks' validation split"
+    )
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument(
         "--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule"
@@ -369,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         seed=args.seed,
         subset=args.subset,
+        holdout=args.holdout,
         cache_dir=args.cache_dir,
         lr=args.lr,
         batch_size=args.batch_size,
