@@ -1,24 +1,56 @@
-"""Binarised and k-bit quantised activations trained by coarse gradient, and swapping them in.
+"""Binarised and k-bit activations with a learned per-channel scale, trained by coarse gradient.
 
-Forward pass: ``sigma(x) = 1{x > 0}`` (binary) or ``alpha * clamp(round(x/alpha), 0, 2^k - 1)``
-(k-bit). Both are piecewise constant, so the backward pass uses a coarse gradient,
-a straight-through estimator (STE) chosen by name:
+Forward pass, per channel ``c`` (dim 1 of the input):
 
-=============== ============================ ===================================
-``ste``         binary: dsigma/dx            k-bit: dsigma/dx
-=============== ============================ ===================================
-``clipped_relu`` ``1{0 < x < 1}`` (default)  ``1{0 < x < (2^k - 1) alpha}``
-``relu``        ``1{x > 0}``                 ``1{x > 0}``
-``identity``    ``1`` (known unstable)       ``1``
-=============== ============================ ===================================
+* binary (``bits = 1``): ``sigma(x) = alpha_c * 1{x > theta_c}``;
+* k-bit: ``sigma(x) = alpha_c * clamp(round(x / alpha_c), 0, 2^k - 1)``.
 
-Yin et al., "Understanding straight-through estimator in training activation
-quantized neural nets", ICLR 2019, found the clipped ReLU STE best and the
-identity STE unstable.
+The scale ``alpha_c`` (the step between levels) and the threshold ``theta_c``
+are learned. ``theta_c`` is clamped at 0 in the forward pass, so ``sigma(0) = 0``:
+a removed (all-zero) channel outputs exactly 0 and channel removal stays exact.
+``alpha_c`` is floored at 1e-8.
 
-The ONNX exporters (TorchScript and dynamo) inline the forward: a binary
-activation exports as ``Greater`` + ``Cast``, a k-bit one as ``Div``, ``Round``,
-``Clip``, ``Mul``; both map 0 to 0, so exact channel removal stays exact.
+``sigma`` is piecewise constant, so the backward pass in ``x`` is a coarse
+gradient: the derivative of a proxy chosen by ``ste``. Yin et al.,
+"Understanding straight-through estimator in training activation quantized
+neural nets", ICLR 2019, found the clipped ReLU proxy best and the identity
+unstable:
+
+================ ============================================ ==============================
+``ste``          binary: dsigma/dx                            k-bit: dsigma/dx
+================ ============================================ ==============================
+``clipped_relu`` ``1{theta - b < x < theta - b + alpha}``      ``1{0 < x < (2^k - 1) alpha}``
+``relu``         ``1{x > theta}``                             ``1{x > 0}``
+``identity``     ``1`` (known unstable)                       ``1``
+================ ============================================ ==============================
+
+The binary clipped-ReLU proxy is the ramp ``clamp(x - theta + b, 0, alpha)``,
+``b = min(theta, alpha/2)``: of width ``alpha`` around ``theta``, kept where
+``x > 0`` (the ReLU it replaces is flat below 0). For ``theta <= alpha/2``,
+the calibrated ``theta = alpha/2`` included, it is Yin et al.'s clipped ReLU
+``clamp(x, 0, alpha)`` (``1{0 < x < 1}`` for the bare ``1{x > 0}``). ``theta`` gets the proxy's
+gradient too (``dsigma/dtheta = -dsigma/dx``). ``alpha`` gets the a.e. exact
+derivative, the level index (``1{x > theta}``, ``clamp(round(x/alpha), 0, 2^k - 1)``),
+as in Yin et al., "Blended coarse gradient descent for full quantization of
+deep neural networks", Res. Math. Sci. 2019. The weights meanwhile follow RVSM
+(Dinh & Xin, "Convergence of a relaxed variable splitting coarse gradient
+descent method for learning sparse weight binarized activation neural
+network", Front. Appl. Math. Stat. 2020): sparse weights and binary activations
+trained together by coarse gradient.
+
+A pretrained network keeps its accuracy through three steps (docs/design.md,
+"Binarized activations"):
+
+1. :func:`calibrate` sets ``alpha_c``, ``theta_c`` from a few training batches:
+   the 2-level Lloyd-Max quantiser of the ReLU output (binary) or the MSE-best
+   ``alpha_c`` (k-bit);
+2. :class:`ActivationSwitch` blends ``(1 - t) relu(x) + t sigma(x)`` with ``t``
+   going from 0 to 1 over the first part of fine-tuning;
+3. BatchNorm statistics are re-estimated when the switch completes.
+
+The ONNX exporters inline the forward: a binary activation exports as ``Sub``,
+``Greater``, ``Cast``, ``Mul``, a k-bit one as ``Div``, ``Round``, ``Clip``,
+``Mul``; both map 0 to 0.
 """
 
 from __future__ import annotations
@@ -28,7 +60,7 @@ import fnmatch
 import inspect
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,13 +72,18 @@ from compressor.errors import BadInputError
 
 __all__ = [
     "STE_CHOICES",
+    "ActivationSwitch",
     "BinaryActivation",
+    "ChannelScale",
+    "ChannelThreshold",
     "QuantizedActivation",
     "SwapReport",
     "activation_configs",
     "activation_from_config",
+    "calibrate",
     "describe_activation_config",
     "make_activation",
+    "summarize",
     "swap_activations",
 ]
 
@@ -75,129 +112,179 @@ def _check_bits(bits: int) -> int:
     return bits
 
 
-def _ste_mask(x: torch.Tensor, ste: str, upper: float | torch.Tensor) -> torch.Tensor | None:
-    """Where the coarse derivative is 1 (bool tensor), or None for the identity STE."""
+# --------------------------------------------------------------------------- per-channel values
+
+
+class _ChannelParameter(nn.PReLU):
+    """One learnable value per channel (``weight``, shape ``[C]``), or one for all (``[1]``).
+
+    It subclasses ``nn.PReLU`` for the storage only (``forward`` is its own): a
+    per-channel PReLU slope is what Torch-Pruning removes together with its
+    channel (its PReLU pruner slices ``weight``), what
+    :func:`compressor.groups.build_groups` lets a channel group pass through,
+    and what :mod:`compressor.checkpoint` resizes (``num_parameters``) when it
+    loads a compact model. So the values go when their channel is removed, and
+    no other module needs a special case.
+    """
+
+    def __init__(self, value: float):
+        super().__init__(num_parameters=1, init=float(value))
+
+    def set_values(self, values: torch.Tensor) -> None:
+        """Replace the values: ``[C]``, or ``[1]`` for one value shared by all channels."""
+        values = values.detach().flatten().to(self.weight)
+        self.num_parameters = values.numel()
+        self.weight = nn.Parameter(values.clone())
+
+    def per_channel(self, x: torch.Tensor, floor: float) -> torch.Tensor:
+        """The values, at least ``floor``, shaped to broadcast along dim 1 of ``x``."""
+        w = self.weight.clamp_min(floor).to(x.dtype)
+        if w.numel() == 1:
+            return w.reshape(())
+        return w.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class ChannelThreshold(_ChannelParameter):
+    """``x - theta_c``, with ``theta_c`` clamped at 0 (an all-zero channel stays <= 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.per_channel(x, 0.0)
+
+
+class ChannelScale(_ChannelParameter):
+    """``alpha_c * s``, with ``alpha_c`` floored at 1e-8."""
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return s * self.per_channel(s, _ALPHA_FLOOR)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _level_index(h: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Tensor:
+    """``1{h > 0}`` (binary, ``h = x - theta``) or ``clamp(round(h/alpha), 0, levels)`` (``h = x``)."""
+    if levels == 1:
+        return (h > 0).to(h.dtype)
+    return torch.clamp(torch.round(h / alpha), 0, levels)
+
+
+def _proxy_mask(h: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, levels: int, ste: str):
+    """Where the proxy's slope is 1 (bool tensor), or None for the identity STE.
+
+    Binary: ``h = x - theta``, the ramp is ``-b < h < alpha - b``, ``b = min(theta, alpha/2)``.
+    """
     if ste == "identity":
         return None
     if ste == "relu":
-        return x > 0
-    return (x > 0) & (x < upper)
+        return h > 0
+    if levels == 1:
+        return (h > -b) & (h < alpha - b)
+    return (h > 0) & (h < levels * alpha)
 
 
-# --------------------------------------------------------------------------- binary
+class _LevelSTE(torch.autograd.Function):
+    """The level index forward; the coarse gradient ``proxy'(h) / alpha`` backward.
 
-
-class _BinarySTE(torch.autograd.Function):
-    """``1{x > 0}`` forward, coarse gradient backward."""
+    Dividing by ``alpha`` makes ``d(alpha * index)/dx`` the proxy's slope (0 or
+    1). ``alpha`` comes in detached: it gets its gradient, the level index,
+    from the :class:`ChannelScale` multiplication that follows.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, ste: str) -> torch.Tensor:
-        mask = _ste_mask(x, ste, 1.0)
+    def forward(ctx, h: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor, levels: int, ste: str):
+        mask = _proxy_mask(h, alpha, b, levels, ste)
         ctx.has_mask = mask is not None
-        if mask is not None:
-            ctx.save_for_backward(mask)
-        return (x > 0).to(x.dtype)
+        ctx.save_for_backward(alpha, *(() if mask is None else (mask,)))
+        return _level_index(h, alpha, levels)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if not ctx.has_mask:
-            return grad, None
-        (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.dtype), None
+        alpha, *mask = ctx.saved_tensors
+        grad_h = grad / alpha
+        if ctx.has_mask:
+            grad_h = grad_h * mask[0].to(grad.dtype)
+        return grad_h, None, None, None, None
 
 
 class _ActivationBase(nn.Module):
+    """``(1 - t) relu(x) + t sigma(x)`` with ``t = blend`` (1 except during a switch)."""
+
     bits: int
     ste: str
 
-    def config(self) -> dict[str, Any]:
-        """JSON-able description; :func:`activation_from_config` rebuilds the module."""
-        return describe_activation_config(self.bits, self.ste)
-
-
-class BinaryActivation(_ActivationBase):
-    """``sigma(x) = 1{x > 0}`` with a straight-through estimator ``ste`` for the backward pass.
-
-    ``clipped_relu``: ``grad * 1{0 < x < 1}``; ``relu``: ``grad * 1{x > 0}``;
-    ``identity``: ``grad``. Output dtype is the input dtype.
-    """
-
-    bits = 1
-
-    def __init__(self, ste: str = "clipped_relu"):
+    def __init__(self, ste: str, alpha: float):
         super().__init__()
-        self.ste = _check_ste(ste)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() or not (torch.is_grad_enabled() and x.requires_grad):
-            return (x > 0).to(x.dtype)
-        return _BinarySTE.apply(x, self.ste)
-
-    def extra_repr(self) -> str:
-        return f"ste={self.ste!r}"
-
-
-# --------------------------------------------------------------------------- k-bit
-
-
-class _QuantSTE(torch.autograd.Function):
-    """``alpha * clamp(round(x/alpha), 0, L)`` forward; coarse gradient in x, a.e. exact in alpha."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, levels: int, ste: str):
-        q = torch.clamp(torch.round(x / alpha), 0, levels)
-        mask = _ste_mask(x, ste, levels * alpha)
-        ctx.has_mask = mask is not None
-        ctx.save_for_backward(q, *(() if mask is None else (mask,)))
-        return alpha * q
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        q, *rest = ctx.saved_tensors
-        grad_x = grad * rest[0].to(grad.dtype) if ctx.has_mask else grad
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = (grad * q).sum()
-        return grad_x, grad_alpha, None, None
-
-
-class QuantizedActivation(_ActivationBase):
-    """Uniform k-bit activation ``alpha * clamp(round(x / alpha), 0, 2^k - 1)``.
-
-    ``alpha`` (the resolution, the step between levels) is a learnable scalar
-    ``nn.Parameter``. Backward in ``x``: the STE named by ``ste``
-    (``clipped_relu``: ``1{0 < x < (2^k - 1) alpha}``, ``relu``: ``1{x > 0}``,
-    ``identity``: 1). Backward in ``alpha``: the a.e. exact partial derivative
-    ``dsigma/dalpha = clamp(round(x/alpha), 0, 2^k - 1)`` (the level index) of
-    Yin et al., "Blended coarse gradient descent for full quantization of deep
-    neural networks", Res. Math. Sci. 2019 (PACT, Choi et al. 2018, instead uses
-    the two-valued ``1{x >= (2^k - 1) alpha}`` up to scale). ``alpha`` is floored
-    at 1e-8 in the forward pass.
-    """
-
-    def __init__(self, bits: int = 2, ste: str = "clipped_relu", alpha: float = 1.0):
-        super().__init__()
-        if _check_bits(bits) == 1:
-            raise BadInputError("`bits` = 1 is the binary activation: use BinaryActivation.")
-        self.bits = bits
         self.ste = _check_ste(ste)
         if not alpha > 0:
             raise BadInputError(f"`alpha` must be a float > 0. Got {alpha!r} instead.")
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.alpha = ChannelScale(alpha)
+        self.theta: ChannelThreshold | None = None  # binary only
+        self.blend = 1.0  # t of the ActivationSwitch; not saved: 1 once trained
 
     @property
     def levels(self) -> int:
         return 2**self.bits - 1
 
+    def config(self) -> dict[str, Any]:
+        """JSON-able description; :func:`activation_from_config` rebuilds the module."""
+        return describe_activation_config(self.bits, self.ste)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``sigma(x)``: the scaled level index, coarse gradient when training."""
+        h = x if self.theta is None else self.theta(x)
+        alpha = self.alpha.per_channel(x, _ALPHA_FLOOR).detach()
+        exporting = torch.onnx.is_in_onnx_export()
+        if exporting or not (torch.is_grad_enabled() and h.requires_grad):
+            index = _level_index(h, alpha, self.levels)
+        else:
+            theta = alpha * 0 if self.theta is None else self.theta.per_channel(x, 0.0).detach()
+            index = _LevelSTE.apply(
+                h, alpha, torch.minimum(theta, alpha / 2), self.levels, self.ste
+            )
+        return self.alpha(index)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = self.alpha.clamp_min(_ALPHA_FLOOR).to(x.dtype)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad)
-        if torch.onnx.is_in_onnx_export() or not needs_grad:
-            return alpha * torch.clamp(torch.round(x / alpha), 0, self.levels)
-        return _QuantSTE.apply(x, alpha, self.levels, self.ste)
+        t = self.blend
+        if torch.onnx.is_in_onnx_export() and t != 1:
+            raise RuntimeError(
+                f"exporting an activation half switched (t = {t}); finish the switch"
+            )
+        q = self.quantize(x)  # always run: Torch-Pruning must see alpha and theta in the graph
+        return q if t >= 1 else (1 - t) * F.relu(x) + t * q
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ste={self.ste!r}"
+
+
+class BinaryActivation(_ActivationBase):
+    """``alpha_c * 1{x > theta_c}`` with the coarse gradient ``ste`` (module docstring).
+
+    ``alpha`` (:class:`ChannelScale`) and ``theta`` (:class:`ChannelThreshold`)
+    start as one value shared by all channels (``1{x > 0}`` by default);
+    :func:`calibrate` makes them per channel.
+    """
+
+    bits = 1
+
+    def __init__(self, ste: str = "clipped_relu", alpha: float = 1.0, theta: float = 0.0):
+        super().__init__(ste, alpha)
+        self.theta = ChannelThreshold(theta)
+
+
+class QuantizedActivation(_ActivationBase):
+    """Uniform k-bit ``alpha_c * clamp(round(x / alpha_c), 0, 2^k - 1)`` (module docstring).
+
+    ``alpha`` (:class:`ChannelScale`) starts as one value shared by all
+    channels; :func:`calibrate` makes it per channel. In ``alpha`` the backward
+    is the a.e. exact derivative, the level index (PACT, Choi et al. 2018,
+    instead uses the two-valued ``1{x >= (2^k - 1) alpha}`` up to scale).
+    """
+
+    def __init__(self, bits: int = 2, ste: str = "clipped_relu", alpha: float = 1.0):
+        if _check_bits(bits) == 1:
+            raise BadInputError("`bits` = 1 is the binary activation: use BinaryActivation.")
+        super().__init__(ste, alpha)
+        self.bits = bits
 
 
 # --------------------------------------------------------------------------- configs
@@ -207,7 +294,7 @@ def describe_activation_config(bits: int = 1, ste: str = "clipped_relu") -> dict
     """JSON-able description of the activation that ``bits`` and ``ste`` select.
 
     ``{"type": "binary" | "quantized", "bits": int, "ste": str}``. The learned
-    ``alpha`` of a quantized activation lives in the model's ``state_dict``.
+    ``alpha`` (and binary ``theta``) live in the model's ``state_dict``.
     """
     _check_bits(bits)
     _check_ste(ste)
@@ -328,7 +415,7 @@ def _classes_calling_relu(model: nn.Module) -> list[str]:
     """Names of model classes whose forward source looks like it calls a functional ReLU."""
     found = []
     for cls in {type(m) for m in model.modules()}:
-        if cls.__module__.startswith("torch.nn") or cls in (BinaryActivation, QuantizedActivation):
+        if cls.__module__.startswith("torch.nn") or issubclass(cls, _ActivationBase):
             continue
         try:
             src = inspect.getsource(cls.forward)
@@ -499,3 +586,235 @@ def _trace_for_functional(model: nn.Module) -> fx.GraphModule | None:
         return None
     name = type(model).__name__
     return fx.GraphModule(model, graph, class_name=name)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _activations(model: nn.Module) -> dict[str, _ActivationBase]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _ActivationBase)}
+
+
+def _channel_rows(x: torch.Tensor, keep: int, gen: torch.Generator) -> torch.Tensor:
+    """``relu(x)`` as ``[C, keep]`` (a random sample of each channel's values), on the CPU.
+
+    Channels are dim 1 of inputs with 2 dims (``[N, C]``) or 4 or more
+    (``[N, C, H, W]``); other inputs (``[N, L, C]`` is ambiguous) give one row.
+    """
+    x = x.detach().float().relu()
+    rows = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() in (2, 4, 5) else x.reshape(1, -1)
+    pick = torch.randperm(rows.shape[1], generator=gen)[:keep]
+    return rows[:, pick.to(rows.device)].cpu()
+
+
+def lloyd_max_binary(r: torch.Tensor, iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``r >= 0``: the 2-level Lloyd-Max quantiser with levels ``{0, alpha}``.
+
+    Alternates ``theta = alpha / 2`` (the midpoint: the nearest level) and
+    ``alpha = E[r | r > theta]`` (the centroid), from ``alpha = E[r | r > 0]``.
+    Rows with no positive value get the median of the other rows' alpha.
+    """
+    alpha = torch.zeros(r.shape[0])
+    live = torch.ones(r.shape[0], dtype=torch.bool)
+    for i in range(iterations + 1):
+        above = r > (alpha / 2)[:, None]
+        count = above.sum(1)
+        if i == 0:
+            live = count > 0
+        alpha = torch.where(count > 0, (r * above).sum(1) / count.clamp_min(1), alpha)
+    fallback = alpha[live].median() if live.any() else torch.tensor(1.0)
+    alpha = torch.where(live, alpha, fallback)
+    return alpha, alpha / 2
+
+
+def mse_best_alpha(r: torch.Tensor, levels: int, grid: int = 64) -> torch.Tensor:
+    """Per row of ``r >= 0``: the ``alpha`` of least ``E[(r - alpha clamp(round(r/alpha), 0, L))^2]``,
+    searched on ``grid`` points that put the top level between 5% and 100% of the row's max."""
+    top = r.amax(1).clamp_min(1e-6)
+    best = top / levels
+    best_err = torch.full_like(top, float("inf"))
+    for frac in torch.linspace(0.05, 1.0, grid):
+        alpha = (frac * top / levels)[:, None]
+        err = (r - alpha * torch.clamp(torch.round(r / alpha), 0, levels)).pow(2).mean(1)
+        better = err < best_err
+        best = torch.where(better, alpha[:, 0], best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module, loader: Iterable, device: torch.device, batches: int = 10, samples: int = 4096
+) -> dict[str, int]:
+    """Set every activation's ``alpha`` (and ``theta``) from ``batches`` training batches.
+
+    Runs the batches through the model in eval mode with full-precision
+    activations (``t = 0``, the start of the switch), samples up to ``samples``
+    values of each channel's ReLU output, and sets per channel the 2-level
+    Lloyd-Max quantiser (binary: :func:`lloyd_max_binary`) or the MSE-best
+    ``alpha`` (k-bit: :func:`mse_best_alpha`). An activation called more than
+    once per forward (one module shared by several places) gets one value for
+    all its channels. Returns ``{name: channels}`` (1 where shared).
+    """
+    acts = _activations(model)
+    if not acts or batches <= 0:
+        return {}
+    gen = torch.Generator().manual_seed(0)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in acts}
+    keep = max(1, samples // batches)
+    hooks = [
+        act.register_forward_pre_hook(
+            lambda m, inputs, n=name: seen[n].append(_channel_rows(inputs[0], keep, gen))
+        )
+        for name, act in acts.items()
+    ]
+    blends = {name: act.blend for name, act in acts.items()}
+    was_training = model.training
+    model.eval()
+    ran = 0
+    try:
+        for act in acts.values():
+            act.blend = 0.0
+        for x, _ in loader:
+            if ran >= batches:
+                break
+            model(x.to(device))
+            ran += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, act in acts.items():
+            act.blend = blends[name]
+        model.train(was_training)
+    channels = {}
+    for name, act in acts.items():
+        rows = seen[name]
+        if not rows:
+            continue
+        shared = len(rows) > ran or len({r.shape[0] for r in rows}) > 1
+        r = torch.cat([row.reshape(1, -1) for row in rows], 1) if shared else torch.cat(rows, 1)
+        if act.theta is not None:
+            alpha, theta = lloyd_max_binary(r)
+            act.theta.set_values(theta)
+        else:
+            alpha = mse_best_alpha(r, act.levels)
+        act.alpha.set_values(alpha)
+        channels[name] = len(alpha)
+    logger.info("calibrated %d activations on %d batches", len(channels), ran)
+    return channels
+
+
+# --------------------------------------------------------------------------- the switch
+
+
+class ActivationSwitch:
+    """From full precision to quantised: every activation outputs ``(1 - t) relu(x) + t sigma(x)``.
+
+    ``t`` rises linearly from 0 to 1 over the first ``fraction`` of the
+    ``total_steps`` training steps, then stays 1 (``fraction = 0``: 1 from the
+    start). Call it after every optimizer step
+    (:meth:`compressor.method.SparseTraining.after_step` does). When ``t``
+    reaches 1, ``recalibrate()`` re-estimates the BatchNorm statistics for the
+    quantised activations. ``evaluate()`` (the sparse model's accuracy) is
+    recorded at ``t = 0, 0.25, 0.5, 0.75`` and after ``t`` reaches 1, for the
+    report. :meth:`finish` sets ``t = 1`` for good (the final model, export).
+    """
+
+    POINTS = (0.25, 0.5, 0.75)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        fraction: float,
+        *,
+        evaluate: Callable[[], float] | None = None,
+        recalibrate: Callable[[], None] | None = None,
+    ):
+        self.model = model
+        self.modules = list(_activations(model).values())
+        self.fraction = fraction
+        self.ramp_steps = round(fraction * total_steps)
+        self.evaluate, self.recalibrate = evaluate, recalibrate
+        self.step = 0
+        self.trace: list[dict] = []  # {step, t, sparse_accuracy}
+        self._apply()
+
+    @property
+    def t(self) -> float:
+        return 1.0 if self.ramp_steps <= 0 else min(1.0, self.step / self.ramp_steps)
+
+    def _apply(self) -> None:
+        for m in self.modules:
+            m.blend = self.t
+
+    def _record(self) -> None:
+        if self.evaluate is not None:
+            self.trace.append({"step": self.step, "t": self.t, "sparse_accuracy": self.evaluate()})
+
+    def __call__(self) -> None:
+        """One optimizer step done: advance ``t``."""
+        if self.t >= 1:
+            return
+        if self.step == 0:
+            self._record()  # before the switch: t = 0
+        before = self.t
+        self.step += 1
+        self._apply()
+        if self.t >= 1:
+            self._complete()
+        elif any(before < p <= self.t for p in self.POINTS):
+            self._record()
+
+    def _complete(self) -> None:
+        if self.recalibrate is not None:
+            was_training = self.model.training
+            self.recalibrate()
+            self.model.train(was_training)
+        self._record()
+        logger.info("activation switch complete at step %d", self.step)
+
+    def finish(self) -> None:
+        """``t = 1`` from now on: the final model is the quantised one."""
+        self.step = max(self.step, self.ramp_steps)
+        self._apply()
+        assert all(m.blend == 1 for m in self.modules)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "trace": list(self.trace)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.trace = list(state["trace"])
+        self._apply()
+
+    def summary(self) -> dict:
+        """For the report: the schedule and the sparse model's accuracy over the switch."""
+        done = [row for row in self.trace if row["t"] >= 1]
+        return {
+            "fraction": self.fraction,
+            "steps": self.ramp_steps,
+            "trace": list(self.trace),
+            "sparse_accuracy_before": self.trace[0]["sparse_accuracy"]
+            if self.trace and self.trace[0]["t"] == 0
+            else None,
+            "sparse_accuracy_after": done[0]["sparse_accuracy"] if done else None,
+        }
+
+
+def summarize(model: nn.Module) -> dict[str, dict]:
+    """Per activation: kind, bits, channels, and the learned ``alpha`` / ``theta``
+    (min, median, max, as used: ``theta >= 0``)."""
+
+    def stats(values: torch.Tensor) -> dict[str, float]:
+        v = values.detach().float().cpu()
+        return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
+
+    out = {}
+    for name, act in _activations(model).items():
+        row = {**act.config(), "channels": act.alpha.num_parameters}
+        row["alpha"] = stats(act.alpha.weight.clamp_min(_ALPHA_FLOOR))
+        if act.theta is not None:
+            row["theta"] = stats(act.theta.weight.clamp_min(0))
+        out[name] = row
+    return out

@@ -103,6 +103,8 @@ class Activations:
     bits: int
     ste: str
     skip: tuple[str, ...]
+    calibration_batches: int
+    switch_fraction: float
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ class Run:
     baseline: dict = field(default_factory=dict)
     teacher: nn.Module | None = None
     swap: object = None  # the activation swap (binarized activations), if any
+    switch: object = None  # their gradual switch from ReLU (activations.ActivationSwitch)
     groups: object = None
     sparse: method.SparseTraining | None = None
     steps_per_epoch: int = 0
@@ -111,12 +112,17 @@ class Run:
     def activations_info(self) -> dict | None:
         if self.swap is None:
             return None
+        from compressor import activations
+
         act = self.recipe.activations
         return {
             "bits": act.bits,
             "ste": act.ste,
             "swapped": list(self.swap.swapped),
             "skipped": list(self.swap.skipped),
+            "calibration_batches": act.calibration_batches,
+            "layers": activations.summarize(self.model),  # the learned scale and threshold
+            "switch": self.switch.summary() if self.switch is not None else None,
         }
 
 
@@ -361,6 +367,15 @@ def _prepare_model(run: Run) -> None:
         skip = list(act.skip) or _default_activation_skip(run.model, run.example, act.bits, act.ste)
         run.swap = activations.swap_activations(run.model, bits=act.bits, ste=act.ste, skip=skip)
         run.model = run.swap.model.to(run.device)
+        if run.train_loader is not None:  # scale and threshold from data, then a gradual switch
+            activations.calibrate(run.model, run.train_loader, run.device, act.calibration_batches)
+            run.switch = activations.ActivationSwitch(
+                run.model, cfg.train.epochs * run.steps_per_epoch, act.switch_fraction,
+                evaluate=lambda: _sparse_accuracy(run),
+                recalibrate=lambda: train.recalibrate_bn(
+                    run.model, run.train_loader, run.device, cfg.train.bn_recalibration_batches
+                ),
+            )  # fmt: skip
     with run.timer.stage("groups"):
         run.groups = build_groups(run.model, run.example, keep=cfg.prune.keep)
         log.info("%d channel groups, %d channels", len(run.groups), run.groups.total_channels)
@@ -383,6 +398,7 @@ def _build_method(run: Run, resume_state: dict | None):
     run.sparse = method.build(
         cfg, model, run.groups, total_steps=total_steps, baseline=run.baseline, seek=seek
     )
+    run.sparse.activation_switch = run.switch
     optimizer = train.make_optimizer(model, cfg.train)
     scheduler = train.make_scheduler(optimizer, cfg.train.schedule, total_steps)
     train_model = model

@@ -339,6 +339,18 @@ SCHEMA: dict[str, Any] = {
         "bits": Param(1, Options((1, 2, 4))),
         "ste": Param("clipped_relu", Options(("clipped_relu", "relu", "identity"))),
         "skip": Param([], ListOf(Str()), help="module-name fnmatch patterns"),
+        "calibration_batches": Param(
+            10,
+            _int(0),
+            help="training batches that set each channel's scale and threshold before "
+            "training (0: alpha = 1, theta = 0)",
+        ),
+        "switch_fraction": Param(
+            0.5,
+            _float(0, 1),
+            help="share of training over which the activations go from ReLU to quantised "
+            "(0: quantised from the first step)",
+        ),
     },
     "export": {
         "opset": Param(18, _int(13, 23)),

@@ -34,7 +34,11 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
   kind/asked/reached are the first's and ``within`` is every target met; ``kind`` ``seek_macs``
   (``--max-accuracy-drop`` alone) adds ``stages`` [{step, macs_x, accuracy,
   within}], the seeker's checks of the sparse model;
-- ``activations`` None or {bits, ste, swapped, skipped};
+- ``activations`` None or {bits, ste, swapped, skipped, calibration_batches,
+  layers: {name: {type, bits, ste, channels, alpha: {min, median, max},
+  theta (binary)}} (the learned per-channel scale and threshold of the shipped
+  model), switch: None or {fraction, steps, trace [{step, t, sparse_accuracy}],
+  sparse_accuracy_before, sparse_accuracy_after}} (the gradual switch from ReLU);
 - ``gates`` [{name, threshold, value, passed, detail}];
 - ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names];
 - ``error`` (only on a failed run): what went wrong.
@@ -551,10 +555,44 @@ def _activation_line(report: Mapping) -> list[str]:
     a = report.get("activations")
     if not a:
         return []
-    return [
+    lines = [
         f"**Activations:** {a.get('bits')}-bit, STE `{a.get('ste')}`; "
-        f"swapped {_cell(a.get('swapped'))}, skipped {_cell(a.get('skipped'))}."
+        f"swapped {_names(a.get('swapped'))}; kept full precision {_names(a.get('skipped'))}."
     ]
+    switch = a.get("switch")
+    if isinstance(switch, Mapping):
+        lines[0] += (
+            f" Switched from ReLU over the first {_pct(switch.get('fraction'), frac=True, digits=0)}"
+            f" of training ({_num(switch.get('steps'))} steps): sparse accuracy "
+            f"{_pct(switch.get('sparse_accuracy_before'))} before, "
+            f"{_pct(switch.get('sparse_accuracy_after'))} after."
+        )
+    layers = a.get("layers")
+    if isinstance(layers, Mapping) and layers:
+        lines += [
+            "",
+            "| activation | channels | scale alpha (min / median / max) | threshold theta |",
+            "|---|---:|---|---|",
+        ]
+        for name, row in layers.items():
+            lines.append(
+                f"| `{_cell(name)}` | {_num(row.get('channels'))} | {_spread(row.get('alpha'))} "
+                f"| {_spread(row.get('theta'))} |"
+            )
+    return lines
+
+
+def _names(names: Any) -> str:
+    if not isinstance(names, (list, tuple)) or not names:
+        return "none"
+    return ", ".join(f"`{_cell(n)}`" for n in names)
+
+
+def _spread(stats: Any) -> str:
+    """``min / median / max`` of a per-channel value, or a dash."""
+    if not isinstance(stats, Mapping):
+        return "—"
+    return " / ".join(_num(stats.get(k), 3) for k in ("min", "median", "max"))
 
 
 def _fmt_scale(scale: Any) -> str:

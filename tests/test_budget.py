@@ -67,8 +67,8 @@ def test_thresholds_zero_exactly_the_units_the_budget_counts():
     model, groups, budget = _budget([Target("macs", 4.0, 4.0)])
     norms = _norms(model, groups)
     thresholds = budget.thresholds(20, norms)
-    for n, t, z in zip(norms, thresholds, budget.zero, strict=True):
-        assert torch.equal(n.double() <= t, z)  # the prox zeroes norm <= threshold
+    for n, t, s, z in zip(norms, thresholds, budget.scale.tolist(), budget.zero, strict=True):
+        assert torch.equal(n.double() / s <= t, z)  # the prox zeroes score <= threshold
     assert lands_within_one_unit(groups, budget.reached["macs"], budget.scheduled(20)["macs"])
 
 
@@ -82,7 +82,7 @@ def test_schedule_reaches_the_target_then_freezes_to_zero_thresholds():
     assert budget.frozen and lands_within_one_unit(groups, budget.reached["macs"], 4.0)
     frozen = [z.clone() for z in budget.zero]
     later = budget.thresholds(80, norms)
-    assert all(float(t.max()) == 0 for t in later)  # nothing more is zeroed or shrunk
+    assert later == [0.0] * len(groups)  # nothing more is zeroed or shrunk
     assert all(torch.equal(a, b) for a, b in zip(frozen, budget.zero, strict=True))
 
 

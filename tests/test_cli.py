@@ -38,6 +38,7 @@ BUILTIN_RECIPES = (
     "l1l2-group",
     "group-lasso",
     "tl1-group-binary",
+    "tl1-group-2bit",
 )
 OUTPUTS = ("model.onnx", "model.safetensors", "report.json", "report.md", "recipe.yaml")
 PLOTS = ("channels_per_layer.png", "training.png")

@@ -14,7 +14,10 @@ from compressor.recipe import (
     validate_recipe,
 )
 
-BUILTINS = ["group-lasso", "l0-group", "l1-group", "l1l2-group", "tl1-group", "tl1-group-binary"]
+BUILTINS = [
+    "group-lasso", "l0-group", "l1-group", "l1l2-group", "tl1-group", "tl1-group-2bit",
+    "tl1-group-binary",
+]  # fmt: skip
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -65,13 +68,15 @@ def test_builtin_penalties():
         "l1l2-group": "l1-l2",
         "tl1-group": "tl1",
         "tl1-group-binary": "tl1",
+        "tl1-group-2bit": "tl1",
     }
     assert load_recipe("tl1-group-binary")["activations"]["binarize"] is True
+    assert load_recipe("tl1-group-2bit")["activations"]["bits"] == 2
     assert load_recipe("tl1-group")["activations"]["binarize"] is False
     assert load_recipe("l1l2-group")["penalty"]["individual"]["alpha"] == 1.0
 
 
-def test_list_recipes_lists_all_six():
+def test_list_recipes_lists_every_builtin():
     listed = list_recipes()
     assert [name for name, _ in listed] == BUILTINS
     assert all(desc for _, desc in listed)

@@ -19,14 +19,17 @@ SHORT = [
 ]  # fmt: skip
 # Points of accuracy a recipe may lose on the example at 1.5x fewer MACs in 24 steps (the
 # input model: 91.2% on the example's 1,000 validation images). Binarized activations
-# replace every ReLU but the first and last by a 1-bit step: far more lost in 24 steps.
-MAX_DROP = {"tl1-group-binary": 60.0}
+# replace every ReLU but the first and last by a calibrated 1-bit (2-bit) step, switched
+# in over the first 12 steps: more is lost in 24 steps (measured with one thread: 1-bit
+# 15.3 points, 2-bit 2.3; the recipes' own 6 epochs recover most of it).
+MAX_DROP = {"tl1-group-binary": 20.0, "tl1-group-2bit": 4.0}
 DEFAULT_MAX_DROP = 3.0
 
 
 def test_every_builtin_recipe_is_covered():
     assert {name for name, _ in list_recipes()} == {
         "tl1-group", "l1-group", "l0-group", "l1l2-group", "group-lasso", "tl1-group-binary",
+        "tl1-group-2bit",
     }  # fmt: skip
 
 

@@ -148,14 +148,16 @@ class BudgetController:
 
     # ------------------------------------------------------------- thresholds
     @torch.no_grad()
-    def thresholds(self, step: int, norms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per group, the norm threshold ``t_g`` of every unit at ``step`` (``norms``: ``||w_gu||``).
+    def thresholds(self, step: int, norms: Sequence[torch.Tensor]) -> list[float]:
+        """Per group, the threshold ``min(tau, cap_g)`` at ``step`` on the scores
+        ``s_gu = ||w_gu|| / scale_g`` (``norms``: ``||w_gu||``); the prox zeroes
+        ``s_gu <= threshold``.
 
         Frozen: 0 everywhere (the held zero set is exactly zero in ``w``, so the
         prox zeroes it and nothing else).
         """
         if self.frozen:
-            return [torch.zeros(g.size, dtype=torch.float64) for g in self.groups]
+            return [0.0] * len(self.groups)
         scores = [
             n.detach().double().cpu() / s for n, s in zip(norms, self.scale.tolist(), strict=True)
         ]
@@ -191,10 +193,7 @@ class BudgetController:
         self.reached = self.factors(self.zero)
         if self.schedule == "cubic" and step >= self.reach_step:
             self.freeze()
-        return [
-            torch.full((len(sc),), min(self.tau, c) * s, dtype=torch.float64)
-            for sc, c, s in zip(scores, caps, self.scale.tolist(), strict=True)
-        ]
+        return [min(self.tau, c) for c in caps]  # -inf: the group may lose no unit
 
     def _cap(self, scores: torch.Tensor) -> float:
         """The largest score a group may lose while keeping ``keep_fraction`` of its units."""

@@ -244,18 +244,23 @@ class RVSM:
         self.held_zero = None if masks is None else [m.clone() for m in masks]
         self._project_held()
 
+    @torch.no_grad()
     def _project_held(self) -> None:
         if self.held_zero is None:
             return
         factors = [(~m).to(torch.float32) for m in self.held_zero]
         self.groups.scale_(self.param_by_name, factors)
 
-    def after_optimizer_step(self, thresholds_fn) -> None:
-        """Count the step and refresh ``u`` every ``prox_every`` steps (``thresholds_fn()`` is lazy)."""
-        with torch.no_grad():
-            self._project_held()
+    def advance(self) -> int:
+        """After ``optimizer.step()``: hold the held zero set in ``w``, count the step; its number."""
+        self._project_held()
         self.step_count += 1
-        if self.step_count % self.prox_every == 0:
+        return self.step_count
+
+    def after_optimizer_step(self, thresholds_fn) -> None:
+        """:meth:`advance`, and refresh ``u`` every ``prox_every`` steps with fixed thresholds
+        (``thresholds_fn()`` is lazy): the plain RVSM loop, without a budget."""
+        if self.advance() % self.prox_every == 0:
             self.prox(thresholds_fn())
 
     def end_epoch(self, epoch: int) -> None:

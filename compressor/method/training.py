@@ -72,7 +72,9 @@ class SparseTraining:
         self.seeker = seeker
         self.weighting = weighting  # the c_g rule (strength.group_weights)
         self.trace = Trace()
-        self.last_thresholds: list[torch.Tensor] | None = None  # t_g of the last prox, norm units
+        # compressor.activations.ActivationSwitch of binarized activations (set by the
+        # pipeline), advanced after every step, finished by finalize()
+        self.activation_switch = None
 
     # ------------------------------------------------------------------ hooks
     def after_backward(self) -> None:
@@ -82,10 +84,7 @@ class SparseTraining:
     def after_step(self) -> None:
         """After ``optimizer.step()``: hold the frozen zero set, count the step, refresh ``u``."""
         rvsm = self.rvsm
-        with torch.no_grad():
-            rvsm._project_held()
-        rvsm.step_count += 1
-        step = rvsm.step_count
+        step = rvsm.advance()
         if self.seeker is not None and not self.budget.frozen:
             self.seeker.check(step)
         if self.budget is not None and self.budget.frozen and rvsm.held_zero is None:
@@ -94,6 +93,8 @@ class SparseTraining:
             self.prox(step)
         if step % HISTORY_EVERY == 0:
             self._trace(step)
+        if self.activation_switch is not None:
+            self.activation_switch()
 
     def end_epoch(self, epoch: int) -> None:
         self.rvsm.end_epoch(epoch)
@@ -134,13 +135,10 @@ class SparseTraining:
         """
         if self.budget is None:
             mu = self.lambdas.group_mu(self.rvsm.beta).tolist()
-            self.last_thresholds = [self.term.threshold(m) for m in mu]
             return [self.term.factor(n.double(), m) for n, m in zip(norms, mu, strict=True)]
-        thresholds = self.budget.thresholds(step, norms)  # in norm units, per unit
-        self.last_thresholds = [float(t.max()) if len(t) else 0.0 for t in thresholds]
+        thresholds = self.budget.thresholds(step, norms)  # on the scores ||w_gu|| / scale_g
         factors = []
-        for n, t, s in zip(norms, thresholds, self.scale.tolist(), strict=True):
-            tau = float(t.max()) / s if len(t) else 0.0  # one threshold per group
+        for n, tau, s in zip(norms, thresholds, self.scale.tolist(), strict=True):
             if tau <= 0:
                 factors.append((n > 0).double())  # no shrink; exact zeros stay zero
                 continue
@@ -183,8 +181,10 @@ class SparseTraining:
             yield
 
     def finalize(self) -> None:
-        """``w := u``: the model becomes the sparse model."""
+        """``w := u``: the model becomes the sparse model (with quantised activations: t = 1)."""
         self.rvsm.finalize()
+        if self.activation_switch is not None:
+            self.activation_switch.finish()
 
     def state_dict(self) -> dict:
         return {
@@ -192,6 +192,9 @@ class SparseTraining:
             "budget": self.budget.state_dict() if self.budget is not None else None,
             "seeker": self.seeker.state_dict() if self.seeker is not None else None,
             "trace": list(self.trace.rows),
+            "activation_switch": self.activation_switch.state_dict()
+            if self.activation_switch is not None
+            else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -201,6 +204,8 @@ class SparseTraining:
         if self.seeker is not None and state.get("seeker") is not None:
             self.seeker.load_state_dict(state["seeker"])
         self.trace.rows = list(state.get("trace", []))
+        if self.activation_switch is not None and state.get("activation_switch") is not None:
+            self.activation_switch.load_state_dict(state["activation_switch"])
 
     def summary(self) -> dict:
         """For the report: which penalty chose the zeros, and the trace."""
