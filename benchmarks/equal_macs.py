@@ -221,12 +221,19 @@ def measure(results: Results, phase: str, method: str, target: float, seed: int,
     return row
 
 
+def methods_for(seed: int, reproduce_seeds) -> tuple[str, ...]:
+    """The Torch-Pruning rows of a seed (its reproduce-script rows only for ``reproduce_seeds``)."""
+    if reproduce_seeds is None or seed in reproduce_seeds:
+        return TP_METHODS
+    return tuple(m for m in TP_METHODS if not m.startswith("tp-reproduce"))
+
+
 def run_phase(results: Results, phase: str, npz: Path, *, baseline: str, targets, seeds,
-              candidates: dict, epochs: int, cache: Path) -> None:  # fmt: skip
+              candidates: dict, epochs: int, cache: Path, reproduce_seeds=None) -> None:  # fmt: skip
     for target in targets:
         for seed in seeds:
             reached = []
-            for method in TP_METHODS:
+            for method in methods_for(seed, reproduce_seeds):
                 work = cache / "equal_macs" / f"{phase}_{method}_{target:g}x_s{seed}"
                 run = functools.partial(run_tp, method, baseline=baseline, npz=npz, target=target,
                                         seed=seed, epochs=epochs, work=work)  # fmt: skip
@@ -306,7 +313,10 @@ def _margin(runs: list[dict], chosen: str, target: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--targets", default="2,4,8")
+    p.add_argument("--targets", default="4,8,2", help="in the order they run")
+    p.add_argument(
+        "--reproduce-seeds", default=None, help="seeds of the tp-reproduce rows (default: all)"
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--subset", type=int, default=10000)
@@ -342,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             run_phase(results, "test", test_split_npz(carved),
                       targets=[float(t) for t in args.targets.split(",")],
                       seeds=[int(s) for s in args.seeds.split(",")],
-                      candidates={chosen: CANDIDATES[chosen]}, **common)  # fmt: skip
+                      candidates={chosen: CANDIDATES[chosen]}, **common,
+                      reproduce_seeds=args.reproduce_seeds and
+                      [int(s) for s in args.reproduce_seeds.split(",")])  # fmt: skip
     text = args.results_md.read_text()
     atomic_write_text(args.results_md, replace_block(text, "equal_macs", render(results.data)))
     return 0
