@@ -293,7 +293,9 @@ SCHEMA: dict[str, Any] = {
         "momentum": Param(0.9, _float(0, 1, closed="left")),
         "weight_decay": Param(0.0, _float(0)),
         "schedule": Param("cosine", Options(("cosine", "constant", "step"))),
-        "bn_recalibration_batches": Param(25, _int(0)),
+        "bn_recalibration_batches": Param(
+            10, _int(0), help="training batches that re-estimate BatchNorm statistics"
+        ),
         "max_steps_per_epoch": Param(None, _int(1), nullable=True),
         "val_fraction": Param(None, _float(0, 1, closed="neither"), nullable=True),
     },
