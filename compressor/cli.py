@@ -97,6 +97,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--target-size", type=int, metavar="BYTES", help="reach an ONNX file of at most BYTES"
     )
     p.add_argument(
+        "--int8",
+        nargs="?",
+        const="static",
+        choices=("static", "dynamic", "off"),
+        metavar="static|dynamic",
+        help="also ship model.int8.onnx, quantized in onnxruntime (alone: static, calibrated "
+        "on training images) when it passes the accuracy gate (sets export.int8)",
+    )
+    p.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="run code the checkpoint names, for files you trust: unpickle a pickled "
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             mean=args.mean,
             std=args.std,
             out=args.out,
-            overrides=args.overrides,
+            overrides=[*args.overrides, *([f"export.int8={args.int8}"] if args.int8 else [])],
             device=args.device,
             seed=args.seed,
             max_accuracy_drop=args.max_accuracy_drop,

@@ -111,6 +111,8 @@ class Activations:
 class Export:
     opset: int
     verify_samples: int
+    int8: str  # off | static | dynamic
+    int8_required: bool
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = ".compressor-state"
 OUTPUT_FILES = ("model.onnx", "model.safetensors", "report.json", "report.md", "recipe.yaml")
-MODEL_FILES = ("model.onnx", "model.safetensors")
-# Every file a run may write into --out (the plots too); a new run moves them into
+INT8_FILE = "model.int8.onnx"  # only with export.int8, and only when it passes its gate
+# The model files: a failed run (exit 1, 4) leaves none of them.
+MODEL_FILES = ("model.onnx", "model.safetensors", INT8_FILE)
+# Every file a run may write into --out (INT8 model and plots too); a new run moves them into
 # ``--out/previous/`` before it writes anything, so --out only ever describes one run.
-KNOWN_OUTPUTS = (*OUTPUT_FILES, report_mod.CHANNELS_PNG, report_mod.TRAINING_PNG)
+KNOWN_OUTPUTS = (*OUTPUT_FILES, INT8_FILE, report_mod.CHANNELS_PNG, report_mod.TRAINING_PNG)
 PREVIOUS_DIR = "previous"
 
 

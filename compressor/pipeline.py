@@ -51,6 +51,8 @@ from compressor.prune import prune_zero_channels
 
 log = logging.getLogger(__name__)
 
+INT8_CALIBRATION_SAMPLES = 256  # training images that set the static INT8 activation ranges
+
 
 class _Timer:
     def __init__(self):
@@ -587,7 +589,8 @@ def _export_and_report(run: Run) -> dict:
     report = {"exit_code": EXIT_OK}
     if run.is_main:
         latency = _export_and_verify(run)
-        report = _assemble_report(run, _compressed_summary(run, accuracy), latency)
+        int8 = _quantize_int8(run)
+        report = _assemble_report(run, _compressed_summary(run, accuracy), latency, int8)
         if report["exit_code"] == EXIT_VERIFICATION_FAILED:
             _unship(run, report)
         with run.timer.stage("report"):
@@ -636,6 +639,74 @@ def _export_and_verify(run: Run) -> dict:
     return latency
 
 
+def _quantize_int8(run: Run) -> dict | None:
+    """``model.int8.onnx`` (``export.int8``: static or dynamic), quantized from ``model.onnx``
+    in onnxruntime, checked, compared with it on the validation split and timed beside it;
+    left out (and, with ``export.int8_required``, a failed gate) when it fails the accuracy
+    gate. None when ``export.int8`` is off."""
+    cfg = run.recipe.export
+    if cfg.int8 == "off":
+        return None
+    path = run.out / outdir.INT8_FILE
+    info = {"mode": cfg.int8, "required": cfg.int8_required, "file": None, "error": None}
+    with run.timer.stage("int8"):
+        if cfg.int8 == "static" and run.splits is None:
+            info["error"] = (
+                "static INT8 needs --data to calibrate on (without data: --int8 dynamic)"
+            )
+        else:
+            try:
+                info.update(_measure_int8(run, run.out / "model.onnx", path))
+            except Exception as exc:  # the float model still ships
+                log.warning(
+                    "INT8 quantization failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG)
+                )
+                info["error"] = f"quantization failed: {type(exc).__name__}: {exc}"[:500]
+        info["gate"] = report_mod.int8_gate(
+            info, run.baseline.get("accuracy"), run.recipe.gates.max_accuracy_drop
+        )
+        info["passed"] = info["gate"]["passed"]
+    if info["passed"]:
+        info["file"] = outdir.INT8_FILE
+    else:
+        path.unlink(missing_ok=True)
+        log.warning("%s left out: %s", outdir.INT8_FILE, info["gate"]["detail"])
+    return info
+
+
+def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
+    """Quantize, then the checker, accuracy and agreement against the float ONNX model (the
+    validation split; the verification inputs without data), size and latency at batch 16."""
+    calibration = None
+    if run.recipe.export.int8 == "static":
+        subset = data_mod.subset(run.splits.train, INT8_CALIBRATION_SAMPLES, run.seed)
+        calibration = torch.stack([x for x, _ in subset])
+    made = export.quantize_int8(onnx_path, int8_path, mode=run.recipe.export.int8,
+                                calibration=calibration)  # fmt: skip
+    try:
+        export.check_onnx(int8_path)
+        checker = True
+    except VerificationError as exc:
+        checker, made["error"] = False, str(exc)
+    inputs = (
+        torch.utils.data.DataLoader(run.splits.val, batch_size=64)
+        if run.splits is not None
+        else run.verify_inputs
+    )
+    compared = export.compare_onnx(onnx_path, int8_path, inputs)
+    latency = export.measure_latency(
+        {"float": onnx_path, "int8": int8_path}, tuple(run.shape), batch_sizes=(16,)
+    )
+    float_bytes, int8_bytes = export.onnx_size_bytes(onnx_path), export.onnx_size_bytes(int8_path)
+    return {
+        **made, "onnx_checker": checker, "onnx_bytes": int8_bytes, "float_onnx_bytes": float_bytes,
+        "size_x": float_bytes / max(int8_bytes, 1), "accuracy": compared["accuracy"],
+        "float_accuracy": compared["reference_accuracy"],
+        "top1_agreement": compared["top1_agreement"], "samples": compared["samples"],
+        "latency_ms": report_mod.int8_latency(latency),
+    }  # fmt: skip
+
+
 def _compressed_summary(run: Run, accuracy) -> dict:
     model, pruned = run.model, run.pruned
     return {
@@ -657,6 +728,8 @@ def _unship(run: Run, report: dict) -> None:
     """The exported model disagrees with the sparse one: its files are not shipped."""
     for name in outdir.MODEL_FILES:
         (run.out / name).unlink(missing_ok=True)
+    if report.get("int8"):
+        report["int8"]["file"] = None
     v = run.verification
     report["outputs"] = ["recipe.yaml"]
     report["error"] = "; ".join(v["notes"]) or (
@@ -669,7 +742,7 @@ def _unship(run: Run, report: dict) -> None:
 # ---------------------------------------------------------------------------- the report
 
 
-def _assemble_report(run: Run, compressed: dict, latency: dict) -> dict:
+def _assemble_report(run: Run, compressed: dict, latency: dict, int8: dict | None) -> dict:
     model, pruned, baseline = run.model, run.pruned, run.baseline
     target = _target_summary(run.sparse, compressed, baseline)
     sparsity = {row["name"]: row["sparsity"] for row in metrics.layer_sparsity(model)}
@@ -709,7 +782,8 @@ def _assemble_report(run: Run, compressed: dict, latency: dict) -> dict:
         "method": run.sparse.summary(),
         "target": target,
         "activations": run.activations_info,
-        "outputs": list(OUTPUT_FILES),
+        "int8": int8,
+        "outputs": [*OUTPUT_FILES, *([int8["file"]] if int8 and int8["file"] else [])],
     }
     report["gates"] = report_mod.evaluate_gates(
         report,
@@ -717,6 +791,7 @@ def _assemble_report(run: Run, compressed: dict, latency: dict) -> dict:
         # seeking has no asked factor: only the accuracy gate applies
         target=target if target and target["asked"] is not None else {},
     )
+    report["gates"] += [int8["gate"]] if int8 and int8["required"] else []  # else: no exit 3
     report["exit_code"] = _exit_code(report, run.verification, run.swap is not None)
     return report
 

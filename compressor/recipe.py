@@ -224,6 +224,17 @@ class ListOf:
 
 
 @dataclass(frozen=True)
+class _OffOr(Options):
+    """Options whose first value is ``"off"``; YAML reads a bare ``off`` as false, so false is
+    read as ``"off"`` too."""
+
+    def check(self, value: Any) -> tuple[bool, Any]:
+        if value is False:
+            return True, "off"
+        return super().check(value)
+
+
+@dataclass(frozen=True)
 class Param:
     """One recipe key: its default and its constraint; ``nullable`` also allows null."""
 
@@ -357,6 +368,19 @@ SCHEMA: dict[str, Any] = {
     "export": {
         "opset": Param(18, _int(13, 23)),
         "verify_samples": Param(64, _int(1)),
+        "int8": Param(
+            "off",
+            _OffOr(("off", "static", "dynamic")),
+            help="also ship model.int8.onnx, quantized from model.onnx with onnxruntime "
+            "(static: calibrated on training images; dynamic: activations quantized at run "
+            "time) when it passes gates.max_accuracy_drop; --int8 sets it",
+        ),
+        "int8_required": Param(
+            False,
+            Bool(),
+            help="an INT8 model that fails the accuracy gate fails the run (exit 3) instead "
+            "of being left out",
+        ),
     },
     "gates": {
         "max_accuracy_drop": Param(
@@ -501,6 +525,11 @@ def _check_value(path: str, param: Param, value: Any, source: str | None) -> Any
 
 
 def _check_cross(recipe: dict) -> None:
+    if recipe["export"]["int8_required"] and recipe["export"]["int8"] == "off":
+        raise RecipeError(
+            "`export.int8_required` is true but `export.int8` is off: set `export.int8` to "
+            "static or dynamic (or pass --int8), or drop `export.int8_required`."
+        )
     data = recipe["data"]
     mean, std, shape = data["mean"], data["std"], data["input_shape"]
     if (mean is None) != (std is None):

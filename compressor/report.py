@@ -39,6 +39,14 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
   theta (binary)}} (the learned per-channel scale and threshold of the shipped
   model), switch: None or {fraction, steps, trace [{step, t, sparse_accuracy}],
   sparse_accuracy_before, sparse_accuracy_after}} (the gradual switch from ReLU);
+- ``int8`` None (``export.int8: off``) or {mode (static|dynamic), required, file
+  (``model.int8.onnx``, or None when it was left out), passed, gate (as in ``gates``,
+  named ``int8_accuracy_drop``: baseline accuracy minus the INT8 model's, against
+  ``gates.max_accuracy_drop``; it joins ``gates`` only with ``export.int8_required``),
+  error, calibration_samples (static), onnx_checker, onnx_bytes, float_onnx_bytes,
+  size_x (float / int8 bytes), accuracy and float_accuracy (percent, onnxruntime,
+  validation split), top1_agreement (0..1, INT8 vs float ONNX), samples,
+  latency_ms {float: {batch_16: ms}, int8: {batch_16: ms}, speedup: {batch_16: x}}};
 - ``gates`` [{name, threshold, value, passed, detail}];
 - ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names];
 - ``error`` (only on a failed run): what went wrong.
@@ -172,6 +180,17 @@ def latency_section(
     return {"baseline": base, "compressed": comp, "speedup": speedup}
 
 
+def int8_latency(medians: Mapping[str, Mapping[int, float]]) -> dict:
+    """``{float, int8, speedup}`` (each ``{batch_N: ms}``; speedup = float / int8) from
+    ``export.measure_latency`` of the models named ``float`` and ``int8``."""
+    section = latency_section(medians, baseline="float", compressed="int8")
+    return {
+        "float": section["baseline"],
+        "int8": section["compressed"],
+        "speedup": section["speedup"],
+    }
+
+
 def target_summary(kind: str, asked: float, reached: float | None) -> dict:
     """``{kind, asked, reached, within}``; within: reached >= 95% of the asked factor."""
     within = _is_num(reached) and float(reached) >= TARGET_SLACK * float(asked)
@@ -256,6 +275,36 @@ def evaluate_gates(
             }
         )
     return gates
+
+
+def int8_gate(int8: Mapping, baseline_accuracy: Any, max_accuracy_drop: float | None) -> dict:
+    """The INT8 model's gate ``int8_accuracy_drop``: it was made without error, passed the
+    ONNX checker and (when ``max_accuracy_drop`` is set) lost at most that many points of
+    the baseline's accuracy. Same fields as :func:`evaluate_gates`' gates."""
+    acc = int8.get("accuracy")
+    drop = (
+        float(baseline_accuracy) - float(acc)
+        if _is_num(baseline_accuracy) and _is_num(acc)
+        else None
+    )
+    if int8.get("error"):
+        passed, detail = False, str(int8["error"])
+    elif not int8.get("onnx_checker"):
+        passed, detail = False, "the ONNX checker rejected it"
+    elif max_accuracy_drop is None:
+        passed, detail = True, "no accuracy gate"
+    elif drop is None:
+        passed, detail = False, "accuracy not measured"
+    else:
+        passed = drop <= max_accuracy_drop
+        detail = f"{drop:.2f} points {'<=' if passed else '>'} {max_accuracy_drop:g}"
+    return {
+        "name": "int8_accuracy_drop",
+        "threshold": float(max_accuracy_drop) if max_accuracy_drop is not None else None,
+        "value": drop,
+        "passed": bool(passed),
+        "detail": detail,
+    }
 
 
 def gates_passed(gates: Sequence[Mapping]) -> bool:
@@ -489,6 +538,32 @@ def _verification_lines(report: Mapping) -> list[str]:
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return lines
+
+
+def _int8_line(report: Mapping) -> list[str]:
+    q = report.get("int8")
+    if not q:
+        return []
+    gate = q.get("gate") or {}
+    mode = f"{q.get('mode')}{', required' if q.get('required') else ''}"
+    if not q.get("onnx_bytes"):
+        return [f"**INT8 ({mode}):** ❌ not shipped: {_cell(gate.get('detail'))}."]
+    lat = q.get("latency_ms") or {}
+    key = next(iter(_batch_keys(lat.get("float") or {}, lat.get("int8") or {})), "batch_16")
+    verdict = (
+        f"✅ `{_cell(q.get('file'))}`"
+        if q.get("file")
+        else f"❌ not shipped ({_cell(gate.get('detail'))})"
+    )
+    return [
+        f"**INT8 ({mode}):** {verdict}: {_bytes(q.get('onnx_bytes'))} "
+        f"({_x(q.get('size_x'))} smaller than model.onnx), accuracy {_pct(q.get('accuracy'))} "
+        f"(float {_pct(q.get('float_accuracy'))}), top-1 agreement with the float model "
+        f"{_pct(q.get('top1_agreement'), frac=True, digits=1)} of {_num(q.get('samples'))}, "
+        f"latency {key.replace('_', ' ')} {_ms((lat.get('int8') or {}).get(key))} ms vs "
+        f"{_ms((lat.get('float') or {}).get(key))} ms float "
+        f"({_x((lat.get('speedup') or {}).get(key))}); accuracy gate: {_cell(gate.get('detail'))}."
+    ]
 
 
 def _gate_lines(report: Mapping) -> list[str]:
@@ -726,6 +801,7 @@ def render_markdown(report: Mapping) -> str:
         _preprocessing_lines(report),
         _activation_line(report),
         _verification_lines(report),
+        _int8_line(report),
         _gate_lines(report),
         _epoch_lines(report),
         _layer_lines(report),

@@ -24,7 +24,7 @@ import yaml
 import compressor
 from compressor import cli
 from compressor.models import lenet5, resnet20
-from compressor.recipe import load_recipe
+from compressor.recipe import RecipeError, load_recipe
 
 FAST = [
     "--set", "train.bn_recalibration_batches=2",
@@ -562,3 +562,91 @@ def test_a_collapsed_model_fails_the_default_accuracy_gate(trained, tmp_path, ca
     assert "GATE FAILED (exit 3)" in head
     assert f"accuracy 100.0% → {comp:.1f}% ({comp - base:+.1f} points, gate 5.0)" in head
     assert "PASS (exit 0)" in (out / "previous" / "report.md").read_text().splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def test_int8_flag_sets_export_int8():
+    parse = cli.get_args_parser().parse_args
+    assert parse(["m.pt", "--int8"]).int8 == "static"
+    assert parse(["m.pt", "--int8", "dynamic"]).int8 == "dynamic"
+    assert parse(["m.pt"]).int8 is None
+    assert load_recipe("tl1-group")["export"]["int8"] == "off"
+    assert load_recipe("tl1-group", ["export.int8=off"])["export"]["int8"] == "off"  # YAML false
+    with pytest.raises(RecipeError, match="int8_required"):
+        load_recipe("tl1-group", ["export.int8_required=true"])
+
+
+def _int8_run(trained, out, capsys, *extra):
+    checkpoint, data = trained
+    return run_cli(
+        [
+            checkpoint, "--arch", "lenet5", "--data", data, "--out", out, "--device", "cpu",
+            "--target-macs", "1.5", "--set", "train.epochs=1",
+            "--set", "train.max_steps_per_epoch=2", *FAST, *extra,
+        ],
+        capsys,
+    )  # fmt: skip
+
+
+def test_int8_ships_beside_the_float_model_then_is_left_out_over_the_gate(
+    trained, tmp_path, capsys, monkeypatch
+):
+    import onnx
+
+    from compressor import export
+
+    out = tmp_path / "out"
+    code, _, err = _int8_run(trained, out, capsys, "--int8")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    q = report["int8"]
+    onnx.checker.check_model(str(out / "model.int8.onnx"), full_check=True)
+    assert q["mode"] == "static" and q["passed"] and q["file"] == "model.int8.onnx"
+    assert q["calibration_samples"] == 256 and q["onnx_checker"] is True
+    assert "model.int8.onnx" in report["outputs"]
+    assert q["onnx_bytes"] == (out / "model.int8.onnx").stat().st_size
+    assert (out / "model.onnx").stat().st_size >= 2.5 * q["onnx_bytes"]
+    assert q["float_accuracy"] == report["compressed"]["accuracy"] == 100.0
+    assert abs(q["accuracy"] - q["float_accuracy"]) <= 1.0 and q["top1_agreement"] >= 0.95
+    assert q["samples"] == 64
+    lat = q["latency_ms"]
+    assert lat["float"]["batch_16"] > 0 and lat["int8"]["batch_16"] > 0
+    assert lat["speedup"]["batch_16"] == pytest.approx(
+        lat["float"]["batch_16"] / lat["int8"]["batch_16"]
+    )
+    assert "int8_accuracy_drop" not in [g["name"] for g in report["gates"]]  # not required
+    md = (out / "report.md").read_text()
+    assert "**INT8 (static):** ✅ `model.int8.onnx`" in md
+
+    # an INT8 model 20 points less accurate: left out, the float model ships, exit 0
+    real = export.compare_onnx
+
+    def lossy(*args, **kwargs):
+        m = real(*args, **kwargs)
+        return {**m, "accuracy": m["accuracy"] - 20}
+
+    monkeypatch.setattr(export, "compare_onnx", lossy)
+    code, _, err = _int8_run(trained, out, capsys, "--int8", "dynamic")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    q = report["int8"]
+    assert q["mode"] == "dynamic" and q["passed"] is False and q["file"] is None
+    assert q["gate"]["detail"] == "20.00 points > 5"
+    assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()
+    assert (out / "previous" / "model.int8.onnx").is_file()  # the first run's, moved aside
+    assert "model.int8.onnx" not in report["outputs"]
+    assert (
+        "**INT8 (dynamic):** ❌ not shipped (20.00 points > 5)" in (out / "report.md").read_text()
+    )
+
+    # ... unless INT8 was required: the gate fails the run (exit 3)
+    code, _, err = _int8_run(trained, out, capsys, "--int8", "--set", "export.int8_required=true")
+    assert code == 3, err
+    report = json.loads((out / "report.json").read_text())
+    gate = next(g for g in report["gates"] if g["name"] == "int8_accuracy_drop")
+    assert gate["passed"] is False and gate["value"] == pytest.approx(20.0)
+    assert report["gates"][0]["name"] == "accuracy_drop" and report["gates"][0]["passed"]
+    assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()
+    assert not (out / "previous" / "model.int8.onnx").exists()  # the second run left none

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -267,3 +268,76 @@ def test_torchvision_export(arch, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [f"{arch}.onnx"]
     m = ex.verify_or_raise(model, path, torch.randn(3, 3, 64, 64), tolerance=1e-4)
     assert m["samples"] == 3
+
+
+# --------------------------------------------------------------------------- int8
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def example_onnx(tmp_path_factory):
+    """The bundled ResNet-20 (trained on Fashion-MNIST) exported once, with its data."""
+    from compressor import checkpoint, data
+
+    splits = data.load_data(EXAMPLE / "data.npz")
+    model = checkpoint.load_checkpoint(EXAMPLE / "model.pt", arch="resnet20", in_channels=1).model
+    path = tmp_path_factory.mktemp("example") / "model.onnx"
+    ex.export_onnx(model, splits.val[0][0][None], path)
+    return path, splits
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_int8_of_a_trained_resnet20_is_smaller_and_as_accurate(example_onnx, mode, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from compressor.data import subset
+
+    path, splits = example_onnx
+    calibration = torch.stack([x for x, _ in subset(splits.train, 256, 0)])
+    assert isinstance(ex._calibration_reader(path, calibration), CalibrationDataReader)
+    q = tmp_path / "model.int8.onnx"
+    made = ex.quantize_int8(path, q, mode=mode, calibration=calibration)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]  # no temp files
+    assert made == {"mode": mode, "calibration_samples": 256 if mode == "static" else None}
+    ex.check_onnx(q)
+    ops = ex.onnx_op_types(q)
+    assert ({"QuantizeLinear", "DequantizeLinear"} if mode == "static" else {"ConvInteger"}) <= ops
+    assert ex.onnx_size_bytes(path) >= 2.5 * ex.onnx_size_bytes(q)
+    val = torch.utils.data.DataLoader(splits.val, batch_size=100)
+    m = ex.compare_onnx(path, q, val)
+    assert m["samples"] == len(splits.val) == 1000
+    assert m["reference_accuracy"] > 90  # the float model is the trained one
+    assert abs(m["accuracy"] - m["reference_accuracy"]) <= 1.0
+    assert m["top1_agreement"] >= 0.95
+
+
+def test_static_int8_needs_calibration(exported, tmp_path):
+    _, path, _, _ = exported["lenet5"]
+    for calibration in (None, torch.empty(0, 1, 28, 28)):
+        with pytest.raises(BadInputError, match="calibration"):
+            ex.quantize_int8(path, tmp_path / "q.onnx", mode="static", calibration=calibration)
+    with pytest.raises(BadInputError, match="mode"):
+        ex.quantize_int8(path, tmp_path / "q.onnx", mode="int4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_onnx_counts_labels_and_agreement(exported, tmp_path):
+    model, path, _, _ = exported["lenet5"]
+    x = torch.randn(40, 1, 28, 28)
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+    labels = pred.clone()
+    labels[:10] = (labels[:10] + 1) % 10  # 10 of 40 wrong
+    same = ex.compare_onnx(path, path, [(x[:25], labels[:25]), (x[25:], labels[25:])])
+    assert same == {"reference_accuracy": 75.0, "accuracy": 75.0, "top1_agreement": 1.0,
+                    "samples": 40}  # fmt: skip
+    q = tmp_path / "q.onnx"
+    ex.quantize_int8(path, q)
+    m = ex.compare_onnx(path, q, x, batch_size=16)
+    assert m["reference_accuracy"] is None and m["accuracy"] is None and m["samples"] == 40
+    got = ex._OrtModel(q)(x.numpy()).argmax(1)
+    ref = ex._OrtModel(path)(x.numpy()).argmax(1)
+    assert m["top1_agreement"] == pytest.approx(float(np.mean(got == ref)))

@@ -6,6 +6,7 @@ Tiny runs only (LeNet-5 on random 1x12x12 npz data, a few steps per epoch);
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -476,3 +477,37 @@ def test_bad_input_found_late_leaves_out_as_it_was(lenet, tmp_path):
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir()) == sorted(str(k) for k in before)
+
+
+@pytest.mark.slow
+def test_int8_of_the_bundled_example_end_to_end(tmp_path):
+    """The bundled ResNet-20 on Fashion-MNIST, 4 steps to 2x fewer MACs, then static INT8 of
+    the compact model: 2.5x fewer bytes or better, as accurate as the float compact model.
+    Four steps cost the float model ~20 points, so the accuracy gate is off here (the INT8
+    gate itself: test_cli.py::test_int8_ships_beside_the_float_model_then_is_left_out...)."""
+    import onnx
+
+    from compressor import export
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"
+    out = tmp_path / "out"
+    report = compressor.compress(
+        str(example / "model.pt"), arch="resnet20", data=str(example / "data.npz"), out=out,
+        device="cpu", target_macs=2,
+        overrides=["train.epochs=1", "train.max_steps_per_epoch=4", "export.int8=static",
+                   "gates.max_accuracy_drop=null", "target.seek_accuracy_drop=null"],
+    )  # fmt: skip
+    assert report["exit_code"] == 0
+    q, compressed = report["int8"], report["compressed"]
+    path = out / "model.int8.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    assert q["file"] == "model.int8.onnx" and q["passed"] and "model.int8.onnx" in report["outputs"]
+    assert export.onnx_size_bytes(out / "model.onnx") >= 2.5 * path.stat().st_size
+    assert q["samples"] == 1000
+    assert q["float_accuracy"] == pytest.approx(compressed["accuracy"], abs=0.2)
+    assert abs(q["accuracy"] - compressed["accuracy"]) <= 1.0
+    assert q["top1_agreement"] >= 0.95
+    assert q["gate"]["value"] == pytest.approx(report["baseline"]["accuracy"] - q["accuracy"])
+    assert q["gate"]["detail"] == "no accuracy gate"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["int8"]["onnx_bytes"] == path.stat().st_size
