@@ -523,7 +523,8 @@ def _prune(run: Run) -> bool:
     change nothing; False when the check fails (exit 4)."""
     model, cfg = run.model, run.recipe
     with run.timer.stage("prune"):
-        run.sparse.finalize()
+        if cfg.train.epochs > 0:  # with no training, no penalty chose anything: w stays
+            run.sparse.finalize()
         if run.train_loader is not None:
             train.recalibrate_bn(
                 model, run.train_loader, run.device, cfg.train.bn_recalibration_batches

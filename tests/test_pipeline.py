@@ -15,6 +15,7 @@ import torch
 import compressor
 from compressor import cli
 from compressor.errors import CompressorError, VerificationError
+from compressor.models import lenet5
 from compressor.pipeline import STATE_DIR
 from compressor.recipe import load_recipe
 from tests.helpers import random_npz
@@ -511,3 +512,19 @@ def test_int8_of_the_bundled_example_end_to_end(tmp_path):
     assert q["gate"]["detail"] == "no accuracy gate"
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["int8"]["onnx_bytes"] == path.stat().st_size
+
+
+def test_no_training_removes_only_channels_that_are_already_zero(lenet, tmp_path):
+    """``train.epochs=0``: the shipped model computes what the input model computes."""
+    checkpoint, data = lenet
+    report = compressor.compress(
+        str(checkpoint), arch="lenet5", data=str(data), out=tmp_path / "out", device="cpu",
+        overrides=["train.epochs=0", "gates.max_accuracy_drop=null", *FAST],
+    )  # fmt: skip
+    assert report["exit_code"] == 0 and report["reduction"]["macs_x"] == 1.0
+    model = lenet5()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    shipped = compressor.load(tmp_path / "out" / "model.safetensors")
+    x = torch.randn(16, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(shipped.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
