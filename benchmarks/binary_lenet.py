@@ -14,6 +14,12 @@ The baseline is cached in ``benchmarks/.cache/lenet5_fmnist_e{E}_s{S}.pt``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/binary_lenet.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/binary_lenet.py --recipes tl1-group-2bit
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/binary_lenet.py --set target.seek_accuracy_drop=null
+
+Each configuration (recipe and ``--set`` overrides) is one row of ``runs``,
+keyed ``recipe`` or ``recipe --set key=value ...``, with the command that
+measured it; rows of other configurations already in the results file (same
+baseline) are kept.
 """
 
 from __future__ import annotations
@@ -92,17 +98,22 @@ def baseline(data_dir: Path, epochs: int, seed: int) -> tuple[Path, dict]:
     return path, splits
 
 
-def compress_and_test(checkpoint: Path, npz: Path, recipe: str, splits: dict, out: Path) -> dict:
-    """One ``compress`` run with the recipe's defaults; the compact model on the test set."""
+def compress_and_test(
+    checkpoint: Path, npz: Path, recipe: str, splits: dict, out: Path, overrides=()
+) -> dict:
+    """One ``compress`` run (the recipe's defaults, then ``overrides``, ``key=value``
+    as ``--set`` takes them); the compact model on the test set."""
     start = time.perf_counter()
     report = compressor.compress(
-        checkpoint, arch="lenet5", data=str(npz), recipe=recipe, out=out, device="cpu"
-    )
+        checkpoint, arch="lenet5", data=str(npz), recipe=recipe, out=out, device="cpu",
+        overrides=list(overrides),
+    )  # fmt: skip
     model = compressor.load(out / "model.safetensors")
     act = report["activations"] or {}
     return {
         "exit_code": report["exit_code"],
         "seconds": round(time.perf_counter() - start, 1),
+        "overrides": list(overrides),
         "epochs": report["recipe"]["train"]["epochs"],
         "bits": act.get("bits"),
         "binarized": act.get("swapped"),
@@ -124,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipes", nargs="+", default=list(GOALS))
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a recipe override for every run, as compress's --set (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -133,28 +148,32 @@ def main(argv: list[str] | None = None) -> int:
     fp_test = evaluate(full, splits["x_test"], splits["y_test"])
     fp_val = evaluate(full, splits["x_val"], splits["y_val"])
     log.info("full precision: test %.2f%%, val %.2f%%", fp_test, fp_val)
+    command = " ".join(["OMP_NUM_THREADS=1", ".venv/bin/python", *sys.argv])
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "fmnist.npz"
         keys = ("x_train", "y_train", "x_val", "y_val")
         np.savez(npz, **{k: splits[k].numpy() for k in keys})
         for recipe in args.recipes:
-            run = compress_and_test(checkpoint, npz, recipe, splits, Path(tmp) / recipe)
+            out = Path(tmp) / recipe
+            run = compress_and_test(checkpoint, npz, recipe, splits, out, args.overrides)
+            run["command"] = command
             run["test_drop"] = fp_test - run["test_accuracy"]
             run["goal_drop"] = GOALS.get(recipe)
             run["goal_met"] = run["goal_drop"] is not None and run["test_drop"] <= run["goal_drop"]
             log.info("%s: %s", recipe, json.dumps(run))
-            runs[recipe] = run
+            runs[" --set ".join([recipe, *args.overrides])] = run
+    base = {"epochs": args.baseline_epochs, "test_accuracy": fp_test, "val_accuracy": fp_val}
+    if args.out.exists():  # keep the other configurations' rows measured on this baseline
+        old = json.loads(args.out.read_text())
+        if old.get("baseline") == base:
+            runs = {**old.get("runs", {}), **runs}
     result = {
         "benchmark": "binary_lenet",
-        "command": " ".join(["OMP_NUM_THREADS=1", ".venv/bin/python", *sys.argv]),
+        "command": command,
         "model": "lenet5",
         "data": "Fashion-MNIST: 55,000 train, 5,000 validation (from train), 10,000 test",
-        "baseline": {
-            "epochs": args.baseline_epochs,
-            "test_accuracy": fp_test,
-            "val_accuracy": fp_val,
-        },
+        "baseline": base,
         "runs": runs,
         "machine": device_info(torch.device("cpu")),
     }

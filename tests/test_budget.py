@@ -211,3 +211,69 @@ def test_accuracy_seeker_gives_a_stage_over_budget_time_to_adapt():
     assert steps[:3] == pytest.approx([1.3, 1.3**2, 1.3**3])
     assert [row["within"] for row in seek.log][:4] == [True, False, True, False]
     assert seek.good_factor == pytest.approx(1.3**2)
+
+
+def test_accuracy_seeker_starts_after_start_step_and_resumes_before_it():
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    evaluated, snapshots = [], []
+    seek = AccuracySeeker(
+        budget, stages=3, evaluate=lambda: evaluated.append(step) or 90.0, baseline_accuracy=90.0,
+        max_drop=1.0, snapshot=lambda: snapshots.append(step), start_step=30,
+    )  # fmt: skip
+    assert seek.every == 9 and not seek.started and snapshots == [] and seek.factor == 1.0
+    norms = _norms(model, groups)
+    for step in range(1, 61):
+        if step == 20:  # a resume before the start stays before it
+            again = AccuracySeeker(
+                budget, stages=3, evaluate=lambda: 0.0, baseline_accuracy=90.0, max_drop=1.0,
+                start_step=30,
+            )  # fmt: skip
+            again.load_state_dict(seek.state_dict())
+            assert not again.started and budget.wants["macs"] == pytest.approx(1.0 + 1e-9)
+        seek.check(step)
+        if budget.frozen:
+            break
+        budget.thresholds(step, norms)
+    # begins the step after the start (the model of then is the fallback), checks a stage later
+    assert snapshots[0] == 31 and evaluated == [40, 49, 58]
+    assert [row["step"] for row in seek.log] == [40, 49, 58] and budget.frozen
+
+
+def test_build_starts_the_seeker_once_the_activation_switch_ends():
+    """With binarized activations no accuracy check comes while the switch still moves t:
+    every check sees t = 1 (the switch has run its step, BatchNorm recalibrated)."""
+    from compressor import method
+    from compressor.config import Recipe
+    from compressor.recipe import load_recipe
+
+    class Switch:  # as compressor.activations.ActivationSwitch counts its steps
+        def __init__(self, ramp):
+            self.step, self.ramp = 0, ramp
+
+        def __call__(self):
+            self.step = min(self.step + 1, self.ramp)
+
+    total = 40
+    for name, start in [("tl1-group-binary", 20), ("tl1-group", 0)]:
+        model = trained_like_resnet20()
+        groups = build_groups(model, torch.randn(1, 1, 16, 16))
+        recipe = Recipe.from_dict(load_recipe(name))
+        switch = Switch(round(recipe.activations.switch_fraction * total))
+        seen = []
+        hooks = method.SeekHooks(
+            evaluate=lambda switch=switch, seen=seen: seen.append(switch.step) or 100.0,
+            baseline_accuracy=100.0, snapshot=dict, restore=lambda state: None,
+        )  # fmt: skip
+        sparse = method.build(recipe, model, groups, total_steps=total, baseline={}, seek=hooks)
+        if start:
+            sparse.activation_switch = switch
+        seeker = sparse.seeker
+        assert seeker.start_step == start
+        assert seeker.budget.reach_step == round(start + 0.6 * (total - start))
+        for _ in range(total):
+            sparse.after_step()
+        assert seen and len(seen) == len(seeker.log)
+        if start:
+            assert all(s == switch.ramp for s in seen) and switch.ramp == start
+            assert min(row["step"] for row in seeker.log) > start

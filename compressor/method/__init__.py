@@ -165,12 +165,18 @@ def build(
         if budget.unreachable:
             raise BadInputError(unreachable_message(budget, baseline))
     elif seeking:
+        # With binarized activations the stages start once the activation switch ends
+        # (t = 1; compressor.activations.ActivationSwitch, same step count), so every
+        # check judges the quantised model; they span the reach share of what is left.
+        act = recipe.activations
+        start = round(act.switch_fraction * total_steps) if act.binarize else 0
+        reach = max(tgt.reach_fraction, SEEK_MIN_FRACTION)
         budget = BudgetController(
             [Target("macs", 1.0 + 1e-9, 1.0)],
             groups,
             scale,
             total_steps=total_steps,
-            reach_fraction=max(tgt.reach_fraction, SEEK_MIN_FRACTION),
+            reach_fraction=(start + reach * (total_steps - start)) / total_steps,
             balance=tgt.balance,
             schedule="immediate",
         )
@@ -182,6 +188,7 @@ def build(
             max_drop=tgt.seek_accuracy_drop,
             snapshot=seek.snapshot,
             restore=seek.restore,
+            start_step=start,
         )
     term = GROUP_TERMS[pen.group.kind]
     term_params = {name: getattr(pen.group, name) for name in term.parameters}

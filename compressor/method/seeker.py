@@ -32,16 +32,26 @@ class AccuracySeeker:
     ``patience`` more stages at the same reduction before it counts as failed. Once the step is below ``min_growth`` or the
     reach part of training is over, the last good zero set is frozen, so the
     rest of training recovers accuracy.
+
+    The stages span the steps after ``start_step`` up to the budget's
+    ``reach_step``. With binarized activations ``start_step`` is the step at
+    which the activation switch ends (``t = 1``, BatchNorm recalibrated): until
+    then the model is part full precision, and a check would judge a model that
+    is not the one that ships. The seeker begins (first ask, first snapshot) at
+    the first step after ``start_step``; ``start_step = 0``: at construction.
     """
 
     def __init__(
         self, budget: BudgetController, *, stages, evaluate, baseline_accuracy, max_drop,
-        growth=1.3, min_growth=1.05, snapshot=None, restore=None, patience=1,
+        growth=1.3, min_growth=1.05, snapshot=None, restore=None, patience=1, start_step=0,
     ):  # fmt: skip
         self.budget = budget
         self.snapshot, self.restore = snapshot, restore
-        self.saved = snapshot() if snapshot is not None else None
-        self.every = max(1, budget.reach_step // stages)
+        self.saved = None
+        self.start_step = int(start_step)
+        # the step it begins at: the first after start_step (0: at construction)
+        self.begin_step = self.start_step + 1 if self.start_step > 0 else 0
+        self.every = max(1, (budget.reach_step - self.begin_step) // stages)
         self.evaluate = evaluate
         self.baseline_accuracy = baseline_accuracy
         self.max_drop = max_drop
@@ -53,7 +63,15 @@ class AccuracySeeker:
         self.patience = patience
         self.waited = 0  # stages this reduction has been over budget in a row
         self.log: list[dict] = []
-        self._ask(min(growth, self.ceiling))
+        self.started = False
+        if self.begin_step == 0:
+            self._begin()
+
+    def _begin(self) -> None:
+        """The first stage: the model as it is now is the fallback, then ask for ``growth``."""
+        self.started = True
+        self.saved = self.snapshot() if self.snapshot is not None else None
+        self._ask(min(self.growth, self.ceiling))
 
     def _ask(self, factor: float) -> None:
         self.factor = factor
@@ -68,10 +86,13 @@ class AccuracySeeker:
             "saved": self.saved,
             "log": self.log,
             "waited": self.waited,
+            "started": self.started,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self._ask(state["factor"])
+        self.started = state.get("started", True)
+        if self.started:
+            self._ask(state["factor"])
         self.growth, self.good_factor = state["growth"], state["good_factor"]
         self.last_good, self.saved, self.log = state["last_good"], state["saved"], state["log"]
         self.waited = state.get("waited", 0)
@@ -79,7 +100,11 @@ class AccuracySeeker:
     def check(self, step: int) -> None:
         """At the end of each stage: keep and go on, or roll back and bisect, or freeze."""
         budget = self.budget
-        if step % self.every or budget.zero is None:
+        if step < self.begin_step:
+            return
+        if not self.started:
+            self._begin()
+        if step == self.begin_step or (step - self.begin_step) % self.every or budget.zero is None:
             return
         acc = self.evaluate()
         ok = self.baseline_accuracy - acc <= self.max_drop
