@@ -12,13 +12,16 @@ Accepted checkpoints (:func:`load_checkpoint`):
   from the file.
 
 Architectures (:func:`build_model`): compressor's built-ins (``resnet20``, ``lenet5``),
-torchvision classification models by name (never with downloaded weights), or
+torchvision classification models by name (never with downloaded weights), timm models
+as ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``; needs the ``timm`` extra), or
 ``package.module:callable`` imported with the current directory on ``sys.path``.
 
-A file never chooses code to run: a compact file's metadata may name a built-in or
-torchvision architecture, but one importable by path only loads when the user names it too
-(``arch=``, ``--arch``) or trusts the file (``trust_checkpoint=True``, ``--trust-checkpoint``);
-every metadata field is checked for type and range first.
+A file never chooses code to run: a compact file's metadata may name a built-in,
+torchvision or registered timm architecture (``timm:NAME`` with NAME in
+``timm.list_models()``, built only with ``num_classes`` / ``in_channels``), but one importable
+by path only loads when the user names it too (``arch=``, ``--arch``) or trusts the file
+(``trust_checkpoint=True``, ``--trust-checkpoint``); every metadata field is checked for type
+and range first.
 """
 
 from __future__ import annotations
@@ -73,8 +76,12 @@ COMPACT_FORMAT_VERSION = 1
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 _ARCH_HINT = (
     "a built-in ({builtins}), a torchvision classification model such as resnet18, "
-    "or package.module:callable for your own model"
+    "timm:NAME for a timm model, or package.module:callable for your own model"
 )
+TIMM_PREFIX = "timm:"
+# What a compact file's metadata may pass to timm.create_model for an architecture it chose:
+# sizes only (other keyword arguments such as checkpoint_path would let the file choose files).
+_TIMM_FILE_KWARGS = frozenset({"num_classes", "in_channels"})
 
 
 @dataclass
@@ -101,6 +108,41 @@ def _torchvision_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _is_timm(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX)
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError as exc:
+        raise CheckpointError(
+            f"timm architectures (--arch timm:NAME) need the timm package, which is not "
+            f'installed ({exc}). Install it with: pip install "compressor[timm]"'
+        ) from None
+    return timm
+
+
+@functools.cache
+def _timm_names() -> frozenset[str]:
+    return frozenset(_timm().list_models())
+
+
+def _timm_name(arch: str) -> str:
+    """NAME of ``timm:NAME``, checked against ``timm.list_models()``."""
+    name = arch[len(TIMM_PREFIX) :]
+    names = _timm_names()
+    if name in names:
+        return name
+    lowered = {n.lower(): n for n in names}
+    close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=3)]
+    hint = " Did you mean " + " or ".join(f"timm:{c}" for c in close) + "?" if close else ""
+    raise CheckpointError(
+        f"Unknown timm architecture {name!r} (--arch {arch}).{hint} Names are those of "
+        "timm.list_models() (without a pretrained tag such as .a1_in1k)."
+    )
 
 
 def list_architectures() -> list[str]:
@@ -208,7 +250,8 @@ def build_model(
     """A freshly initialised model (no downloaded weights) for ``arch``.
 
     ``arch``: a compressor built-in (``resnet20``, ``lenet5``), a torchvision classification
-    model name, or ``package.module:callable`` (imported with the current directory on
+    model name, ``timm:NAME`` (``timm.create_model(NAME, pretrained=False, num_classes=,
+    in_chans=)``), or ``package.module:callable`` (imported with the current directory on
     ``sys.path``; called with ``num_classes=`` / ``in_channels=`` when given and accepted).
     For torchvision models and callables without an ``in_channels`` argument,
     ``in_channels`` replaces the first convolution. Other ``kwargs`` (e.g. ``width`` for
@@ -223,6 +266,17 @@ def build_model(
     }
     if arch in BUILTIN_MODELS:
         return _call(BUILTIN_MODELS[arch], arch, {**sizes, **kwargs})
+    if _is_timm(arch):
+        name = _timm_name(arch)
+        create_model = _timm().create_model
+        timm_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+        if in_channels is not None:
+            timm_kwargs["in_chans"] = in_channels
+        return _call(
+            lambda **kw: create_model(name, pretrained=False, **kw),
+            arch,
+            {**timm_kwargs, **kwargs},
+        )
     if ":" in arch:
         fn = _import_callable(arch)
         accepted = {k: v for k, v in sizes.items() if _accepts(fn, k)}
@@ -537,9 +591,10 @@ def _last_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
 def _supports(arch: str, name: str) -> bool:
     if arch in BUILTIN_MODELS:
         return _accepts(BUILTIN_MODELS[arch], name)
-    if ":" in arch:
+    if ":" in arch and not _is_timm(arch):
         return _accepts(_import_callable(arch), name) or name == "in_channels"
-    return True  # torchvision: num_classes via get_model, in_channels via the first conv
+    return True  # torchvision: num_classes via get_model, in_channels via the first conv;
+    # timm: num_classes and in_chans via create_model
 
 
 def _fit_model(
@@ -1249,7 +1304,10 @@ def load(
 
 
 def _is_named_arch(arch: str) -> bool:
-    """Built by name (compressor's built-ins, torchvision): no code chosen by a file."""
+    """Built by name (compressor's built-ins, torchvision, registered timm models): no code
+    chosen by a file. An unknown ``timm:NAME`` raises (naming close matches)."""
+    if _is_timm(arch):
+        return bool(_timm_name(arch))
     return arch in BUILTIN_MODELS or (":" not in arch and arch in _torchvision_names())
 
 
@@ -1258,6 +1316,14 @@ def _compact_arch(path: Path, meta: Mapping[str, Any], arch: str | None, trust: 
     that the user neither named (``arch``) nor trusted."""
     saved = meta["arch"]
     if _is_named_arch(saved):
+        extra = sorted(set(meta.get("build_kwargs") or {}) - _TIMM_FILE_KWARGS)
+        if _is_timm(saved) and extra and not trust:
+            raise CheckpointError(
+                f"{path}: refused: its metadata names {saved} with build_kwargs "
+                f"{', '.join(extra)}; a weights file may only give a timm model its "
+                "num_classes and in_channels. If you trust the file, pass --trust-checkpoint "
+                "(trust_checkpoint=True)."
+            )
         if arch is not None and arch != saved:
             log.warning(
                 "%s is a compressor compact model of %s; ignoring --arch %s", path, saved, arch

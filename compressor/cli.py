@@ -61,7 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--arch",
-        help="torchvision model name, resnet20/lenet5, or pkg.module:callable (also the "
+        help="torchvision model name, resnet20/lenet5, timm:NAME (a timm model; pip install "
+        '"compressor[timm]"), or pkg.module:callable (also the '
         "consent to import the pkg.module:callable a compact model.safetensors names)",
     )
     p.add_argument(
