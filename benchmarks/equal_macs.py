@@ -83,7 +83,10 @@ TP_METHODS = ("tp-quickstart", "tp-quickstart-kd", "tp-reproduce", "tp-reproduce
 CANDIDATES = {
     "group l0 (recipe default)": [],
     "group tl1, a=0.1": ["penalty.group.kind=tl1", "penalty.group.a=0.1"],
-}
+    "group tl1, a=0.1, balance 1": [
+        "penalty.group.kind=tl1", "penalty.group.a=0.1", "target.balance=1.0",
+    ],
+}  # fmt: skip
 TUNE_TARGET = 4.0
 TP_REPRODUCE = {"iterative_steps": 400, "weight_decay": 5e-4}  # Torch-Pruning's benchmarks/main.py
 
@@ -264,7 +267,9 @@ def render(data: dict) -> str:
         f"{data.get('epochs')} epochs over {data.get('subset', 10000):,} training images for every "
         "method (same steps, schedule, augmentation); mean ± "
         "standard deviation over seeds (n per cell); accuracy on the test images. "
-        f"Command: `{data['command']}`.",
+        "Commands (in the order they ran): "
+        + "; ".join(f"`{c}`" for c in data.get("commands", [data["command"]]))
+        + ".",
         "",
         "Chosen on the validation split (4x, seed 0): "
         + ", ".join(f"{r['method']} {r['accuracy']:.2f}%" for r in tune)
@@ -273,8 +278,8 @@ def render(data: dict) -> str:
         "| method | " + " | ".join(f"{t:g}x: accuracy % | MACs x" for t in targets) + " |",
         "|---|" + "---|---|" * len(targets),
     ]
-    methods = [*TP_METHODS, *([chosen] if chosen else [])]
-    for method in methods:
+    measured = [c for c in CANDIDATES if any(r["method"] == c for r in runs)]
+    for method in [*TP_METHODS, *measured]:
         cells = []
         for t in targets:
             rows = [r for r in runs if r["method"] == method and r["target"] == t]
@@ -283,11 +288,14 @@ def render(data: dict) -> str:
                 continue
             cells += [f"{_spread([r['accuracy'] for r in rows])} (n={len(rows)})",
                       _spread([r["macs_x"] for r in rows])]  # fmt: skip
-        name = f"compressor: {method}" if method == chosen else method
+        name = method
+        if method in CANDIDATES:
+            name = f"compressor: {method}" + (" (chosen)" if method == chosen else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if chosen:
-        lines += ["", "compressor minus the best Torch-Pruning row (by mean) at each target, "
-                  "paired by seed: " + "; ".join(_margin(runs, chosen, t) for t in targets) + "."]  # fmt: skip
+    for method in measured:
+        lines += ["", f"compressor ({method}) minus the best Torch-Pruning row (by mean) at each "
+                  "target, paired by seed: " + "; ".join(_margin(runs, method, t) for t in targets)
+                  + "."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -333,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     results = Results(args.results, argv)
     if not args.render_only:
+        commands = results.data.setdefault("commands", [results.data["command"]])
+        this = command_line("benchmarks/equal_macs.py", argv)
+        if this not in commands:
+            commands.append(this)
         cache = Path(args.cache_dir)
         baseline = train_baseline(data_dir=args.data, epochs=8, cache_dir=cache)
         carved = carve(Path(args.data), cache, args.subset)
