@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import compressor  # noqa: E402
 from benchmarks.common import command_line, machine_info, write_json  # noqa: E402
+from benchmarks.equal_macs import run_compressor  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
 from benchmarks.tradeoff import (  # noqa: E402
     DEFAULT_CACHE,
@@ -68,10 +68,6 @@ VARIANTS = {  # the group term whose threshold the budget sets, and the budget's
     "group l0, uniform weighting": ["penalty.group.kind=l0", "penalty.group.weighting=uniform"],
 }  # fmt: skip
 REFERENCES = ("tp-magnitude", "tp-magnitude-kd")
-
-
-def train_overrides(epochs: int) -> list[str]:
-    return [f"train.epochs={epochs}", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01"]
 
 
 def run_reference(method: str, target: float, *, npz: Path, work: Path, seed: int, epochs: int):
@@ -103,34 +99,22 @@ def run_reference(method: str, target: float, *, npz: Path, work: Path, seed: in
 def run(
     variant: str, target: float, asked: float, *, npz: Path, work: Path, seed: int, epochs: int
 ) -> dict:
-    """One compress run asking for ``asked`` x fewer MACs; accuracy and reduction from its report."""
+    """One compress run asking for ``asked`` x fewer MACs (``equal_macs.run_compressor``)."""
     start = time.perf_counter()
-    report = compressor.compress(
-        str(BASELINE),
-        arch="resnet20",
-        data=str(npz),
-        recipe="tl1-group",
-        target_macs=asked,
-        out=str(work),
-        overrides=train_overrides(epochs) + VARIANTS[variant],
-        device="cpu",
-        seed=seed,
-    )
-    if "compressed" not in report:
-        raise RuntimeError(
-            f"compress failed (exit {report.get('exit_code')}): {report.get('error')}"
-        )
-    comp = report["compressed"]
+    row = run_compressor(
+        VARIANTS[variant], baseline=str(BASELINE), npz=npz, asked=asked, seed=seed,
+        epochs=epochs, work=work,
+    )  # fmt: skip
     return {
         "variant": variant,
         "target": target,
         "asked": asked,
         "seed": seed,
-        "baseline_accuracy": report["baseline"]["accuracy"],
-        "accuracy": comp["accuracy"],
-        "macs_x": report["baseline"]["macs"] / comp["macs"],
-        "channels_kept": comp["channels_kept"],
-        "overrides": train_overrides(epochs) + VARIANTS[variant],
+        "baseline_accuracy": row["baseline_accuracy"],
+        "accuracy": row["accuracy"],
+        "macs_x": row["baseline_macs"] / row["macs"],
+        "channels_kept": row["channels_kept"],
+        "overrides": row["details"]["overrides"],
         "wall_s": round(time.perf_counter() - start, 1),
     }
 

@@ -182,6 +182,8 @@ def run_compressor(overrides: list[str], *, baseline: str, npz: Path, asked: flo
     comp = report["compressed"]
     return {"accuracy": comp["accuracy"], "macs": comp["macs"], "params": comp["params"],
             "channels_kept": comp["channels_kept"], "exit_code": report["exit_code"],
+            "baseline_accuracy": report["baseline"]["accuracy"],
+            "baseline_macs": report["baseline"]["macs"],
             "details": {"asked_macs_x": asked, "overrides": compress_overrides(epochs) + overrides,
                         "timings_s": report.get("timings_s")}}  # fmt: skip
 

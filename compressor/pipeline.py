@@ -374,9 +374,7 @@ def _prepare_model(run: Run) -> None:
             run.switch = activations.ActivationSwitch(
                 run.model, cfg.train.epochs * run.steps_per_epoch, act.switch_fraction,
                 evaluate=lambda: _sparse_accuracy(run),
-                recalibrate=lambda: train.recalibrate_bn(
-                    run.model, run.train_loader, run.device, cfg.train.bn_recalibration_batches
-                ),
+                recalibrate=lambda: _recalibrate(run),
             )  # fmt: skip
     with run.timer.stage("groups"):
         run.groups = build_groups(run.model, run.example, keep=cfg.prune.keep)
@@ -473,9 +471,7 @@ def _epoch_row(run: Run, epoch: int, loss: float) -> dict:
     """The sparse model after an epoch: accuracy, sparsity, reduction, and the method's state."""
     model, groups, sparse = run.model, run.groups, run.sparse
     with sparse.sparse_weights():
-        train.recalibrate_bn(
-            model, run.train_loader, run.device, run.recipe.train.bn_recalibration_batches
-        )
+        _recalibrate(run)
         acc = train.evaluate(model, run.val_loader, run.device, run.progress)[0]
         tensors = dict(model.named_parameters())
         kept, total = metrics.channels_kept(groups, tensors)
@@ -523,12 +519,9 @@ def _prune(run: Run) -> bool:
     change nothing; False when the check fails (exit 4)."""
     model, cfg = run.model, run.recipe
     with run.timer.stage("prune"):
-        if cfg.train.epochs > 0:  # with no training, no penalty chose anything: w stays
-            run.sparse.finalize()
+        run.sparse.finalize()
         if run.train_loader is not None:
-            train.recalibrate_bn(
-                model, run.train_loader, run.device, cfg.train.bn_recalibration_batches
-            )
+            _recalibrate(run)
         run.verification = run.record.verification = {
             "onnx_checker": False,
             "samples": len(run.verify_inputs),
@@ -969,6 +962,13 @@ def _build_kwargs(loaded, num_classes: int, shape) -> dict:
     return kwargs
 
 
+def _recalibrate(run: Run) -> None:
+    """Re-estimate BatchNorm statistics on training batches (``train.bn_recalibration_batches``)."""
+    train.recalibrate_bn(
+        run.model, run.train_loader, run.device, run.recipe.train.bn_recalibration_batches
+    )
+
+
 def _sparse_accuracy(run: Run) -> float:
     """Validation accuracy of the sparse model ``u`` after BatchNorm recalibration; restores
     ``w`` and the BatchNorm statistics."""
@@ -979,9 +979,7 @@ def _sparse_accuracy(run: Run) -> float:
             for k, v in model.state_dict().items()
             if "running" in k or "num_batches" in k
         }
-        train.recalibrate_bn(
-            model, run.train_loader, run.device, run.recipe.train.bn_recalibration_batches
-        )
+        _recalibrate(run)
         acc = train.evaluate(model, run.val_loader, run.device)[0]
         model.load_state_dict(saved, strict=False)
     model.train()

@@ -522,6 +522,7 @@ def test_no_training_removes_only_channels_that_are_already_zero(lenet, tmp_path
         overrides=["train.epochs=0", "gates.max_accuracy_drop=null", *FAST],
     )  # fmt: skip
     assert report["exit_code"] == 0 and report["reduction"]["macs_x"] == 1.0
+    assert report["method"]["zero_set_chosen_by"].startswith("none: no training step")
     model = lenet5()
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     shipped = compressor.load(tmp_path / "out" / "model.safetensors")

@@ -180,9 +180,17 @@ class SparseTraining:
         with self.rvsm.sparse_weights():
             yield
 
+    @property
+    def trained(self) -> bool:
+        """Whether any training step ran: only then did a prox choose a zero set."""
+        return self.rvsm.step_count > 0
+
     def finalize(self) -> None:
-        """``w := u``: the model becomes the sparse model (with quantised activations: t = 1)."""
-        self.rvsm.finalize()
+        """``w := u``: the model becomes the sparse model (with quantised activations: t = 1).
+        With no training step ``w`` stays: no penalty has chosen anything yet (``u_0`` is the
+        prox of the untrained weights under the first step's thresholds)."""
+        if self.trained:
+            self.rvsm.finalize()
         if self.activation_switch is not None:
             self.activation_switch.finish()
 
@@ -213,8 +221,12 @@ class SparseTraining:
             "group_term": self.term.name,
             "group_weighting": self.weighting,
             "individual_term": self.lambdas.individual_kind,
-            "zero_set_chosen_by": "group prox threshold set by the budget"
-            if self.budget is not None
-            else "group prox with lambda / beta",
+            "zero_set_chosen_by": (
+                "none: no training step ran, the input model's weights are kept"
+                if not self.trained
+                else "group prox threshold set by the budget"
+                if self.budget is not None
+                else "group prox with lambda / beta"
+            ),
             "trace": list(self.trace.rows),
         }
