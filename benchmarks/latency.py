@@ -43,6 +43,7 @@ from compressor.export import (  # noqa: E402
     export_onnx,
     measure_latency_stats,
     onnx_size_bytes,
+    op_profile,
     verify_or_raise,
 )
 from compressor.groups import build_groups  # noqa: E402
@@ -155,7 +156,9 @@ def bench_model(
 
     if profile_batch:
         for k, path in paths.items():
-            prof = op_profile(path, shape, profile_batch, profile_runs, threads, seed)
+            prof = op_profile(
+                path, shape, batch=profile_batch, runs=profile_runs, threads=threads, seed=seed
+            )
             if k == "dense":
                 dense_profile = prof
             else:
@@ -205,60 +208,6 @@ def bench_model(
         },
         "compact": compact,
     }
-
-
-def _conv_kind(args: dict) -> str:
-    shapes = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
-    if len(shapes) < 2 or len(shapes[1]) != 4:
-        return "conv"
-    x, w = shapes[0], shapes[1]
-    in_ch = x[1] * (x[4] if len(x) == 5 else 1)  # NCHWc inputs are (N, C/b, H, W, b)
-    if w[1] == 1 and w[0] >= in_ch > 1:
-        return "depthwise conv"
-    return "1x1 conv" if w[2] == w[3] == 1 else f"{w[2]}x{w[3]} conv"
-
-
-def op_profile(path: Path, shape, batch: int, runs: int, threads: int | None, seed: int) -> dict:
-    """onnxruntime's own per-node timings, summed per kind of op (ms per run).
-
-    Convolutions are split by shape (depthwise, 1x1, kxk) and by kernel: ``NCHWc``
-    (MLAS's blocked-layout kernels, used when channel counts are multiples of the
-    block size: 8 with AVX2, 16 with AVX-512) or the plain NCHW path.
-    """
-    import json
-
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(path.with_suffix("")) + "_profile"
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
-    feed = {sess.get_inputs()[0].name: x}
-    sess.run(None, feed)  # warm-up (its events are dropped below by keeping the last runs)
-    for _ in range(runs):
-        sess.run(None, feed)
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    per_run = len(nodes) // (runs + 1)
-    nodes = nodes[per_run:]  # drop the warm-up run
-    totals: dict[str, float] = {}
-    for e in nodes:
-        op = e["args"].get("op_name", "?")
-        if op in ("Conv", "FusedConv"):
-            kind = _conv_kind(e["args"])
-            kind += " (NCHWc)" if "_nchwc" in e["name"] else " (plain NCHW)"
-        elif op in ("ReorderInput", "ReorderOutput"):
-            kind = "layout reorder"
-        else:
-            kind = op
-        totals[kind] = totals.get(kind, 0.0) + e["dur"] / 1e3 / runs
-    return dict(sorted(((k, round(v, 3)) for k, v in totals.items()), key=lambda kv: -kv[1]))
 
 
 def summarize(results: list[dict]) -> dict:

@@ -1,4 +1,4 @@
-"""ONNX export, verification against PyTorch, latency measurement and int8 quantization.
+"""ONNX export, verification against PyTorch, latency measurement and profiling, int8 quantization.
 
 Exporter choice (measured with torch 2.14, opset 18, random-init torchvision
 models at 1x3x64x64): the ``torch.export``-based exporter (``dynamo=True``, the
@@ -17,10 +17,12 @@ file), which limits a model to protobuf's 2 GB; larger models are refused.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import functools
 import io
+import json
 import logging
 import os
 import statistics
@@ -242,14 +244,23 @@ class _OrtModel:
 
     All sessions share the same options: errors-only logging, sequential
     execution and, when ``threads`` is given, that many intra-op threads and one
-    inter-op thread (otherwise onnxruntime's defaults).
+    inter-op thread (otherwise onnxruntime's defaults). With ``profile_prefix``,
+    onnxruntime records every node's run time (see :func:`op_profile`).
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        profile_prefix: str | os.PathLike | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only
+        if profile_prefix is not None:  # per-node timings, written by ``end_profiling()``
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(profile_prefix)
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
@@ -465,6 +476,76 @@ def measure_latency(
         threads=threads,
     )
     return {k: {b: s["median_ms"] for b, s in v.items()} for k, v in stats.items()}
+
+
+def _conv_kind(args: Mapping) -> str:
+    """``depthwise conv``, ``1x1 conv`` or ``KxK conv`` from a profiled Conv's input shapes."""
+    shapes = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
+    if len(shapes) < 2 or len(shapes[1]) != 4:
+        return "conv"
+    x, w = shapes[0], shapes[1]
+    in_ch = x[1] * (x[4] if len(x) == 5 else 1)  # NCHWc inputs are (N, C/b, H, W, b)
+    if w[1] == 1 and w[0] >= in_ch > 1:  # one input channel per group: group == channels
+        return "depthwise conv"
+    return "1x1 conv" if w[2] == w[3] == 1 else f"{w[2]}x{w[3]} conv"
+
+
+def _op_kind(event: Mapping) -> str:
+    """The kind of op a profiled node is: its op type, with convolutions split by shape and
+    kernel layout, and onnxruntime's layout conversions named ``layout reorder``."""
+    op = event["args"].get("op_name", "?")
+    if op in ("Conv", "FusedConv"):
+        layout = "NCHWc" if "_nchwc" in event["name"] else "plain NCHW"
+        return f"{_conv_kind(event['args'])} ({layout})"
+    if op in ("ReorderInput", "ReorderOutput"):
+        return "layout reorder"
+    return op
+
+
+def op_profile(
+    path: str | os.PathLike,
+    input_shape: Sequence[int],
+    *,
+    batch: int = 1,
+    runs: int = 5,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """onnxruntime's own per-node run times, summed per kind of op: ``{kind: ms per run}``,
+    slowest first.
+
+    The session has :func:`measure_latency_stats`'s options. One warm-up run on a random
+    batch of ``batch`` samples of ``input_shape`` is dropped, then each kind's time is its
+    median over ``runs`` runs (robust to a busy machine's slow runs); their sum is the time a
+    run spends in nodes, close to its latency (profiling adds a little to each node).
+
+    Kinds are onnxruntime's op types after its graph optimisations (an activation fused
+    into a convolution counts as the convolution), with convolutions split by shape
+    (``depthwise conv``, ``1x1 conv``, ``3x3 conv`` ...) and kernel: ``(NCHWc)``, MLAS's
+    blocked-layout kernels (channel counts padded up to the block size, 8 with AVX2
+    and 16 with AVX-512), or ``(plain NCHW)``; ``layout reorder`` is the
+    conversion to and from the blocked layout. The profile file is written into a
+    temporary folder, deleted before returning.
+    """
+    if runs < 1 or batch < 1:
+        raise BadInputError(f"`runs` and `batch` must be >= 1. Got {runs}, {batch}.")
+    x = np.random.default_rng(seed).standard_normal((int(batch), *map(int, input_shape)))
+    with tempfile.TemporaryDirectory(prefix="compressor-profile-") as tmp:
+        model = _OrtModel(path, threads, profile_prefix=Path(tmp) / "ort")
+        run = model.bind(x.astype(np.float32))
+        for _ in range(runs + 1):
+            run()
+        events = json.loads(Path(model.session.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    per_run: list[dict[str, float]] = [{} for _ in starts]  # kind -> ms, per run
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            kinds = per_run[bisect.bisect_right(starts, e["ts"]) - 1]
+            kind = _op_kind(e)
+            kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / 1e3
+    per_run = per_run[1:]  # without the warm-up run
+    medians = {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in set().union(*per_run)}
+    return {k: round(v, 4) for k, v in sorted(medians.items(), key=lambda kv: -kv[1])}
 
 
 # --------------------------------------------------------------------------- quantize

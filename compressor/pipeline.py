@@ -599,7 +599,8 @@ def _export_and_report(run: Run) -> dict:
 
 def _export_and_verify(run: Run) -> dict:
     """``model.onnx`` (checked, compared with PyTorch in onnxruntime), ``model.safetensors``;
-    returns the latency measured side by side with the baseline."""
+    returns the report's ``latency_ms``: the latency measured side by side with the baseline
+    and both models' onnxruntime profile per kind of op."""
     model, out, verification = run.model, run.out, run.verification
     onnx_path = out / "model.onnx"
     with run.timer.stage("export"):
@@ -615,10 +616,10 @@ def _export_and_verify(run: Run) -> dict:
         verification["torch_vs_onnxruntime_max_abs"] = ort["torch_vs_onnxruntime_max_abs"]
         verification["torch_vs_onnxruntime_relative"] = ort.get("relative_max_abs")
         verification["top1_agreement"] = ort["top1_agreement"]
-        baseline_onnx = out / STATE_DIR / "baseline.onnx"
-        latency = export.measure_latency(
-            {"baseline": baseline_onnx, "compressed": onnx_path}, tuple(run.shape), batch_sizes=(1,)
-        )
+        paths = {"baseline": out / STATE_DIR / "baseline.onnx", "compressed": onnx_path}
+        medians = export.measure_latency(paths, tuple(run.shape), batch_sizes=(1,))
+        profiles = {k: export.op_profile(path, run.shape, batch=1) for k, path in paths.items()}
+        latency = report_mod.latency_section(medians, op_profiles=profiles)
     with run.timer.stage("save"):
         ckpt.save_compact(
             model.cpu(),
@@ -761,7 +762,7 @@ def _assemble_report(run: Run, compressed: dict, latency: dict, int8: dict | Non
             "size_x": baseline["onnx_bytes"] / max(compressed["onnx_bytes"], 1),
         },
         "verification": run.verification,
-        "latency_ms": report_mod.latency_section(latency),
+        "latency_ms": latency,
         "layers": [
             {
                 "name": name,

@@ -23,7 +23,10 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
 - ``verification`` {onnx_checker, sparse_vs_pruned_max_abs,
   torch_vs_onnxruntime_max_abs, top1_agreement (0..1), samples, notes};
 - ``latency_ms`` {baseline: {batch_1: ms}, compressed: {batch_1: ms},
-  speedup: {batch_1: x}} (median onnxruntime CPU latency);
+  speedup: {batch_1: x}} (median onnxruntime CPU latency), and where profiled
+  ``op_profile_ms`` {baseline: {kind: ms}, compressed: {kind: ms}}: onnxruntime's
+  per-node profile at the same batch, summed per kind of op (``export.op_profile``),
+  slowest first;
 - ``layers`` [{name, type, shape_before, shape_after, sparsity}] (shape[0] is
   the number of output channels);
 - ``epochs`` [{epoch, loss, accuracy, weight_sparsity, channel_sparsity, beta,
@@ -82,6 +85,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CHANNELS_PNG = "channels_per_layer.png"
 TRAINING_PNG = "training.png"
+OP_PROFILE_ROWS = 8  # op kinds in report.md's profile table; the rest are summed as "other"
 
 # target kind -> key of ``reduction`` holding the reached factor
 _TARGET_KEYS = {"macs": "macs_x", "params": "params_x", "size": "size_x"}
@@ -172,12 +176,21 @@ def latency_section(
     *,
     baseline: str = "baseline",
     compressed: str = "compressed",
+    op_profiles: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict:
-    """Turn ``{name: {batch: ms}}`` (as from ``export.measure_latency``) into ``latency_ms``."""
+    """Turn ``{name: {batch: ms}}`` (as from ``export.measure_latency``) into ``latency_ms``;
+    ``op_profiles`` ``{name: {kind: ms}}`` (as from ``export.op_profile``) adds
+    ``op_profile_ms``."""
     base = {f"batch_{b}": float(ms) for b, ms in medians.get(baseline, {}).items()}
     comp = {f"batch_{b}": float(ms) for b, ms in medians.get(compressed, {}).items()}
     speedup = {k: _ratio(base[k], comp[k]) for k in base if k in comp}
-    return {"baseline": base, "compressed": comp, "speedup": speedup}
+    section = {"baseline": base, "compressed": comp, "speedup": speedup}
+    if op_profiles is not None:
+        section["op_profile_ms"] = {
+            "baseline": dict(op_profiles.get(baseline, {})),
+            "compressed": dict(op_profiles.get(compressed, {})),
+        }
+    return section
 
 
 def int8_latency(medians: Mapping[str, Mapping[int, float]]) -> dict:
@@ -516,6 +529,34 @@ def _summary_table(report: Mapping) -> list[str]:
     return lines
 
 
+def _op_profile_lines(report: Mapping) -> list[str]:
+    """Where the time went: the ``OP_PROFILE_ROWS`` op kinds slowest in either model (in order
+    of baseline time), the rest as "other", and the total."""
+    prof = (report.get("latency_ms") or {}).get("op_profile_ms") or {}
+    base, comp = prof.get("baseline") or {}, prof.get("compressed") or {}
+    if not (base or comp):
+        return []
+    kinds = sorted(set(base) | set(comp), key=lambda k: -max(base.get(k, 0), comp.get(k, 0)))
+    shown = sorted(kinds[:OP_PROFILE_ROWS], key=lambda k: (-base.get(k, 0), -comp.get(k, 0)))
+    rest = kinds[OP_PROFILE_ROWS:]
+    rows = [(k, base.get(k), comp.get(k)) for k in shown]  # None: not in that model
+    if rest:
+        rows.append(("other", *(sum(p.get(k, 0.0) for k in rest) for p in (base, comp))))
+    rows.append(("total", sum(base.values()), sum(comp.values())))
+    return [
+        "### Where the time went",
+        "",
+        "onnxruntime's per-node profile at the batch of the latency above, summed per kind of op "
+        "(ms per run; an activation fused into a convolution counts as the convolution; "
+        "NCHWc = blocked-layout kernels, layout reorder = conversions to and from that layout).",
+        "",
+        *_table(
+            ["Op kind", "Baseline ms", "Compressed ms", "Baseline ÷ compressed"],
+            [[_cell(k), _ms(b), _ms(c), _x(_ratio(b, c))] for k, b, c in rows],
+        ),
+    ]
+
+
 def _verification_lines(report: Mapping) -> list[str]:
     v = report.get("verification") or {}
     if not v:
@@ -796,6 +837,7 @@ def render_markdown(report: Mapping) -> str:
     sections = [
         [_headline(report)],
         _summary_table(report),
+        _op_profile_lines(report),
         _target_line(report),
         _method_line(report),
         _preprocessing_lines(report),

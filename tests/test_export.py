@@ -341,3 +341,54 @@ def test_compare_onnx_counts_labels_and_agreement(exported, tmp_path):
     got = ex._OrtModel(q)(x.numpy()).argmax(1)
     ref = ex._OrtModel(path)(x.numpy()).argmax(1)
     assert m["top1_agreement"] == pytest.approx(float(np.mean(got == ref)))
+
+
+# --------------------------------------------------------------------------- op profile
+
+
+def _layout_free(kind: str) -> str:
+    """``3x3 conv (NCHWc)`` -> ``3x3 conv``: the kernel layout depends on the CPU."""
+    return kind.split(" (")[0]
+
+
+def test_op_profile_sums_to_the_run_time(tmp_path, monkeypatch):
+    """Conv dominates a conv model; the kinds' medians add up to about a measured run,
+    and the profile file is deleted (nothing beside the model, nothing in the working dir)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    )  # fmt: skip
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "conv.onnx"
+    ex.export_onnx(model, torch.randn(1, 3, 48, 48), path, exporters=("torchscript",))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    prof = ex.op_profile(path, (3, 48, 48), batch=2, runs=5, threads=1)
+    assert _layout_free(next(iter(prof))) == "3x3 conv"  # slowest first
+    assert list(prof.values()) == sorted(prof.values(), reverse=True)
+    assert all(ms > 0 for ms in prof.values())
+    lat = ex.measure_latency_stats({"m": path}, (3, 48, 48), batch_sizes=(2,), threads=1)
+    ratio = sum(prof.values()) / lat["m"][2]["median_ms"]
+    assert 0.5 < ratio < 1.5, (prof, lat)  # measured: 0.94-1.07 on a loaded 2-core machine
+    assert list(work.iterdir()) == [] and [p.name for p in path.parent.iterdir()] == ["conv.onnx"]
+    with pytest.raises(BadInputError):
+        ex.op_profile(path, (3, 48, 48), runs=0)
+
+
+def test_op_profile_labels_convolutions_by_shape(tmp_path):
+    """A depthwise conv is labelled depthwise; one-input-channel and grouped convs are not."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),  # in_channels 1: weight (16, 1, 3, 3), yet not depthwise
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),  # depthwise
+        nn.Conv2d(16, 16, 7, padding=3, groups=4),  # grouped, 4 channels per group
+        nn.Conv2d(16, 8, 1),
+        nn.Conv2d(8, 8, 5, padding=2, groups=8),  # depthwise 5x5
+    )
+    path = tmp_path / "dw.onnx"
+    ex.export_onnx(model, torch.randn(1, 1, 16, 16), path, exporters=("torchscript",))
+    prof = ex.op_profile(path, (1, 16, 16), runs=1, threads=1)
+    convs = {_layout_free(k) for k in prof if "conv" in k}
+    # each kernel size names one conv above: 3x3 the first, 7x7 the grouped one
+    assert convs == {"3x3 conv", "depthwise conv", "7x7 conv", "1x1 conv"}, prof

@@ -361,3 +361,84 @@ def test_markdown_states_the_input_preprocessing_and_both_sparsities():
         if line.startswith("**Input preprocessing**")
     )
     assert "used as stored" in line and "mean" not in line
+
+
+# --------------------------------------------------------------------------- op profile
+
+PROFILE = {
+    "baseline": {"3x3 conv (NCHWc)": 8.0, "depthwise conv (NCHWc)": 4.0, "1x1 conv (NCHWc)": 2.0,
+                 "layout reorder": 1.0, "MaxPool": 0.5, "Add": 0.4, "Gemm": 0.3, "Relu": 0.2,
+                 "Reshape": 0.06, "Flatten": 0.04},
+    "compressed": {"3x3 conv (plain NCHW)": 5.0, "depthwise conv (NCHWc)": 1.0,
+                   "1x1 conv (NCHWc)": 1.0, "layout reorder": 2.0, "MaxPool": 0.25, "Add": 0.2,
+                   "Gemm": 0.1, "Relu": 0.1, "Reshape": 0.05, "Flatten": 0.05},
+}  # fmt: skip
+
+
+def _profile_rows(md: str) -> dict[str, list[str]]:
+    """The "where the time went" table of report.md: {op kind: [baseline, compressed, ratio]}."""
+    lines = md.splitlines()
+    start = lines.index("### Where the time went")
+    header = next(i for i in range(start, len(lines)) if lines[i].startswith("| Op kind"))
+    rows = {}
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_latency_section_keeps_the_op_profiles():
+    lat = rp.latency_section({"baseline": {1: 2.0}, "compressed": {1: 1.0}}, op_profiles=PROFILE)
+    assert lat["op_profile_ms"] == PROFILE and lat["speedup"] == {"batch_1": 2.0}
+    assert "op_profile_ms" not in rp.latency_section({"baseline": {1: 2.0}})
+
+
+def test_markdown_shows_where_the_time_went():
+    """The top 8 kinds of either model, by baseline time, then "other" and "total"."""
+    r = synthetic()
+    r["latency_ms"] = rp.latency_section(
+        {"baseline": {1: 1.5}, "compressed": {1: 0.75}}, op_profiles=PROFILE
+    )
+    rows = _profile_rows(rp.render_markdown(r))
+    assert list(rows) == [
+        "3x3 conv (NCHWc)", "depthwise conv (NCHWc)", "1x1 conv (NCHWc)", "layout reorder",
+        "MaxPool", "Add", "Gemm", "3x3 conv (plain NCHW)", "other", "total",
+    ]  # fmt: skip
+    assert rows["depthwise conv (NCHWc)"] == ["4.00", "1.00", "4.00x"]
+    assert rows["layout reorder"] == ["1.00", "2.00", "0.50x"]  # slower after compression
+    assert rows["3x3 conv (NCHWc)"][1] == "—"  # not in the compressed model
+    assert rows["3x3 conv (plain NCHW)"][0] == "—"
+    assert rows["other"] == ["0.300", "0.200", "1.50x"]  # Relu, Reshape, Flatten
+    assert rows["total"][:2] == ["16.50", "9.75"]
+    r["latency_ms"] = rp.latency_section({"baseline": {1: 1.5}, "compressed": {1: 0.75}})
+    assert "Where the time went" not in rp.render_markdown(r)
+
+
+def test_compress_records_the_op_profile(lenet, tmp_path, monkeypatch, one_thread):
+    """A real run: report.json holds both models' profiles, report.md tabulates them, and
+    no profile file is left in the output folder or the working directory."""
+    import compressor
+
+    checkpoint, data = lenet
+    work, out = tmp_path / "cwd", tmp_path / "out"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    compressor.compress(
+        str(checkpoint), arch="lenet5", data=str(data), out=out, device="cpu",
+        overrides=["train.epochs=1", "train.max_steps_per_epoch=2", "gates.max_accuracy_drop=null",
+                   "train.bn_recalibration_batches=2", "export.verify_samples=8"],
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    prof = report["latency_ms"]["op_profile_ms"]
+    assert set(prof) == {"baseline", "compressed"}
+    for side in prof.values():
+        assert any("conv" in k for k in side) and "Gemm" in side, side
+        assert all(ms > 0 for ms in side.values())
+    rows = _profile_rows((out / "report.md").read_text())
+    assert set(rows) - {"other", "total"} <= set(prof["baseline"]) | set(prof["compressed"])
+    assert next(iter(prof["baseline"])) in rows  # the slowest kind is shown
+    assert list(work.iterdir()) == []
+    assert not [p for p in out.rglob("*") if "profile" in p.name or p.suffix == ".json"
+                and p.name != "report.json"]  # fmt: skip
