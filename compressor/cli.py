@@ -37,6 +37,17 @@ def _floats(text: str) -> list[float]:
         ) from exc
 
 
+def _workers(text: str) -> str:
+    """``--workers``: ``auto`` or an int >= 0, kept as text for ``--set data.workers=...``."""
+    value = text.strip().lower()
+    if value == "auto" or (value.isdigit() and value.isascii()):
+        return value if value == "auto" else str(int(value))
+    raise argparse.ArgumentTypeError(
+        f"must be 'auto' or a number of worker processes >= 0 (the recipe's data.workers). "
+        f"Got {text!r} instead; pass 0 to load data in the training process."
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compress",
@@ -83,6 +94,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="override a recipe key, e.g. --set train.epochs=3 (repeatable)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N|auto",
+        help="data-loader worker processes (sets data.workers; default auto: for an ImageFolder, "
+        "decoded image by image, the usable CPUs minus one, at most 8; 0 for .npz, idx and "
+        "CIFAR data, held in memory, where workers only add copies; 0 loads in the training "
+        "process)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-accuracy-drop",
@@ -175,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             mean=args.mean,
             std=args.std,
             out=args.out,
-            overrides=[*args.overrides, *([f"export.int8={args.int8}"] if args.int8 else [])],
+            overrides=[
+                *args.overrides,
+                *([f"export.int8={args.int8}"] if args.int8 else []),
+                *([f"data.workers={args.workers}"] if args.workers is not None else []),
+            ],
             device=args.device,
             seed=args.seed,
             max_accuracy_drop=args.max_accuracy_drop,

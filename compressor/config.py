@@ -125,6 +125,8 @@ class Data:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     input_shape: tuple[int, ...] | None
+    augment: str  # auto | none | standard (training split only)
+    workers: int | str  # loader processes: an int >= 0, or "auto"
 
 
 @dataclass(frozen=True)

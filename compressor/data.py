@@ -11,7 +11,17 @@ Accepted formats, detected from the path:
 
 Samples are ``(float32 CHW tensor, int64 label)``. uint8 pixels are scaled to [0, 1];
 then ``(x - mean) / std`` when mean/std are given. Array formats stay in memory as
-uint8 where possible and are converted batch by batch (``__getitems__``).
+uint8 where possible and are converted batch by batch (``__getitems__``); image folders
+are decoded one file per ``__getitem__``, so loader workers decode them in parallel.
+
+Augmentation (``augment``, the recipe's ``data.augment``) touches the training split
+only. ``standard``: a random resized crop and a horizontal flip for ImageNet-size images
+(the smaller side >= :data:`LARGE_SIDE`), a random crop of the image padded by side/8
+and a flip for small ones; image folders are then evaluated resized by 256/224 and
+center-cropped (large images; small ones are only resized). ``auto``: standard for image
+folders, none for the in-memory formats. Random draws come from torch's generator of the
+process that decodes the sample: the run's seeded one with no workers, else the one
+torch seeds per worker from the train loader's seeded generator.
 """
 
 from __future__ import annotations
@@ -37,12 +47,15 @@ from compressor.errors import DataError
 
 __all__ = [
     "FORMATS",
+    "LARGE_SIDE",
+    "MAX_AUTO_WORKERS",
     "ArrayDataset",
     "DataSplits",
     "check_input_shape",
     "check_labels",
     "load_data",
     "make_loaders",
+    "resolve_workers",
     "subset",
 ]
 
@@ -55,6 +68,11 @@ FORMATS = (
     "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz])",
     "a CIFAR-10 python batches directory (data_batch_1..5, test_batch)",
 )
+
+AUGMENTS = ("auto", "none", "standard")  # the recipe's data.augment (its schema names them too)
+LARGE_SIDE = 64  # from this smaller image side on, ``standard`` uses ImageNet-style crops
+EVAL_RESIZE = 256 / 224  # image folders are evaluated resized by this, then center-cropped
+MAX_AUTO_WORKERS = 8  # ``workers: auto`` uses at most this many loader processes
 
 
 @dataclass
@@ -71,20 +89,30 @@ class DataSplits:
     # what the stored values are multiplied by before mean/std: 1/255 for uint8 images
     # (ImageFolder too), 1.0 for float arrays (used as stored)
     scale: float = 1 / 255
+    augment: str = "none"  # the training split's augmentation: "none" or "standard"
+
+    @property
+    def decoded_per_item(self) -> bool:
+        """Whether samples are decoded from files one by one (loader workers help) rather
+        than sliced from arrays in memory (workers only add copies)."""
+        return self.source == "imagefolder"
 
 
 class ArrayDataset(Dataset):
     """In-memory images ``x`` (N, C, H, W; uint8 or float) and labels ``y`` (N,) int64.
 
     Samples are float32: uint8 scaled by 1/255, then normalised by ``mean``/``std``.
+    ``augment``, when given, transforms each stored (C, H, W) image first (a random crop
+    and flip: see :func:`_train_augmentation`).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean=None, std=None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean=None, std=None, augment=None):
         self.x = x
         self.y = y.to(torch.int64)
         c = x.shape[1]
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(c, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(c, 1, 1)
+        self.augment = augment
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -96,11 +124,17 @@ class ArrayDataset(Dataset):
         return x
 
     def __getitem__(self, index):
-        return self._convert(self.x[index]), self.y[index]
+        x = self.x[index]
+        if self.augment is not None:
+            x = self.augment(x)
+        return self._convert(x), self.y[index]
 
     def __getitems__(self, indices):
         index = torch.as_tensor(indices, dtype=torch.int64)
-        xs = self._convert(self.x[index])
+        x = self.x[index]
+        if self.augment is not None:
+            x = torch.stack([self.augment(v) for v in x])
+        xs = self._convert(x)
         return list(zip(xs.unbind(0), self.y[index].unbind(0), strict=True))
 
 
@@ -114,13 +148,22 @@ def load_data(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     input_shape: Sequence[int] | None = None,
+    augment: str = "none",
 ) -> DataSplits:
     """Read the data at ``spec``; see the module docstring for the formats.
 
     ``input_shape`` (C, H, W), when given, is what samples are converted to: resized to
     H x W, and converted to grayscale (C == 1) or replicated to 3 channels (C == 3 from 1).
+    ``augment`` (``auto``, ``none`` or ``standard``; the recipe's ``data.augment``, whose
+    default is ``auto``) is the training split's augmentation, see the module docstring;
+    the result's ``augment`` says which one was applied.
     """
     path = Path(spec).expanduser()
+    if augment not in AUGMENTS:
+        raise DataError(
+            f"The augmentation must be one of {', '.join(AUGMENTS)} (`data.augment`). "
+            f"Got {augment!r} instead."
+        )
     if not path.exists():
         raise DataError(f"Data path {path} does not exist. Pass one of: {_formats()}.")
     if input_shape is not None:
@@ -139,7 +182,8 @@ def load_data(
     if path.is_file() and path.suffix == ".npz":
         source, loaded = "npz", _load_npz(path)
     elif path.is_dir() and (path / "train").is_dir() and (path / "val").is_dir():
-        return _load_imagefolder(path, mean=mean, std=std, input_shape=input_shape)
+        augment = "standard" if augment == "auto" else augment
+        return _load_imagefolder(path, mean=mean, std=std, input_shape=input_shape, augment=augment)
     elif path.is_dir() and _find_idx(path, "train", "images", required=False) is not None:
         source, loaded = "idx", _load_idx_dir(path)
     elif path.is_dir() and _cifar_dir(path) is not None:
@@ -158,8 +202,10 @@ def load_data(
     shape = tuple(int(v) for v in x_train.shape[1:])
     _check_mean_std(mean, std, shape[0], path)
     max_label = int(max(y_train.max(), y_val.max()))
+    augment = "none" if augment == "auto" else augment  # in memory: as stored unless asked
+    crop = transforms.Compose(_train_augmentation(shape[1:])) if augment == "standard" else None
     return DataSplits(
-        train=ArrayDataset(x_train, y_train, mean, std),
+        train=ArrayDataset(x_train, y_train, mean, std, augment=crop),
         val=ArrayDataset(x_val, y_val, mean, std),
         num_classes=max_label + 1,
         input_shape=shape,
@@ -167,6 +213,7 @@ def load_data(
         path=str(path),
         max_label=max_label,
         scale=scale,
+        augment=augment,
     )
 
 
@@ -237,13 +284,40 @@ def check_input_shape(splits: DataSplits, expected_shape: Sequence[int | None]) 
     )
 
 
+def resolve_workers(workers: int | str, splits: DataSplits) -> int:
+    """Loader worker processes for ``workers`` (the recipe's ``data.workers``: an int >= 0,
+    or ``auto``).
+
+    ``auto``: for data decoded per item (image folders), the CPUs this process may use
+    (``os.sched_getaffinity``) shared among the ranks on this host (``LOCAL_WORLD_SIZE``),
+    less one for the training process, at most :data:`MAX_AUTO_WORKERS`; 0 for in-memory
+    arrays, whose batches are one slice: workers would only add inter-process copies.
+    """
+    if workers != "auto":
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise DataError(
+                f"The number of loader workers must be an int >= 0 or 'auto' (`data.workers`, "
+                f"--workers). Got {workers!r} instead."
+            )
+        return workers
+    if not splits.decoded_per_item:
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(MAX_AUTO_WORKERS, cpus // ranks - 1))
+
+
 def make_loaders(
     splits: DataSplits,
     *,
     batch_size: int,
     seed: int,
     distributed: bool = False,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader (shuffled with a seeded generator) and val loader (in order).
 
@@ -251,8 +325,29 @@ def make_loaders(
     ``train_loader.sampler.set_epoch(epoch)`` each epoch); the val sampler pads the last
     ranks with repeated samples, so exact val metrics should be computed on one rank.
     A final train batch of a single sample is dropped (BatchNorm cannot train on it).
+
+    ``num_workers`` (an int, or ``auto``: see :func:`resolve_workers`) processes decode
+    batches; ``pin_memory`` (for a CUDA device) has them copied into pinned memory. The
+    val loader keeps its workers between passes (``persistent_workers``) and seeds them
+    from a generator of its own, so evaluating draws nothing from the run's random
+    streams. The train loader starts its workers per pass: each pass then draws the
+    workers' seeds and the shuffle from the loader's generator exactly as with no
+    workers, so ``--resume``, which restores that generator, repeats the shuffles and
+    augmentations of an unbroken run (persistent workers would carry their random state
+    over from the epochs before the interruption).
     """
-    common = {"num_workers": num_workers, "persistent_workers": num_workers > 0}
+    num_workers = resolve_workers(num_workers, splits)
+    common = {"num_workers": num_workers, "pin_memory": pin_memory}
+    val_common = dict(common)
+    if num_workers > 0:
+        val_common.update(persistent_workers=True, generator=torch.Generator().manual_seed(seed))
+    log.info(
+        "data: %s, training augmentation %s, %d loader worker(s)%s",
+        splits.source,
+        splits.augment,
+        num_workers,
+        ", pinned memory" if pin_memory else "",
+    )
     if distributed:
         train_sampler = DistributedSampler(splits.train, shuffle=True, seed=seed)
         val_sampler = DistributedSampler(splits.val, shuffle=False)
@@ -264,7 +359,7 @@ def make_loaders(
             drop_last=per_rank % batch_size == 1 and per_rank > 1,
             **common,
         )
-        val = DataLoader(splits.val, batch_size=batch_size, sampler=val_sampler, **common)
+        val = DataLoader(splits.val, batch_size=batch_size, sampler=val_sampler, **val_common)
         return train, val
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -277,7 +372,7 @@ def make_loaders(
         drop_last=n % batch_size == 1 and n > 1,
         **common,
     )
-    val = DataLoader(splits.val, batch_size=batch_size, shuffle=False, **common)
+    val = DataLoader(splits.val, batch_size=batch_size, shuffle=False, **val_common)
     return train, val
 
 
@@ -685,28 +780,81 @@ class _ImageFolder(datasets.ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
 
-def _load_imagefolder(path: Path, *, mean, std, input_shape) -> DataSplits:
-    steps = []
+def _train_augmentation(size: Sequence[int]) -> list:
+    """The ``standard`` training augmentation to images of ``size`` (H, W), PIL or tensor.
+
+    The smaller side >= :data:`LARGE_SIDE` (ImageNet-size): a random crop of 8-100% of
+    the area and 3/4-4/3 aspect ratio resized to ``size`` (``RandomResizedCrop``, as in
+    torchvision's ImageNet recipe). Smaller (CIFAR-size): a random ``size`` crop of the
+    image zero-padded by side/8 on each edge (4 pixels at 32). Both then flip
+    horizontally with probability 1/2.
+    """
+    h, w = (int(v) for v in size)
+    if min(h, w) >= LARGE_SIDE:
+        crop = transforms.RandomResizedCrop((h, w), antialias=True)
+    else:
+        crop = transforms.RandomCrop((h, w), padding=max(1, min(h, w) // 8))
+    return [crop, transforms.RandomHorizontalFlip()]
+
+
+class _ResizeCover:
+    """Resize a PIL image, aspect kept, so that it covers ``size`` (H, W) times ``ratio``:
+    for a square ``size`` this is ``Resize(round(side * ratio))``."""
+
+    def __init__(self, size: Sequence[int], ratio: float):
+        self.size, self.ratio = tuple(int(v) for v in size), ratio
+
+    def __call__(self, img):
+        w, h = img.size
+        scale = self.ratio * max(self.size[0] / h, self.size[1] / w)
+        return transforms.functional.resize(
+            img, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, ratio={self.ratio:.4f})"
+
+
+def _folder_transforms(size, augment: str, tail: list):
+    """(train, val) transforms of an image folder: the geometry for ``augment``, then
+    ``tail`` (colour conversion, to tensor, normalisation). ``size`` (H, W) is None with
+    ``none`` and no input shape: images stay as stored."""
+    if augment == "none":
+        same = transforms.Compose(([transforms.Resize(size)] if size else []) + tail)
+        return same, same
+    if min(size) >= LARGE_SIDE:  # crop from the stored image; evaluate on its center
+        train = _train_augmentation(size)
+        val = [_ResizeCover(size, EVAL_RESIZE), transforms.CenterCrop(size)]
+    else:  # the whole image at size, shifted within its padding
+        train = [transforms.Resize(size), *_train_augmentation(size)]
+        val = [transforms.Resize(size)]
+    return transforms.Compose(train + tail), transforms.Compose(val + tail)
+
+
+def _load_imagefolder(path: Path, *, mean, std, input_shape, augment: str) -> DataSplits:
+    """Image folders, decoded per item (``__getitem__``): with ``augment`` ``none`` both
+    splits are resized to ``input_shape`` when given, else used as stored; ``standard``
+    crops to ``input_shape`` (or the first training image's size), see the module
+    docstring."""
+    tail = []
     if input_shape is not None:
-        steps.append(transforms.Resize(tuple(input_shape[1:])))
         if input_shape[0] == 1:
-            steps.append(transforms.Grayscale(1))
+            tail.append(transforms.Grayscale(1))
         elif input_shape[0] != 3:
             raise DataError(
                 f"ImageFolder images are converted to 1 (grayscale) or 3 (RGB) channels; "
                 f"the input shape asks for {input_shape[0]}."
             )
-    steps.append(transforms.ToTensor())
+    tail.append(transforms.ToTensor())
     if mean is not None:
         channels = input_shape[0] if input_shape is not None else 3
         _check_mean_std(mean, std, channels, path)
-        steps.append(transforms.Normalize(list(mean), list(std)))
-    transform = transforms.Compose(steps)
+        tail.append(transforms.Normalize(list(mean), list(std)))
 
     def read(split: str, classes=None):
         root = path / split
         try:
-            return _ImageFolder(str(root), transform=transform, classes=classes)
+            return _ImageFolder(str(root), transform=None, classes=classes)
         except DataError:
             raise
         except (FileNotFoundError, OSError) as exc:
@@ -722,10 +870,16 @@ def _load_imagefolder(path: Path, *, mean, std, input_shape) -> DataSplits:
             raise DataError(
                 f"The {split} split in {path} is empty; put images in {path / split}/<class>/."
             )
+    first = train.samples[0][0]
     try:
-        sample, _ = train[0]
+        image = train.loader(first)
+        size = tuple(input_shape[1:]) if input_shape is not None else None
+        if size is None and augment == "standard":
+            size = (image.height, image.width)
+        train.transform, val.transform = _folder_transforms(size, augment, tail)
+        sample = val.transform(image)
     except Exception as exc:
-        raise DataError(f"Cannot read image {train.samples[0][0]}: {exc}.") from None
+        raise DataError(f"Cannot read image {first}: {exc}.") from None
     labels = [t for _, t in train.samples] + [t for _, t in val.samples]
     max_label = max(labels)
     return DataSplits(
@@ -736,4 +890,5 @@ def _load_imagefolder(path: Path, *, mean, std, input_shape) -> DataSplits:
         source="imagefolder",
         path=str(path),
         max_label=max_label,
+        augment=augment,
     )

@@ -249,8 +249,9 @@ def _load_inputs(run: Run, *, arch, num_classes, trust_checkpoint, resume) -> di
             run.shape = tuple(cfg.data.input_shape) if cfg.data.input_shape else None
             if run.data is not None:
                 run.splits = data_mod.load_data(
-                    run.data, mean=cfg.data.mean, std=cfg.data.std, input_shape=run.shape
-                )
+                    run.data, mean=cfg.data.mean, std=cfg.data.std, input_shape=run.shape,
+                    augment=cfg.data.augment,
+                )  # fmt: skip
                 run.shape = run.shape or tuple(run.splits.input_shape)
             run.loaded = ckpt.load_checkpoint(
                 run.checkpoint,
@@ -316,8 +317,10 @@ def _open_out(run: Run) -> None:
     if run.splits is not None:
         run.train_loader, run.val_loader = data_mod.make_loaders(
             run.splits, batch_size=run.recipe.train.batch_size, seed=run.seed,
-            distributed=run.distributed,
+            distributed=run.distributed, num_workers=run.recipe.data.workers,
+            pin_memory=run.device.type == "cuda",
         )  # fmt: skip
+        record.input.update(augment=run.splits.augment, workers=run.train_loader.num_workers)
         count = min(len(run.splits.val), samples)
         run.verify_inputs = torch.stack([run.splits.val[i][0] for i in range(count)])
     else:

@@ -235,6 +235,22 @@ class _OffOr(Options):
 
 
 @dataclass(frozen=True)
+class AutoOr:
+    """``"auto"`` (resolved later, from the data or the machine) or a value satisfying
+    ``constraint``."""
+
+    constraint: Any
+
+    def check(self, value: Any) -> tuple[bool, Any]:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return True, "auto"
+        return self.constraint.check(value)
+
+    def __str__(self) -> str:
+        return f"'auto' or {self.constraint}"
+
+
+@dataclass(frozen=True)
 class Param:
     """One recipe key: its default and its constraint; ``nullable`` also allows null."""
 
@@ -394,6 +410,21 @@ SCHEMA: dict[str, Any] = {
         "mean": Param(None, ListOf(_float(), min_length=1), nullable=True),
         "std": Param(None, ListOf(_float(0, closed="neither"), min_length=1), nullable=True),
         "input_shape": Param(None, ListOf(_int(1), length=3), nullable=True, help="[C, H, W]"),
+        "augment": Param(
+            "auto",
+            Options(("auto", "none", "standard")),
+            help="training-split augmentation. standard: random resized crop and flip for "
+            "images of side >= 64, pad-by-side/8 random crop and flip for smaller ones; image "
+            "folders are then evaluated resized by 256/224 and center-cropped. auto: standard "
+            "for image folders, none for in-memory arrays (npz, idx, CIFAR batches)",
+        ),
+        "workers": Param(
+            "auto",
+            AutoOr(_int(0)),
+            help="data-loader worker processes (--workers). auto: for image folders (decoded "
+            "per image) the usable CPUs minus one, at most 8; 0 for in-memory arrays, where "
+            "workers only add copies. 0: load in the training process",
+        ),
     },
 }
 

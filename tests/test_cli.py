@@ -650,3 +650,73 @@ def test_int8_ships_beside_the_float_model_then_is_left_out_over_the_gate(
     assert report["gates"][0]["name"] == "accuracy_drop" and report["gates"][0]["passed"]
     assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()
     assert not (out / "previous" / "model.int8.onnx").exists()  # the second run left none
+
+
+# ----------------------------------------------------------------------------- data loading
+
+
+def test_workers_flag_parses_and_sets_data_workers(monkeypatch):
+    parse = cli.get_args_parser().parse_args
+    assert parse(["m.pt", "--workers", "0"]).workers == "0"
+    assert parse(["m.pt", "--workers", "auto"]).workers == "auto"
+    assert parse(["m.pt", "--workers", "Auto"]).workers == "auto"
+    assert parse(["m.pt"]).workers is None  # the recipe's data.workers (default auto)
+    seen = []
+    monkeypatch.setattr(
+        "compressor.pipeline.compress", lambda *a, **kw: seen.append(kw["overrides"]) or {}
+    )
+    assert cli.main(["m.pt", "--workers", "3", "--quiet"]) == 0
+    assert cli.main(["m.pt", "--quiet"]) == 0
+    assert seen == [["data.workers=3"], []]
+    assert load_recipe("tl1-group")["data"]["workers"] == "auto"
+    assert load_recipe("tl1-group", ["data.workers=3"])["data"]["workers"] == 3
+    assert load_recipe("tl1-group")["data"]["augment"] == "auto"
+
+
+def test_bad_workers_and_augment_exit_2_naming_the_key(tmp_path, lenet, capsys):
+    checkpoint, data = lenet
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(checkpoint), "--workers", "-1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--workers" in err and "data.workers" in err and "pass 0" in err, err
+
+    common = [checkpoint, "--arch", "lenet5", "--data", data, "--out", tmp_path / "out"]
+    code, _, err = run_cli([*common, "--set", "data.workers=-1"], capsys)
+    assert code == 2
+    assert "`data.workers` (from --set data.workers=-1) must be 'auto' or an int >= 0" in err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {augment: standrd}\n")
+    code, _, err = run_cli([*common, "--recipe", recipe], capsys)
+    assert code == 2
+    assert "`data.augment`" in err and "'standard'" in err and "Did you mean 'standard'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_run_with_workers_records_them(tmp_path, lenet, capsys):
+    from PIL import Image
+
+    checkpoint, _ = lenet
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 6)):
+        for cls in ("a", "b"):
+            (tmp_path / "jpegs" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "jpegs" / split / cls / f"{i}.jpg")
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        [
+            checkpoint, "--arch", "lenet5", "--data", tmp_path / "jpegs", "--input-shape",
+            "1,12,12", "--out", out, "--device", "cpu", "--workers", "2", "--target-macs", "1.2",
+            "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "gates.max_accuracy_drop=null",
+            "--set", "train.bn_recalibration_batches=1", "--set", "export.verify_samples=4", "-q",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["augment"] == "standard" and report["input"]["workers"] == 2
+    assert report["recipe"]["data"] == {
+        "mean": None, "std": None, "input_shape": [1, 12, 12], "augment": "auto", "workers": 2,
+    }  # fmt: skip

@@ -574,3 +574,122 @@ def test_cli_nan_in_the_data_exits_2_before_training(lenet_checkpoint, tmp_path,
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"x_train in {data} (train split) holds NaN at sample index 7" in err
+
+
+# ---------------------------------------------------------------- workers and augmentation
+
+
+def make_image_files(root: Path, side=(10, 12), ext="png", classes=("a", "b"), per_class=3):
+    """An image folder of random RGB files (``side`` is (H, W)); returns the stored pixels of
+    train and val, in ImageFolder order, as float CHW tensors in [0, 1]."""
+    r = rng(1)
+    stored = {"train": [], "val": []}
+    for split in ("train", "val"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = r.integers(0, 256, size=(*side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{ext}", quality=95)
+                stored[split].append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    return root, stored
+
+
+def test_workers_auto_uses_the_cpus_for_image_folders_and_none_for_arrays(tmp_path, monkeypatch):
+    from compressor.data import MAX_AUTO_WORKERS, resolve_workers
+
+    folder = load_data(make_image_files(tmp_path / "f")[0])
+    arrays = _npz_splits(tmp_path)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(5)), raising=False)
+    assert resolve_workers("auto", folder) == 4  # one CPU left to the training process
+    assert resolve_workers("auto", arrays) == 0  # in memory: workers only add copies
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this host share the CPUs
+    assert resolve_workers("auto", folder) == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert resolve_workers("auto", folder) == MAX_AUTO_WORKERS
+    assert resolve_workers(3, arrays) == 3  # asked for: kept
+    for bad in (-1, 1.5, "two", True):
+        with pytest.raises(DataError, match=r"data\.workers"):
+            resolve_workers(bad, folder)
+
+
+def test_image_folder_with_workers_gives_the_batches_of_no_workers(tmp_path):
+    root, _ = make_image_files(tmp_path / "jpegs", side=(72, 80), ext="jpg")
+    splits = load_data(root, augment="auto", mean=[0.5] * 3, std=[0.25] * 3)
+    assert splits.augment == "standard"  # auto: image folders are augmented
+
+    def batches(loader):
+        return [(x.clone(), y.clone()) for x, y in loader]
+
+    train0, val0 = make_loaders(splits, batch_size=4, seed=0, num_workers=0)
+    train2, val2 = make_loaders(splits, batch_size=4, seed=0, num_workers=2)
+    assert (train2.num_workers, val2.num_workers) == (2, 2)
+    assert val2.persistent_workers and not train2.persistent_workers
+    want = batches(val0)
+    for _ in range(2):  # the persistent workers' second pass too
+        for (a, ya), (b, yb) in zip(want, batches(val2), strict=True):
+            assert torch.equal(a, b) and torch.equal(ya, yb)
+    # the shuffle is drawn in the main process: the same with and without workers
+    first = [y.tolist() for _, y in batches(train0)]
+    assert [y.tolist() for _, y in batches(train2)] == first
+
+
+def test_augmented_loader_with_workers_repeats_after_a_restored_generator(tmp_path):
+    """What --resume relies on: the train loader's generator state fixes the next pass,
+    shuffle and augmentation both, with workers too."""
+    root, _ = make_image_files(tmp_path / "f", side=(72, 72), ext="jpg", per_class=2)
+    splits = load_data(root, augment="standard")
+    train, _ = make_loaders(splits, batch_size=2, seed=3, num_workers=2)
+    next(iter(train))  # an interrupted first epoch
+    state = train.generator.get_state()
+    want = [x for x, _ in train]
+    again, _ = make_loaders(splits, batch_size=2, seed=3, num_workers=2)
+    again.generator.set_state(state)
+    got = [x for x, _ in again]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert not torch.equal(torch.cat(want), torch.cat([x for x, _ in train]))  # epochs differ
+
+
+@pytest.mark.parametrize("side", [(16, 16), (72, 64)], ids=["pad-crop", "resized-crop"])
+def test_standard_augment_changes_training_images_not_evaluation_ones(tmp_path, side):
+    root, stored = make_image_files(tmp_path / "png", side=side)
+    plain = load_data(root, augment="none")
+    assert plain.augment == "none"
+    for split in ("train", "val"):  # none: the stored pixels, exactly (PNG)
+        ds = getattr(plain, split)
+        assert all(torch.equal(ds[i][0], stored[split][i]) for i in range(len(ds)))
+
+    aug = load_data(root, augment="standard")
+    assert aug.augment == "standard" and aug.input_shape == (3, *side)
+    torch.manual_seed(0)
+    first = [aug.train[i][0] for i in range(len(aug.train))]
+    assert all(x.shape == (3, *side) for x in first)
+    assert not all(torch.equal(x, s) for x, s in zip(first, stored["train"], strict=True))
+    torch.manual_seed(0)  # seeded: the same draws again
+    assert all(torch.equal(aug.train[i][0], first[i]) for i in range(len(first)))
+    evaluated = [aug.val[i][0] for i in range(len(aug.val))]
+    torch.manual_seed(1)
+    assert all(torch.equal(aug.val[i][0], evaluated[i]) for i in range(len(aug.val)))
+    if min(side) < 64:  # small images are evaluated whole
+        assert all(torch.equal(x, s) for x, s in zip(evaluated, stored["val"], strict=True))
+    else:  # large ones resized by 256/224 and center-cropped
+        assert all(x.shape == (3, *side) for x in evaluated)
+        assert not torch.equal(evaluated[0], stored["val"][0])
+
+
+def test_standard_augment_of_arrays_only_when_asked(tmp_path):
+    x = rng().integers(0, 256, size=(6, 3, 16, 16), dtype=np.uint8)
+    y = np.arange(6) % 2
+    path = save_npz(tmp_path / "d.npz", x, y, x, y)
+    auto = load_data(path, augment="auto")
+    assert auto.augment == "none"  # in memory: as stored unless asked
+    assert torch.equal(auto.train[0][0], torch.from_numpy(x[0]).float() / 255)
+    aug = load_data(path, augment="standard")
+    torch.manual_seed(0)
+    batch = [s for s, _ in aug.train.__getitems__(list(range(6)))]
+    assert not all(
+        torch.equal(s, torch.from_numpy(v).float() / 255) for s, v in zip(batch, x, strict=True)
+    )
+    assert torch.equal(aug.val[0][0], auto.val[0][0])
+    with pytest.raises(DataError, match=r"data\.augment"):
+        load_data(path, augment="foo")
