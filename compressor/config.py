@@ -81,7 +81,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Prune:
-    round_to: int
+    round_to: int | str  # an int >= 1, or "auto" (compressor.runtime.resolve_round_to)
     keep: tuple[str, ...]
 
 

@@ -48,6 +48,7 @@ from compressor.models import BUILTIN_MODELS
 from compressor.outdir import OUTPUT_FILES, STATE_DIR
 from compressor.progress import SILENT, Progress
 from compressor.prune import prune_zero_channels
+from compressor.runtime import resolve_round_to
 
 log = logging.getLogger(__name__)
 
@@ -536,8 +537,9 @@ def _prune(run: Run) -> bool:
         }
         try:
             run.pruned = prune_zero_channels(
-                model, run.groups, run.verify_inputs.to(run.device), round_to=cfg.prune.round_to
-            )
+                model, run.groups, run.verify_inputs.to(run.device),
+                round_to=resolve_round_to(cfg.prune.round_to),
+            )  # fmt: skip
         except VerificationError as exc:
             run.verification["notes"].append(str(exc))
             run.verification["error"] = str(exc)

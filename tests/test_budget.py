@@ -24,14 +24,14 @@ def trained_like_resnet20() -> torch.nn.Module:
     return model
 
 
-def _budget(targets, *, steps=100, balance=0.0, schedule="cubic"):
+def _budget(targets, *, steps=100, balance=0.0, schedule="cubic", round_to=1):
     model = trained_like_resnet20()
     groups = build_groups(model, torch.randn(1, 1, 16, 16))
     weights = group_weights(groups, "uniform")
     scale = weights * reference_norms(groups, dict(model.named_parameters()))
     budget = BudgetController(
         targets, groups, scale, total_steps=steps, reach_fraction=0.5, balance=balance,
-        schedule=schedule,
+        schedule=schedule, round_to=round_to,
     )  # fmt: skip
     return model, groups, budget
 
@@ -70,6 +70,26 @@ def test_thresholds_zero_exactly_the_units_the_budget_counts():
     for n, t, s, z in zip(norms, thresholds, budget.scale.tolist(), budget.zero, strict=True):
         assert torch.equal(n.double() / s <= t, z)  # the prox zeroes score <= threshold
     assert lands_within_one_unit(groups, budget.reached["macs"], budget.scheduled(20)["macs"])
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_keeps_multiples_from_the_first_step_and_still_meets_the_target(round_to):
+    """The budget lowers each group's threshold so that the kept units are a multiple of
+    ``round_to`` (or the whole group): the prox's zero set is that set, and the target holds."""
+    model, groups, budget = _budget(
+        [Target("macs", 2.0, 2.0)], schedule="immediate", round_to=round_to
+    )
+    norms = _norms(model, groups)
+    thresholds = budget.thresholds(1, norms)
+    rounded_some = False
+    for g, n, t, z in zip(groups, norms, thresholds, budget.zero, strict=True):
+        sc = n.double() / budget.scale[groups.groups.index(g)]
+        assert torch.equal(sc <= t, z)  # the prox's zero set is the budget's
+        kept = g.size - int(z.sum())
+        assert kept % round_to == 0 or kept == g.size
+        rounded_some |= 0 < kept < g.size
+    assert rounded_some
+    assert budget.reached["macs"] >= 2.0
 
 
 def test_schedule_reaches_the_target_then_freezes_to_zero_thresholds():
@@ -277,3 +297,21 @@ def test_build_starts_the_seeker_once_the_activation_switch_ends():
         if start:
             assert all(s == switch.ramp for s in seen) and switch.ramp == start
             assert min(row["step"] for row in seeker.log) > start
+
+
+def test_auto_round_to_is_onnxruntimes_channel_block():
+    """``auto`` reads onnxruntime's blocked-convolution layout: 16 channels with AVX-512, 8
+    with AVX2 (MLAS's NCHWc block), 1 where the optimiser does not block convolutions."""
+    from pathlib import Path
+
+    from compressor.runtime import channel_block, resolve_round_to
+
+    block = channel_block()
+    assert resolve_round_to("auto") == block and resolve_round_to(4) == 4
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = set(cpuinfo.read_text().split())
+        if "avx512f" in flags:
+            assert block == 16
+        elif "avx2" in flags:
+            assert block == 8

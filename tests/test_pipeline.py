@@ -529,3 +529,25 @@ def test_no_training_removes_only_channels_that_are_already_zero(lenet, tmp_path
     x = torch.randn(16, 1, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(shipped.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_round_to_keeps_channel_multiples_without_wasted_zero_channels(lenet, tmp_path):
+    """``prune.round_to=4``: the budget keeps a multiple of 4 channels per group (or all of
+    them) from the first step, so removal keeps no zero channel and the target still holds."""
+    checkpoint, data = lenet
+    report = compressor.compress(
+        str(checkpoint), **{
+            **target_run_kwargs(checkpoint, data, tmp_path / "out"),
+            "overrides": ["train.epochs=2", "gates.max_accuracy_drop=null", "prune.round_to=4",
+                          *FAST],
+        },
+    )  # fmt: skip
+    assert report["exit_code"] == 0 and report["reduction"]["macs_x"] >= 2.0
+    thinned = [g for g in report["channel_groups"] if g["after"] < g["before"]]
+    assert thinned
+    assert all(g["after"] % 4 == 0 for g in thinned)
+    shipped = compressor.load(tmp_path / "out" / "model.safetensors")
+    for name, module in shipped.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            rows = module.weight.detach().flatten(1).abs().sum(1)
+            assert bool((rows > 0).all()), f"{name} keeps an all-zero channel: wasted MACs"

@@ -37,6 +37,7 @@ from compressor.method.strength import (
     resolve_group_weighting,
 )
 from compressor.method.training import SparseTraining
+from compressor.runtime import resolve_round_to
 
 __all__ = ["SeekHooks", "SparseTraining", "Target", "build", "targets_from_recipe"]
 
@@ -153,6 +154,7 @@ def build(
         not targets and seek is not None and tgt.seek_accuracy_drop is not None and len(groups) > 0
     )
     budget = seeker = None
+    round_to = resolve_round_to(recipe.prune.round_to)  # kept channels in runtime blocks
     if targets:
         budget = BudgetController(
             targets,
@@ -161,6 +163,7 @@ def build(
             total_steps=total_steps,
             reach_fraction=tgt.reach_fraction,
             balance=tgt.balance,
+            round_to=round_to,
         )
         if budget.unreachable:
             raise BadInputError(unreachable_message(budget, baseline))
@@ -178,6 +181,7 @@ def build(
             total_steps=total_steps,
             reach_fraction=(start + reach * (total_steps - start)) / total_steps,
             balance=tgt.balance,
+            round_to=round_to,
             schedule="immediate",
         )
         seeker = AccuracySeeker(

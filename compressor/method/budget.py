@@ -11,6 +11,12 @@ reduction) and a per-group cap ``cap_g`` that leaves every group at least
 ``balance`` times the share of units a uniform ratio would keep. So the zero
 set at every step is ``{(g, u) : s_gu <= min(tau, cap_g)}``, the prox's.
 
+With ``round_to = r > 1`` (``prune.round_to``: the channel block the runtime's
+kernels compute in, e.g. onnxruntime's NCHWc block of 8 on AVX2) each group's
+threshold is lowered to the largest one that keeps a multiple of ``r`` units
+(or the whole group), so the kept channel counts are runtime-friendly from the
+first step and no removed-but-kept zero channel costs MACs later.
+
 The removed share of the cost follows Zhu & Gupta's cubic ramp ("To prune, or
 not to prune", 2017), reaching the targets at ``reach_fraction`` of training.
 Then the zero set is frozen: its groups are held at zero in ``w``, the limit
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor.groups import ChannelGroups
+from compressor.runtime import kept_in_blocks
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,7 @@ class BudgetController:
         reach_fraction: float = 0.3,
         balance: float = 0.75,
         schedule: str = "cubic",
+        round_to: int = 1,
     ):
         if not targets:
             raise ValueError("a budget needs at least one target")
@@ -82,6 +90,7 @@ class BudgetController:
         self.scale = scale.to(torch.float64).cpu()
         self.schedule = schedule
         self.balance = float(balance)
+        self.round_to = max(1, int(round_to))
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.base = {"macs": float(groups.total_macs), "params": float(groups.total_params)}
         self.frozen = False
@@ -106,7 +115,8 @@ class BudgetController:
         masks = []
         for g in self.groups:
             m = torch.ones(g.size, dtype=torch.bool)
-            m[: max(1, math.ceil(keep_fraction * g.size))] = False
+            keep = max(1, math.ceil(keep_fraction * g.size))
+            m[: kept_in_blocks(keep, g.size, self.round_to)] = False
             masks.append(m)
         return masks
 
@@ -169,8 +179,11 @@ class BudgetController:
         finite = int(torch.isfinite(values).sum())
         want = self.scheduled(step)
 
+        def group_thresholds(tau: float) -> list[float]:
+            return [self._round(sc, min(tau, c)) for sc, c in zip(scores, caps, strict=True)]
+
         def zero_at(tau: float) -> list[torch.Tensor]:
-            return [sc <= min(tau, c) for sc, c in zip(scores, caps, strict=True)]
+            return [sc <= t for sc, t in zip(scores, group_thresholds(tau), strict=True)]
 
         def tau_of(k: int) -> float:  # zeroes exactly the k lowest eligible scores (no ties)
             if k == 0:
@@ -193,7 +206,22 @@ class BudgetController:
         self.reached = self.factors(self.zero)
         if self.schedule == "cubic" and step >= self.reach_step:
             self.freeze()
-        return [min(self.tau, c) for c in caps]  # -inf: the group may lose no unit
+        return group_thresholds(self.tau)  # -inf: the group may lose no unit
+
+    def _round(self, scores: torch.Tensor, limit: float) -> float:
+        """The largest threshold ``<= limit`` whose zero set keeps a multiple of ``round_to``
+        units of the group, or all of them (``-inf``)."""
+        r, size = self.round_to, len(scores)
+        zeros = int((scores <= limit).sum())
+        if r == 1 or zeros == 0:
+            return limit
+        zeros_kept = size - kept_in_blocks(size - zeros, size, r)
+        if zeros_kept == zeros:
+            return limit
+        if zeros_kept == 0:
+            return -math.inf
+        low = torch.sort(scores).values
+        return (float(low[zeros_kept - 1]) + float(low[zeros_kept])) / 2
 
     def _cap(self, scores: torch.Tensor) -> float:
         """The largest score a group may lose while keeping ``keep_fraction`` of its units."""
