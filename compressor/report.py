@@ -770,6 +770,21 @@ def _layer_lines(report: Mapping) -> list[str]:
     ]
 
 
+def _left_whole_lines(report: Mapping) -> list[str]:
+    """The layers no channel group thins (report.json ``layers_left_whole``), by reason."""
+    left = report.get("layers_left_whole") or []
+    if not left:
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for row in left:
+        by_reason.setdefault(_cell(row.get("reason")), []).append(f"`{_cell(row.get('layer'))}`")
+    lines = [f"**Layers left whole ({len(left)}):**", ""]
+    for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        lines.append(f"- {reason} ({len(names)}): {', '.join(names[:5])}{more}")
+    return lines
+
+
 _EPOCH_COLS = [
     ("epoch", "Epoch", lambda v: _num(v)),
     ("loss", "Loss", lambda v: _num(v, 4)),
@@ -847,6 +862,7 @@ def render_markdown(report: Mapping) -> str:
         _gate_lines(report),
         _epoch_lines(report),
         _layer_lines(report),
+        _left_whole_lines(report),
         _footer_lines(report),
     ]
     out = []
@@ -976,9 +992,11 @@ def plot_training(report: Mapping, path: str | os.PathLike) -> bool:
     reductions = [r for r in reductions if r[3][0] and (r[0] == "macs_x" or r[4] is not None)]
     panels = [p for p in (loss, acc) if p[0]]
     trace = (report.get("method") or {}).get("trace") or []
+    stages = (report.get("target") or {}).get("stages") or []
+    switch = ((report.get("activations") or {}).get("switch") or {}).get("trace") or []
     if not panels and not reductions:
         return False
-    n = len(panels) + bool(reductions) + bool(trace)
+    n = len(panels) + bool(reductions) + bool(trace) + bool(stages) + bool(switch)
     fig = _new_figure(4.2 * n, 3.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
     i = 0
@@ -1014,11 +1032,18 @@ def plot_training(report: Mapping, path: str | os.PathLike) -> bool:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
         i += 1
+    epoch_axes = axes[:i]
     if trace:
         _plot_splitting(axes[i], trace)
+        i += 1
+    if stages:
+        _plot_seek(axes[i], stages, (report.get("baseline") or {}).get("accuracy"))
+        i += 1
+    if switch:
+        _plot_switch(axes[i], switch)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in axes[: n - bool(trace)]:
+    for ax in epoch_axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save_png(fig, Path(path))
@@ -1041,6 +1066,34 @@ def _plot_splitting(ax, trace: Sequence[Mapping]) -> None:
         twin.set_ylabel("group threshold (x median unit norm)")
         twin.legend(fontsize=8, loc="upper right")
     ax.legend(fontsize=8, loc="upper left")
+
+
+def _plot_seek(ax, stages: Sequence[Mapping], baseline: float | None) -> None:
+    """The accuracy seeker's checks: the sparse model's accuracy at the end of each stage,
+    filled when within the allowed drop, hollow when over it, labelled with the MACs
+    reduction the stage held."""
+    for row in stages:
+        ok = bool(row.get("within"))
+        ax.plot([row["step"]], [row["accuracy"]], marker="o", ls="", color="#2f6fdb",
+                markerfacecolor="#2f6fdb" if ok else "white")  # fmt: skip
+        ax.annotate(f"{row['macs_x']:.2f}x", (row["step"], row["accuracy"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    if _is_num(baseline):
+        ax.axhline(baseline, ls="--", color="grey", label="baseline")
+        ax.legend(fontsize=8)
+    ax.set_title("accuracy seeker (filled: within)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def _plot_switch(ax, trace: Sequence[Mapping]) -> None:
+    """Accuracy of the sparse model over the switch from full-precision to quantised
+    activations (``t`` from 0 to 1)."""
+    ax.plot([row["t"] for row in trace], [row["sparse_accuracy"] for row in trace],
+            marker="o", color="#c0392b")  # fmt: skip
+    ax.set_title("accuracy over the activation switch (%)")
+    ax.set_xlabel("t (0: full precision, 1: quantised)")
+    ax.grid(alpha=0.3)
 
 
 # --------------------------------------------------------------------------- writing

@@ -442,3 +442,31 @@ def test_compress_records_the_op_profile(lenet, tmp_path, monkeypatch, one_threa
     assert list(work.iterdir()) == []
     assert not [p for p in out.rglob("*") if "profile" in p.name or p.suffix == ".json"
                 and p.name != "report.json"]  # fmt: skip
+
+
+def test_training_plot_shows_the_seekers_checks_and_the_activation_switch(monkeypatch):
+    """The seeker's stages (accuracy per check, over-budget ones hollow) and the accuracy over
+    the activation switch get their own panels, with the recorded numbers."""
+    figures = _capture_figures(monkeypatch)
+    r = synthetic()
+    r["target"] = {"kind": "seek_macs", "asked": None, "stages": [
+        {"step": 10, "macs_x": 1.3, "accuracy": 90.5, "within": True},
+        {"step": 20, "macs_x": 1.69, "accuracy": 88.0, "within": False},
+    ]}  # fmt: skip
+    r["activations"] = {"switch": {"trace": [
+        {"step": 0, "t": 0.0, "sparse_accuracy": 91.0},
+        {"step": 5, "t": 0.5, "sparse_accuracy": 89.0},
+        {"step": 10, "t": 1.0, "sparse_accuracy": 88.5},
+    ]}}  # fmt: skip
+    assert rp.plot_training(r, "unused.png")
+    axes = figures[0].axes
+    seek = next(ax for ax in axes if "seeker" in ax.get_title())
+    points = [(tuple(ln.get_xdata()), tuple(ln.get_ydata()), ln.get_markerfacecolor())
+              for ln in seek.get_lines() if ln.get_marker() == "o"]  # fmt: skip
+    assert [(p[0], p[1]) for p in points] == [((10,), (90.5,)), ((20,), (88.0,))]
+    assert points[0][2] != "white" and points[1][2] == "white"
+    assert {t.get_text() for t in seek.texts} == {"1.30x", "1.69x"}
+    switch = next(ax for ax in axes if "switch" in ax.get_title())
+    (line,) = switch.get_lines()
+    assert tuple(line.get_xdata()) == (0.0, 0.5, 1.0)
+    assert tuple(line.get_ydata()) == (91.0, 89.0, 88.5)
