@@ -23,7 +23,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import sys
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -38,6 +40,13 @@ log = logging.getLogger(__name__)
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Norms whose statistics mix channels: a zero channel changes the others' output.
 _CHANNEL_MIXING_NORMS = (nn.GroupNorm, nn.LayerNorm)
+NORM_STREAM_REASON = (
+    "{kind} normalises over these channels: removing one changes the mean and variance"
+)
+ATTENTION_REASON = "attention projection: heads not removable yet"
+SHUFFLE_REASON = (
+    "channel shuffle interleaves two branches' channels: removal through it is not supported yet"
+)
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,9 @@ class ChannelGroups:
     layers: dict[str, LayerInfo]
     total_macs: int
     total_params: int
-    excluded: dict[str, str] = field(default_factory=dict)  # root -> reason
+    # Layers whose output channels stay whole, with the reason (layer name -> reason).
+    # The classifier and the layers ``keep`` names are not listed: they are kept on request.
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -310,7 +321,9 @@ class ChannelGroups:
                 layer = member.param.rsplit(".", 1)[0]
                 info = self.layers.get(layer)
                 if info is not None and member.param.endswith(".weight"):
-                    saved += getattr(info, cost) * len(member.index) / info.out_channels / group.size
+                    saved += (
+                        getattr(info, cost) * len(member.index) / info.out_channels / group.size
+                    )
             for consumer in group.consumers:
                 info = self.layers[consumer.module]
                 saved += getattr(info, cost) * len(consumer.index) / info.in_channels / group.size
@@ -413,10 +426,18 @@ def build_groups(
 
     was_training = model.training
     model.eval()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    with traceable():
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_input, verbose=False
+        )
+    # Layers left whole before any group is traced: Torch-Pruning would trace the
+    # LayerNorm-normalised streams as huge groups only for them to be dropped (Swin: minutes),
+    # and fails on a channel shuffle's or an attention's reshapes.
+    excluded: dict[str, str] = {**_attention_layers(model), **_stream_reasons(dg, name_of)}
+    kept = {name_of[m] for m in ignored}
+    ignored += [model.get_submodule(n) for n in excluded]
 
     groups: list[ChannelGroup] = []
-    excluded: dict[str, str] = {}
     for tp_group in dg.get_all_groups(ignored_layers=ignored):
         root_module = tp_group[0].dep.target.module
         root = name_of[root_module]
@@ -426,6 +447,9 @@ def build_groups(
         reason = None
         for item in tp_group:
             module, handler = item.dep.target.module, item.dep.handler
+            if type(item.dep.target.grad_fn).__name__ == _ShuffleBarrier.__name__ + "Backward":
+                reason = SHUFFLE_REASON
+                break
             if not isinstance(module, nn.Module):
                 reason = "a bare nn.Parameter is coupled to it"
                 break
@@ -435,7 +459,7 @@ def build_groups(
             idx = torch.as_tensor(item.idxs, dtype=torch.long)
             ch = torch.as_tensor(item.root_idxs, dtype=torch.long)
             if isinstance(module, _CHANNEL_MIXING_NORMS):
-                reason = f"{type(module).__name__} `{mname}` mixes channels"
+                reason = NORM_STREAM_REASON.format(kind=type(module).__name__)
                 break
             is_out = dg.is_out_channel_pruning_fn(handler)
             depthwise = (
@@ -464,7 +488,8 @@ def build_groups(
         if reason is None and not members:
             reason = "no parameter produces its channels"
         if reason is not None:
-            excluded[root] = reason
+            for layer in [root, *_producers(tp_group, name_of, dg)]:
+                excluded.setdefault(layer, reason)
             continue
         members, consumers, size, root_unit = _tie_grouped_convs(model, members, consumers, size)
         # A module listed twice (e.g. root and member) would double count; merge by param.
@@ -489,15 +514,149 @@ def build_groups(
     total_params = sum(p.numel() for p in model.parameters())
     result = ChannelGroups(groups, layers, total_macs, total_params, excluded)
     if check_exactness and groups:
-        for root in _inexact_groups(model, result, example_input):
-            excluded[root] = (
-                "an op on its path maps 0 to non-zero (e.g. sigmoid), removal would not be exact"
-            )
-        result.groups = [g for g in groups if g.root not in excluded]
+        inexact = set(_inexact_groups(model, result, example_input))
+        for group in groups:
+            if group.root in inexact:
+                for layer in [group.root, *_member_layers(group, layers)]:
+                    excluded.setdefault(
+                        layer,
+                        "an op on its path maps 0 to non-zero (e.g. sigmoid), "
+                        "removal would not be exact",
+                    )
+        result.groups = [g for g in groups if g.root not in inexact]
+    _explain_the_rest(result, dg, name_of, kept)
     model.train(was_training)
-    for root, why in excluded.items():
-        log.info("channel group rooted at %s is kept: %s", root, why)
+    for layer, why in excluded.items():
+        log.info("layer %s is left whole: %s", layer, why)
     return result
+
+
+class _ShuffleBarrier(torch.autograd.Function):
+    """Stands in for a channel shuffle while Torch-Pruning traces: an identity whose node
+    :func:`build_groups` recognises, so every group through a shuffle is left whole (the
+    shuffle's view-transpose-view cannot be traced: Torch-Pruning fails on it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+@contextmanager
+def traceable():
+    """Make the graph of the loaded models traceable by Torch-Pruning, for the duration.
+
+    torchvision's ShuffleNetV2 calls its module-level ``channel_shuffle``; it is replaced by
+    :class:`_ShuffleBarrier`. Torch-Pruning's graphs (here and in ``prune.py``) are built
+    inside this context; the model's own forward outside it is untouched.
+    """
+    shufflenet = sys.modules.get("torchvision.models.shufflenetv2")
+    original = getattr(shufflenet, "channel_shuffle", None)
+    if original is not None:
+        shufflenet.channel_shuffle = lambda x, groups: _ShuffleBarrier.apply(x)
+    try:
+        yield
+    finally:
+        if original is not None:
+            shufflenet.channel_shuffle = original
+
+
+def _attention_layers(model: nn.Module) -> dict[str, str]:
+    """The attention modules and their projections (layer -> reason): heads stay whole.
+
+    An attention module (``nn.MultiheadAttention``, or any module with ``num_heads``, as
+    timm's and torchvision's Swin attention have) reshapes its q, k, v rows into heads with a
+    fixed head width, so its projections cannot lose rows one by one.
+    """
+    out = {}
+    for name, module in model.named_modules():
+        projections = [
+            f"{name}.{child}"
+            for child, sub in module.named_children()
+            if isinstance(sub, nn.Linear | nn.modules.conv._ConvNd)
+        ]
+        if isinstance(module, nn.MultiheadAttention) or (
+            hasattr(module, "num_heads") and projections
+        ):
+            out.update(dict.fromkeys([name, *projections], ATTENTION_REASON))
+    return out
+
+
+def _stream_reasons(dg, name_of: Mapping[nn.Module, str]) -> dict[str, str]:
+    """Conv/linear layers whose channels a LayerNorm, GroupNorm or channel shuffle couples
+    (layer -> reason).
+
+    From each layer's output the coupled ops are followed as Torch-Pruning would, without
+    its index bookkeeping: through every op that keeps channels apart (elementwise ops, adds,
+    concats, reshapes, depthwise convs, BatchNorm) both ways, stopping at the layers that mix
+    them (conv, linear, attention). A LayerNorm on the way normalises the channel together
+    with the others, so a zero channel changes their output; a shuffle is not traced. Either
+    way the whole stream stays whole, and is never handed to Torch-Pruning's group tracing.
+    """
+    out = {}
+    for module, node in dg.module2node.items():
+        if not isinstance(module, nn.modules.conv._ConvNd | nn.Linear) or module not in name_of:
+            continue
+        stack = list(node.outputs) + (list(node.inputs) if _depthwise(module) else [])
+        seen = {id(node)}
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            m = n.module
+            if isinstance(m, _CHANNEL_MIXING_NORMS):
+                out[name_of[module]] = NORM_STREAM_REASON.format(kind=type(m).__name__)
+                break
+            if type(n.grad_fn).__name__ == _ShuffleBarrier.__name__ + "Backward":
+                out[name_of[module]] = SHUFFLE_REASON
+                break
+            mixes = isinstance(m, nn.modules.conv._ConvNd | nn.Linear | nn.MultiheadAttention)
+            if not (mixes and not _depthwise(m)):
+                stack.extend(n.outputs)
+                stack.extend(n.inputs)
+    return out
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _producers(tp_group, name_of, dg) -> list[str]:
+    """Conv/linear layers whose output channels a Torch-Pruning group removes."""
+    return [
+        name_of[item.dep.target.module]
+        for item in tp_group
+        if isinstance(item.dep.target.module, nn.modules.conv._ConvNd | nn.Linear)
+        and item.dep.target.module in name_of
+        and dg.is_out_channel_pruning_fn(item.dep.handler)
+    ]
+
+
+def _member_layers(group: ChannelGroup, layers: Mapping[str, LayerInfo]) -> list[str]:
+    names = {m.param.rsplit(".", 1)[0] for m in group.members}
+    return sorted(n for n in names if n in layers)
+
+
+def _explain_the_rest(result: ChannelGroups, dg, name_of, kept: set[str]) -> None:
+    """Give a reason to every conv/linear layer no group thins and none explains yet."""
+    thinned = {layer for g in result.groups for layer in _member_layers(g, result.layers)}
+    traced = {name_of[m] for m in dg.module2node if m in name_of}
+    for name in result.layers:
+        if name in thinned or name in kept or name in result.excluded:
+            continue
+        result.excluded[name] = (
+            "coupled to a layer kept whole (prune.keep or the classifier)"
+            if name in traced
+            else "not traced as a module (its weight is used functionally)"
+        )
 
 
 def _grouped_conv(module: nn.Module) -> bool:
@@ -581,7 +740,10 @@ def _inexact_groups(
 
             def hook(m, inputs, n=name):
                 x = inputs[0]
-                x = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.t()
+                if isinstance(m, nn.Linear):  # features last, any leading dims
+                    x = x.reshape(-1, x.shape[-1]).t()
+                else:  # channels at dim 1
+                    x = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.t()
                 seen[n] = x.abs().amax(dim=1)
 
             handles.append(module.register_forward_pre_hook(hook))

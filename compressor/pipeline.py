@@ -760,6 +760,13 @@ def _assemble_report(run: Run, compressed: dict, latency: dict, int8: dict | Non
             {"root": root, "before": kept + len(pruned.removed.get(root, [])), "after": kept}
             for root, kept in sorted(pruned.kept.items(), key=lambda kv: order.get(kv[0], 0))
         ],
+        "layers_left_whole": [  # conv/linear layers no group thins, and why (model order)
+            {"layer": layer, "reason": why}
+            for layer, why in sorted(
+                (run.groups.excluded if run.groups else {}).items(),
+                key=lambda kv: order.get(kv[0], 0),
+            )
+        ],
         "preprocessing": run.preprocessing,
         "reduction": {
             "macs_x": baseline["macs"] / max(compressed["macs"], 1),

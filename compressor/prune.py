@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor.errors import VerificationError
-from compressor.groups import ChannelGroups
+from compressor.groups import ChannelGroups, traceable
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,10 @@ def prune_zero_channels(
     }
     removed: dict[str, list[int]] = {}
     if any(plan.values()):
-        dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=sample_inputs[:1], verbose=False
-        )
+        with traceable():
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=sample_inputs[:1], verbose=False
+            )
         for group in groups:
             idxs = plan[group.root]
             if not idxs:
