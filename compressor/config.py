@@ -67,6 +67,8 @@ class Train:
     bn_recalibration_batches: int
     max_steps_per_epoch: int | None
     val_fraction: float | None
+    amp: str  # auto | off | bf16 | fp16 (compressor.train.resolve_amp)
+    channels_last: bool | str  # auto, true or false (compressor.train.resolve_precision)
 
 
 @dataclass(frozen=True)

@@ -276,6 +276,7 @@ def _check_model_runs(run: Run) -> None:
             "Cannot tell the model's input shape without data: pass --input-shape C,H,W (e.g. 3,224,224)."
         )
     run.model.to(run.device).eval()
+    train.resolve_amp(run.recipe.train.amp, run.device)  # fp16 on the CPU: exit 2, --out untouched
     run.example = torch.randn(1, *run.shape, device=run.device)
     try:
         with torch.no_grad():
@@ -428,6 +429,8 @@ def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:
     """RVSM fine-tuning, one epoch at a time; after each, the sparse model is evaluated and
     the state saved for --resume."""
     cfg = run.recipe
+    precision = train.resolve_precision(cfg.train, run.device, run.model)
+    run.record.input.update(precision.summary())  # train.amp / channels_last as resolved
     for epoch in range(len(run.history), cfg.train.epochs):
         with run.timer.stage("train"):
             if run.distributed:
@@ -436,7 +439,7 @@ def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:
                 train_model, run.train_loader, optimizer, scheduler, run.device,
                 method=run.sparse, max_steps=cfg.train.max_steps_per_epoch, epoch=epoch,
                 teacher=run.teacher, distill=cfg.distill, progress=run.progress,
-                kept_epochs=epoch,
+                kept_epochs=epoch, precision=precision,
             )  # fmt: skip
         _check_finite_weights(run, epoch, loss, optimizer)
         with run.timer.stage("evaluate"):
@@ -561,12 +564,13 @@ def _recover(run: Run) -> None:
             opt, run.recipe.train.schedule, rec.epochs * run.steps_per_epoch
         )
         rec_model = nn.parallel.DistributedDataParallel(model) if run.distributed else model
+        precision = train.resolve_precision(run.recipe.train, run.device, model)
         for epoch in range(rec.epochs):
             train.train_one_epoch(
                 rec_model, run.train_loader, opt, sched, run.device, masks=masks,
                 max_steps=run.recipe.train.max_steps_per_epoch, epoch=epoch, teacher=run.teacher,
                 distill=run.recipe.distill, progress=run.progress, kept_epochs=run.recipe.train.epochs,
-                lr_key="recover.lr",
+                lr_key="recover.lr", precision=precision,
             )  # fmt: skip
 
 

@@ -325,6 +325,20 @@ SCHEMA: dict[str, Any] = {
         ),
         "max_steps_per_epoch": Param(None, _int(1), nullable=True),
         "val_fraction": Param(None, _float(0, 1, closed="neither"), nullable=True),
+        "amp": Param(
+            "auto",
+            _OffOr(("off", "auto", "bf16", "fp16")),
+            help="mixed precision of the training steps (forward and loss under autocast; "
+            "weights, gradients and the method's updates stay float32). auto: bf16 on a CUDA "
+            "device that has it, else fp16 with loss scaling; off on the CPU. fp16 needs CUDA",
+        ),
+        "channels_last": Param(
+            "auto",
+            Options(("auto", True, False)),
+            help="training batches in channels-last memory format (convolutions in NHWC; "
+            "the parameters and exports are unchanged). auto: on for models with 2-D "
+            "convolutions on CUDA; YAML's on/off are true/false",
+        ),
     },
     "target": {
         "macs": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),

@@ -3,7 +3,9 @@
 Read top to bottom like torchvision's reference ``train.py``: one function per
 job, explicit arguments, no global state. Progress goes to the ``progress``
 argument (a :class:`compressor.progress.Progress`, silent by default); the CLI
-decides how it is shown.
+decides how it is shown. How the steps run on the device (mixed precision,
+channels-last batches) is a :class:`Precision`, resolved once from the recipe's
+``train.amp`` and ``train.channels_last`` by :func:`resolve_precision`.
 """
 
 from __future__ import annotations
@@ -17,15 +19,85 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import DivergenceError
+from compressor.errors import DivergenceError, RecipeError
 from compressor.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-def make_optimizer(
-    model: nn.Module, train, lr: float | None = None
-) -> torch.optim.Optimizer:
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``train.amp`` on ``device``: ``"off"``, ``"bf16"`` or ``"fp16"``.
+
+    ``auto`` is bf16 on a CUDA device with native bf16 (Ampere and later), fp16 (with
+    loss scaling) on older ones, and off on the CPU. bf16 on the CPU runs when asked
+    for; fp16 there is refused (``RecipeError``, exit 2): the CPU has no fast fp16
+    kernels, and bf16 needs no loss scaling.
+    """
+    if amp == "auto":
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        raise RecipeError(
+            f"`train.amp` is 'fp16', which needs a CUDA device; this run trains on {device}. "
+            "Set `train.amp` to bf16, off or auto (--set train.amp=auto), or pass --device cuda."
+        )
+    return amp
+
+
+class Precision:
+    """How the training steps run: ``amp`` (``"off"``, ``"bf16"`` or ``"fp16"``: the dtype
+    the forward pass and the loss run in under ``torch.autocast``; weights, gradients and
+    the optimizer stay float32) and ``channels_last`` (4-D input batches in
+    ``torch.channels_last``, so that convolutions run in NHWC; the parameters keep their
+    layout, which the fused kernels, the sparse copy and the exports rely on). fp16 carries
+    a ``torch.amp.GradScaler`` (``scaler``), kept across epochs; otherwise ``scaler`` is None.
+    """
+
+    def __init__(self, device: torch.device, amp: str = "off", channels_last: bool = False):
+        if amp not in ("off", *AMP_DTYPES):
+            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+        self.device = torch.device(device)
+        self.amp = amp
+        self.channels_last = bool(channels_last)
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+
+    def autocast(self):
+        """The context the forward pass and the loss run in (a no-op with ``amp`` off)."""
+        return torch.autocast(
+            self.device.type, dtype=AMP_DTYPES.get(self.amp), enabled=self.amp != "off"
+        )
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """An input batch on the device, in channels-last when that is on and it is 4-D."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def summary(self) -> dict:
+        """What ran (the report's ``input``: ``amp`` and ``channels_last`` as resolved)."""
+        return {"amp": self.amp, "channels_last": self.channels_last}
+
+
+def resolve_precision(train, device: torch.device, model: nn.Module) -> Precision:
+    """The :class:`Precision` of ``train`` (the recipe's train section,
+    :class:`compressor.config.Train`) on ``device`` for ``model``: ``amp`` by
+    :func:`resolve_amp`; ``channels_last`` ``auto`` is on for a model with 2-D
+    convolutions on a CUDA device, off otherwise."""
+    channels_last = train.channels_last
+    if channels_last == "auto":
+        channels_last = device.type == "cuda" and any(
+            isinstance(m, nn.Conv2d) for m in model.modules()
+        )
+    precision = Precision(device, resolve_amp(train.amp, device), channels_last)
+    log.info("training steps: amp %s, channels-last %s", precision.amp, precision.channels_last)
+    return precision
+
+
+def make_optimizer(model: nn.Module, train, lr: float | None = None) -> torch.optim.Optimizer:
     """SGD (Nesterov-free, the reference), Adam or AdamW over all trainable parameters.
 
     ``train`` is the recipe's train section (:class:`compressor.config.Train`)."""
@@ -167,13 +239,15 @@ def train_one_epoch(
     progress: Progress = SILENT,
     kept_epochs: int = 0,
     lr_key: str = "train.lr",
+    precision: Precision | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
     With ``method`` (a :class:`compressor.method.SparseTraining`), its two hooks run
     around the optimizer step: ``method.after_backward()`` (the coupling gradient
-    ``beta (w - u)``) and ``method.after_step()`` (the sparse copy ``u = prox(w)``).
-    With ``masks`` (recovery): zero
+    ``beta (w - u)``) and ``method.after_step()`` (the sparse copy ``u = prox(w)``);
+    see :func:`optimizer_step` for how they meet mixed precision (``precision``, a
+    :class:`Precision`; None: float32, batches as they come). With ``masks`` (recovery): zero
     weights stay zero. With ``teacher`` and ``distill`` (the recipe's section):
     the loss is :func:`training_loss`. A non-finite loss raises ``DivergenceError`` before any
     weight is updated with it; its message says what the caller kept for --resume
@@ -181,6 +255,7 @@ def train_one_epoch(
     learning rate to lower (``lr_key``). ``progress`` shows the steps as they run (step,
     loss, time left).
     """
+    precision = precision or Precision(device)
     model.train()
     loss_sum, seen = 0.0, 0
     start = time.perf_counter()
@@ -190,8 +265,9 @@ def train_one_epoch(
     for step, (x, y) in enumerate(batches):
         if step >= steps:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = training_loss(model(x), y, x, teacher, distill)
+        x, y = precision.batch(x), y.to(device, non_blocking=True)
+        with precision.autocast():
+            loss = training_loss(model(x), y, x, teacher, distill)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 divergence_message(
@@ -205,17 +281,14 @@ def train_one_epoch(
                 )
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if method is not None:
-            method.after_backward()
-        optimizer.step()
-        scheduler.step()
-        if method is not None:
-            method.after_step()
-        if masks is not None:
-            with torch.no_grad():
-                for p, mask in masks.items():
-                    p.mul_(mask)
+        if optimizer_step(loss, optimizer, method, precision.scaler):
+            scheduler.step()
+            if method is not None:
+                method.after_step()
+            if masks is not None:
+                with torch.no_grad():
+                    for p, mask in masks.items():
+                        p.mul_(mask)
         loss_sum += loss.item() * len(y)
         seen += len(y)
         batches.update(loss=loss_sum / seen)
@@ -230,6 +303,36 @@ def train_one_epoch(
                 rate,
             )
     return loss_sum / max(seen, 1)
+
+
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, method=None, scaler=None
+) -> bool:
+    """Backward, the method's coupling gradient, the optimizer step; False when the step
+    was skipped (nothing changed: the caller then skips the schedule and the method's
+    ``after_step`` too).
+
+    Without ``scaler``: ``loss.backward()``, ``method.after_backward()``,
+    ``optimizer.step()``. With a ``torch.amp.GradScaler`` (fp16): the scaled loss is
+    backpropagated and the gradients unscaled *before* ``method.after_backward()``, so
+    the coupling ``beta (w - u)`` is added to the true float32 gradients, not to ones
+    multiplied by the loss scale; the scaler then skips the step when a gradient is inf
+    or nan (fp16 overflow), which it says by lowering its scale.
+    """
+    if scaler is None:
+        loss.backward()
+        if method is not None:
+            method.after_backward()
+        optimizer.step()
+        return True
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if method is not None:
+        method.after_backward()
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale
 
 
 def divergence_message(

@@ -428,7 +428,7 @@ def test_preprocessing_scale_follows_the_stored_data(tmp_path):
     x = rng.random((8, 1, 6, 6), dtype=np.float32)
     y = np.arange(8) % 2
     np.savez(tmp_path / "f.npz", x_train=x, y_train=y, x_val=x, y_val=y)
-    cfg = Data(mean=None, std=None, input_shape=None)
+    cfg = Data(mean=None, std=None, input_shape=None, augment="auto", workers="auto")
     floats = data_mod.load_data(tmp_path / "f.npz")
     assert _preprocessing(floats, cfg, (1, 6, 6)) == {
         "scale": 1.0, "mean": [0.0], "std": [1.0], "input_shape": [1, 6, 6],

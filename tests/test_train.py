@@ -1,4 +1,5 @@
-"""The training loss: cross-entropy mixed with distillation from the input model."""
+"""The training loss (cross-entropy mixed with distillation from the input model), and how
+the steps run: mixed precision (``train.amp``) and channels-last batches."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from torch import nn
 
 import compressor
 from compressor import train
-from compressor.config import Distill
-from compressor.errors import DivergenceError
+from compressor.config import Distill, Recipe
+from compressor.errors import DivergenceError, RecipeError
 from compressor.models import lenet5
+from compressor.recipe import load_recipe
 from tests.test_pipeline import FAST, random_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,3 +108,188 @@ def test_divergence_message_tells_what_the_caller_kept():
     recovery = _diverging_epoch(epoch=1, masks={}, kept_epochs=3, lr_key="recover.lr")
     assert "at recovery epoch 2," in recovery and "`recover.lr`" in recovery
     assert "penalty" not in recovery  # no penalty acts during recovery
+
+
+# ------------------------------------------------------------ mixed precision, channels-last
+
+
+def _train_cfg(**keys):
+    return Recipe.from_dict(
+        load_recipe("tl1-group", [f"train.{k}={v}" for k, v in keys.items()])
+    ).train
+
+
+def test_amp_auto_resolves_per_device(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert train.resolve_amp("auto", cpu) == "off"
+    assert train.resolve_amp("bf16", cpu) == "bf16"  # asked for: runs under CPU autocast
+    assert train.resolve_amp("off", cuda) == "off"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert train.resolve_amp("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert train.resolve_amp("auto", cuda) == "fp16"  # pre-Ampere: fp16 with loss scaling
+    assert train.resolve_amp("fp16", cuda) == "fp16"
+
+
+def test_fp16_on_the_cpu_is_refused_with_the_fix():
+    with pytest.raises(RecipeError) as info:
+        train.resolve_amp("fp16", torch.device("cpu"))
+    assert info.value.exit_code == 2
+    msg = str(info.value)
+    assert "`train.amp`" in msg and "bf16, off or auto" in msg and "--device cuda" in msg
+
+
+def test_channels_last_auto_is_on_for_conv_models_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    conv, mlp = nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Linear(2, 2))
+    cfg = _train_cfg()
+    assert (cfg.amp, cfg.channels_last) == ("auto", "auto")
+    cpu = train.resolve_precision(cfg, torch.device("cpu"), conv)
+    assert cpu.summary() == {"amp": "off", "channels_last": False} and cpu.scaler is None
+    cuda = torch.device("cuda", 0)
+    assert train.resolve_precision(cfg, cuda, conv).summary() == {
+        "amp": "bf16",
+        "channels_last": True,
+    }
+    assert not train.resolve_precision(cfg, cuda, mlp).channels_last
+    forced = train.resolve_precision(_train_cfg(channels_last="on"), torch.device("cpu"), mlp)
+    assert forced.channels_last  # YAML's on is true
+    assert forced.batch(torch.zeros(2, 3)).is_contiguous()  # only 4-D batches change layout
+    assert forced.batch(torch.zeros(2, 3, 4, 5)).is_contiguous(memory_format=torch.channels_last)
+
+
+def _quadrants(n=64, seed=0):
+    """8x8 images whose class (0-3) is the bright quadrant: learnt in a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    x = 0.2 * torch.rand(n, 1, 8, 8, generator=gen)
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 2)
+        x[i, 0, 4 * r : 4 * r + 4, 4 * col : 4 * col + 4] += 1.0
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4),
+    )  # fmt: skip
+
+
+def _epochs(model, precision, epochs, method=None, lr=0.1):
+    loader = _quadrants()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    scheduler = train.make_scheduler(optimizer, "constant", epochs * len(loader))
+    cpu = torch.device("cpu")
+    return [
+        train.train_one_epoch(
+            model, loader, optimizer, scheduler, cpu, method=method, precision=precision
+        )
+        for _ in range(epochs)
+    ]
+
+
+def test_bf16_trains_and_the_method_hooks_still_run():
+    from compressor import method as method_mod
+    from compressor.groups import build_groups
+
+    model = _conv_net()
+    cfg = Recipe.from_dict(load_recipe("tl1-group", ["target.seek_accuracy_drop=null"]))
+    groups = build_groups(model, torch.randn(1, 1, 8, 8))
+    sparse = method_mod.build(cfg, model, groups, total_steps=32, baseline={})
+    u0 = {k: v.clone() for k, v in sparse.rvsm.u.items()}
+    precision = train.Precision(torch.device("cpu"), amp="bf16")
+    with precision.autocast():
+        assert model(torch.randn(2, 1, 8, 8)).dtype == torch.bfloat16  # autocast is on
+    losses = _epochs(model, precision, 8, method=sparse)
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert sparse.rvsm.step_count == 32  # after_step ran every step
+    assert any(not torch.equal(u0[k], u) for k, u in sparse.rvsm.u.items())  # u = prox(w) moved
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+class _Hooks:
+    """A stand-in method: records the gradient it sees and counts the steps it is told of."""
+
+    def __init__(self, param):
+        self.param, self.grads, self.steps = param, [], 0
+
+    def after_backward(self):
+        self.grads.append(self.param.grad.detach().clone())
+
+    def after_step(self):
+        self.steps += 1
+
+
+def test_fp16_loss_scaling_unscales_before_the_hooks_and_skips_overflowed_steps():
+    """The coupling gradient must be added to the true gradients, and a step the scaler
+    skips (inf/nan from an fp16 overflow) must not run the method's after_step."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    reference = nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    F.cross_entropy(reference(x), y).backward()
+
+    precision = train.Precision(cpu, amp="fp16")  # CPU fp16: only to exercise the scaler here
+    assert precision.scaler is not None and precision.scaler.get_scale() > 1
+    hooks = _Hooks(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = train.make_scheduler(optimizer, "constant", 4)
+    train.train_one_epoch(
+        model, [(x, y)], optimizer, scheduler, cpu, method=hooks, precision=precision
+    )
+    assert torch.allclose(hooks.grads[0], reference.weight.grad, rtol=1e-2, atol=1e-3)
+    assert hooks.steps == 1 and scheduler.last_epoch == 1
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = model.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    scale = precision.scaler.get_scale()
+    train.train_one_epoch(
+        model, [(x, y)], optimizer, scheduler, cpu, method=hooks, precision=precision
+    )
+    handle.remove()
+    assert hooks.steps == 1 and scheduler.last_epoch == 1  # skipped: no after_step, no schedule
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert precision.scaler.get_scale() < scale
+
+
+def test_channels_last_gives_the_same_training_as_contiguous_batches():
+    cpu = torch.device("cpu")
+    plain, nhwc = _conv_net(), _conv_net()
+    a = _epochs(plain, train.Precision(cpu), 2)
+    b = _epochs(nhwc, train.Precision(cpu, channels_last=True), 2)
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    for p, q in zip(plain.parameters(), nhwc.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+        assert q.is_contiguous()  # the parameters keep their layout (fused kernels, exports)
+
+
+def test_compress_with_bf16_and_channels_last_records_them(tmp_path):
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), tmp_path / "lenet5.pt")
+    data = random_npz(tmp_path / "data.npz", (1, 12, 12))
+    report = compressor.compress(
+        str(tmp_path / "lenet5.pt"), arch="lenet5", data=str(data), out=tmp_path / "out",
+        device="cpu", target_macs=2,
+        overrides=["train.epochs=1", "train.amp=bf16", "train.channels_last=on", *FAST],
+    )  # fmt: skip
+    assert report["exit_code"] == 0
+    assert report["input"]["amp"] == "bf16" and report["input"]["channels_last"] is True
+    assert report["recipe"]["train"]["amp"] == "bf16"
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_compress_refuses_fp16_on_the_cpu_before_touching_out(tmp_path):
+    torch.save(lenet5().state_dict(), tmp_path / "lenet5.pt")
+    data = random_npz(tmp_path / "data.npz", (1, 12, 12))
+    with pytest.raises(RecipeError, match="`train.amp` is 'fp16'"):
+        compressor.compress(
+            str(tmp_path / "lenet5.pt"), arch="lenet5", data=str(data), out=tmp_path / "out",
+            device="cpu", overrides=["train.amp=fp16", *FAST],
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
