@@ -96,8 +96,11 @@ def render_latency(data: dict) -> str:
     lines += ["", *robustness_table(data, goal_b)]
     summary = data.get("summary", {})
     if summary.get("all_met") is not None:
-        met = [f"{r['model']} r{r['round_to']}" for r in summary["rows"] if r["met"]]
-        missed = [f"{r['model']} r{r['round_to']}" for r in summary["rows"] if r["met"] is False]
+        def name(r: dict) -> str:
+            return f"{r['model']} r{r['round_to']}" + (f" b{r['batch']}" if r.get("batch") else "")
+
+        met = [name(r) for r in summary["rows"] if r["met"]]
+        missed = [name(r) for r in summary["rows"] if r["met"] is False]
         lines += [
             "",
             f"Goal ({summary['goal']}): met by {', '.join(met) or 'none'}; "
