@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             "test_accuracy_before": test_accuracy(before, x_test, y_test),
             "test_accuracy_after": test_accuracy(after, x_test, y_test),
             "seek_stages": (report.get("target") or {}).get("stages"),
+            "onnx_top1_agreement": report["verification"].get("top1_agreement"),
+            "binarized": (report.get("activations") or {}).get("swapped"),
             "wall_s": round(wall, 1),
             "timings_s": report.get("timings_s"),
         }
