@@ -162,11 +162,13 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _import_callable(arch: str) -> Callable:
+def _import_callable(arch: str, flag: str = "--arch") -> Callable:
+    """``package.module:attr`` imported with the current directory on ``sys.path``; errors
+    name ``flag`` (the option that named it)."""
     module_name, _, attr = arch.partition(":")
     if not module_name or not attr:
         raise CheckpointError(
-            f"--arch {arch!r} must be package.module:callable (e.g. mynets.cifar:resnet32)."
+            f"{flag} {arch!r} must be package.module:callable (e.g. mynets.cifar:resnet32)."
         )
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -175,12 +177,12 @@ def _import_callable(arch: str) -> Callable:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise CheckpointError(
-            f"Cannot import {module_name!r} for --arch {arch} ({exc}). Run from the folder that "
+            f"Cannot import {module_name!r} for {flag} {arch} ({exc}). Run from the folder that "
             f"contains it, or add that folder to PYTHONPATH."
         ) from None
     except Exception as exc:
         raise CheckpointError(
-            f"Importing {module_name!r} for --arch {arch} raised {type(exc).__name__}: {exc}"
+            f"Importing {module_name!r} for {flag} {arch} raised {type(exc).__name__}: {exc}"
         ) from exc
     obj: Any = module
     for part in attr.split("."):
@@ -191,12 +193,12 @@ def _import_callable(arch: str) -> Callable:
             close = difflib.get_close_matches(part, names, n=1)
             hint = f" Did you mean {module_name}:{close[0]}?" if close else ""
             raise CheckpointError(
-                f"{module_name} has no attribute {attr!r} (--arch {arch}).{hint} "
+                f"{module_name} has no attribute {attr!r} ({flag} {arch}).{hint} "
                 f"Callables there: {', '.join(names[:20]) or 'none'}."
             )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise CheckpointError(f"--arch {arch}: {attr} is not callable; name a function or class.")
+        raise CheckpointError(f"{flag} {arch}: {attr} is not callable; name a function or class.")
     return obj
 
 

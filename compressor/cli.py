@@ -77,6 +77,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "consent to import the pkg.module:callable a compact model.safetensors names)",
     )
     p.add_argument(
+        "--task",
+        default="classification",
+        metavar="NAME|pkg.module:Class",
+        help="what the model does: its loss, metric and data (default: classification, "
+        "cross-entropy and top-1 accuracy), or your own compressor.tasks.Task subclass "
+        "imported from the current folder (see examples/task_plugin)",
+    )
+    p.add_argument(
         "--num-classes", type=int, help="classifier outputs (default: read from the checkpoint)"
     )
     p.add_argument("--input-shape", help="C,H,W of one input (default: from the data)")
@@ -210,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             command=["compress", *(argv if argv is not None else sys.argv[1:])],
             progress=progress,
+            task=args.task,
         )
     except CompressorError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
@@ -231,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     r = report.get("reduction") or {}
     if not args.quiet and r.get("macs_x") is not None:
         acc_b, acc_c = report["baseline"]["accuracy"], report["compressed"]["accuracy"]
-        acc = "accuracy not measured" if acc_b is None else f"accuracy {acc_b:.2f}% -> {acc_c:.2f}%"
+        metric = (report.get("metric") or {}).get("name", "accuracy")
+        fmt, unit = (".2f", "%") if metric == "accuracy" else (".4g", "")
+        acc = (
+            f"{metric} not measured"
+            if acc_b is None
+            else f"{metric} {acc_b:{fmt}}{unit} -> {acc_c:{fmt}}{unit}"
+        )
         print(
             f"compress: {r['macs_x']:.2f}x fewer MACs, {r['params_x']:.2f}x fewer params, {acc}; "
             f"exit {code}; outputs in {args.out}",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import __version__, export, method, metrics, outdir, train
+from compressor import __version__, export, method, metrics, outdir, tasks, train
 from compressor import checkpoint as ckpt
 from compressor import data as data_mod
 from compressor import recipe as recipe_mod
@@ -85,6 +85,7 @@ class Run:
     distributed: bool
     is_main: bool
     record: RunRecord
+    task: tasks.Task  # the loss, metric and data (--task)
     timer: _Timer = field(default_factory=_Timer)
     splits: data_mod.DataSplits | None = None
     shape: tuple | None = None
@@ -155,21 +156,25 @@ def compress(
     resume: bool = False,
     command: list[str] | None = None,
     progress: Progress = SILENT,
+    task: str | tasks.Task = "classification",
 ) -> dict:
     """Compress ``checkpoint`` and write the outputs to ``out``; returns the report (a dict).
 
     The report's ``exit_code`` is 0 (success), 3 (a gate failed; outputs still
     written) or 4 (verification failed). Bad input raises a ``CompressorError``
     subclass with exit code 2 that names the problem and the fix. ``progress``
-    shows the training and evaluation steps as they run (silent by default).
+    shows the training and evaluation steps as they run (silent by default). ``task``
+    (``--task``: a registered name, ``package.module:Class`` or a :class:`compressor.tasks.Task`)
+    gives the loss, the metric the report and the gates judge, and the data loading.
     """
+    task = tasks.resolve_task(task)
     resolved = _resolve_recipe(
         recipe, overrides, mean=mean, std=std, input_shape=input_shape,
         max_accuracy_drop=max_accuracy_drop,
         targets={"macs": parse_factor(target_macs, "--target-macs"),
                  "params": parse_factor(target_params, "--target-params"), "size": target_size},
     )  # fmt: skip
-    run = _start(Path(checkpoint), Path(out), data, seed, command, progress, resolved, device)
+    run = _start(Path(checkpoint), Path(out), data, seed, command, progress, resolved, device, task)
     resume_state = _load_inputs(
         run, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, resume=resume
     )
@@ -205,7 +210,7 @@ def _resolve_recipe(recipe, overrides, *, mean, std, input_shape, max_accuracy_d
     return recipe_mod.validate_recipe(resolved, source="command line")
 
 
-def _start(checkpoint, out, data, seed, command, progress, resolved, device) -> Run:
+def _start(checkpoint, out, data, seed, command, progress, resolved, device, task) -> Run:
     """Device, distributed set-up and the run's record; --out made ready (nothing moved)."""
     distributed, rank, _ = _distributed()
     dev = _resolve_device(device)
@@ -220,7 +225,7 @@ def _start(checkpoint, out, data, seed, command, progress, resolved, device) -> 
     run = Run(
         checkpoint=checkpoint, out=out, data=data, seed=seed, command=command,
         progress=progress, resolved=resolved, recipe=Recipe.from_dict(resolved), device=dev,
-        distributed=distributed, is_main=rank == 0, record=record,
+        distributed=distributed, is_main=rank == 0, record=record, task=task,
     )  # fmt: skip
     record.out, record.is_main, record.resolved = out, run.is_main, resolved
     record.command, record.timer = command, run.timer
@@ -249,7 +254,7 @@ def _load_inputs(run: Run, *, arch, num_classes, trust_checkpoint, resume) -> di
                 )
             run.shape = tuple(cfg.data.input_shape) if cfg.data.input_shape else None
             if run.data is not None:
-                run.splits = data_mod.load_data(
+                run.splits = run.task.load_data(
                     run.data, mean=cfg.data.mean, std=cfg.data.std, input_shape=run.shape,
                     augment=cfg.data.augment,
                 )  # fmt: skip
@@ -288,11 +293,7 @@ def _check_model_runs(run: Run) -> None:
         ) from exc
     run.model_classes = int(logits.shape[-1])
     if run.splits is not None:
-        # every loader fixes the classifier from the checkpoint's weights: --num-classes
-        # cannot resize it
-        data_mod.check_labels(
-            run.splits, run.model_classes, classifier=_classifier(run.model, run.model_classes)
-        )
+        run.task.check_data(run.splits, run.model, run.model_classes)
         if len(run.splits.train) == 0 or len(run.splits.val) == 0:
             raise DataError(f"The data at {run.data} has an empty train or val split.")
 
@@ -306,6 +307,7 @@ def _open_out(run: Run) -> None:
     record.input = {
         "checkpoint": str(run.checkpoint),
         "arch": run.loaded.arch,
+        "task": tasks.task_path(run.task),
         "data": run.data,
         "device": str(run.device),
     }
@@ -336,11 +338,11 @@ def _open_out(run: Run) -> None:
 
 
 def _measure_baseline(run: Run) -> None:
-    """Accuracy, params, MACs and ONNX size of the input model."""
+    """The task's metric (``accuracy``), params, MACs and ONNX size of the input model."""
     model, dev = run.model, run.device
     with run.timer.stage("baseline"):
         baseline = {
-            "accuracy": train.evaluate(model, run.val_loader, dev, run.progress)[0]
+            "accuracy": run.task.evaluate(model, run.val_loader, dev, run.progress)[0]
             if run.val_loader is not None
             else None,
             "params": metrics.count_params(model),
@@ -355,8 +357,8 @@ def _measure_baseline(run: Run) -> None:
             torch.distributed.broadcast_object_list(box, src=0)
             baseline["onnx_bytes"] = box[0]
         log.info(
-            "baseline: accuracy %s, %d params, %d MACs",
-            baseline["accuracy"], baseline["params"], baseline["macs"],
+            "baseline: %s %s, %d params, %d MACs",
+            run.task.metric, baseline["accuracy"], baseline["params"], baseline["macs"],
         )  # fmt: skip
     run.baseline = run.record.baseline = baseline
 
@@ -394,9 +396,11 @@ def _build_method(run: Run, resume_state: dict | None):
     total_steps = max(1, cfg.train.epochs * run.steps_per_epoch)
     seek = None
     if run.baseline["accuracy"] is not None and cfg.train.epochs > 0:
+        # the seeker bounds baseline - value: a lower-is-better metric is seen negated
+        sign = 1.0 if run.task.higher_is_better else -1.0
         seek = method.SeekHooks(
-            evaluate=lambda: _sparse_accuracy(run),
-            baseline_accuracy=run.baseline["accuracy"],
+            evaluate=lambda: sign * _sparse_accuracy(run),
+            baseline_accuracy=sign * run.baseline["accuracy"],
             snapshot=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
             restore=model.load_state_dict,
         )
@@ -439,7 +443,7 @@ def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:
                 train_model, run.train_loader, optimizer, scheduler, run.device,
                 method=run.sparse, max_steps=cfg.train.max_steps_per_epoch, epoch=epoch,
                 teacher=run.teacher, distill=cfg.distill, progress=run.progress,
-                kept_epochs=epoch, precision=precision,
+                kept_epochs=epoch, precision=precision, task=run.task,
             )  # fmt: skip
         _check_finite_weights(run, epoch, loss, optimizer)
         with run.timer.stage("evaluate"):
@@ -479,7 +483,7 @@ def _epoch_row(run: Run, epoch: int, loss: float) -> dict:
     model, groups, sparse = run.model, run.groups, run.sparse
     with sparse.sparse_weights():
         _recalibrate(run)
-        acc = train.evaluate(model, run.val_loader, run.device, run.progress)[0]
+        acc = run.task.evaluate(model, run.val_loader, run.device, run.progress)[0]
         tensors = dict(model.named_parameters())
         kept, total = metrics.channels_kept(groups, tensors)
         macs_now, params_now = groups.estimate_cost(groups.zero_masks(tensors))
@@ -498,8 +502,8 @@ def _epoch_row(run: Run, epoch: int, loss: float) -> dict:
         "params_x": groups.total_params / max(params_now, 1.0),
     }
     log.info(
-        "epoch %d/%d: loss %.4f, sparse accuracy %.2f%%, %.2fx MACs, %.1f%% channels zero",
-        epoch + 1, run.recipe.train.epochs, loss, acc, row["macs_x"], 100 * row["channel_sparsity"],
+        "epoch %d/%d: loss %.4f, sparse %s %.4g, %.2fx MACs, %.1f%% channels zero",
+        epoch + 1, run.recipe.train.epochs, loss, run.task.metric, acc, row["macs_x"], 100 * row["channel_sparsity"],
     )  # fmt: skip
     return row
 
@@ -533,7 +537,7 @@ def _prune(run: Run) -> bool:
             "onnx_checker": False,
             "samples": len(run.verify_inputs),
             "notes": [],
-            "sparse_accuracy": train.evaluate(model, run.val_loader, run.device, run.progress)[0]
+            "sparse_accuracy": run.task.evaluate(model, run.val_loader, run.device, run.progress)[0]
             if run.val_loader is not None
             else None,
             "sparse_weight_sparsity": metrics.weight_sparsity(model),
@@ -570,7 +574,7 @@ def _recover(run: Run) -> None:
                 rec_model, run.train_loader, opt, sched, run.device, masks=masks,
                 max_steps=run.recipe.train.max_steps_per_epoch, epoch=epoch, teacher=run.teacher,
                 distill=run.recipe.distill, progress=run.progress, kept_epochs=run.recipe.train.epochs,
-                lr_key="recover.lr", precision=precision,
+                lr_key="recover.lr", precision=precision, task=run.task,
             )  # fmt: skip
 
 
@@ -585,7 +589,7 @@ def _export_and_report(run: Run) -> dict:
     """Export, verify in onnxruntime, save the compact model, and write the report."""
     model = run.model.eval()
     accuracy = (
-        train.evaluate(model, run.val_loader, run.device, run.progress)[0]
+        run.task.evaluate(model, run.val_loader, run.device, run.progress)[0]
         if run.val_loader is not None
         else None
     )
@@ -697,6 +701,8 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
         if run.splits is not None
         else run.verify_inputs
     )
+    if run.splits is not None and not isinstance(run.task, tasks.ClassificationTask):
+        inputs = (x for x, _ in inputs)  # top-1 is classification's: the metric is not measured
     compared = export.compare_onnx(onnx_path, int8_path, inputs)
     latency = export.measure_latency(
         {"float": onnx_path, "int8": int8_path}, tuple(run.shape), batch_sizes=(16,)
@@ -758,6 +764,7 @@ def _assemble_report(run: Run, compressed: dict, latency: dict, int8: dict | Non
         "command": run.command,
         "recipe": run.resolved,
         "input": run.record.input,
+        "metric": run.task.summary(),  # what baseline/compressed "accuracy" hold
         "baseline": baseline,
         "compressed": compressed,
         "channel_groups": [  # the units of channels_kept / channels_total, in model order
@@ -953,17 +960,6 @@ def _default_activation_skip(model: nn.Module, x: torch.Tensor, bits: int, ste: 
     return sorted({order[0], order[-1]}) if order else []
 
 
-def _classifier(model: nn.Module, outputs: int) -> str | None:
-    """``"fc3, Linear 84 -> 10"``: the last Linear/Conv with ``outputs`` outputs, for messages."""
-    found = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and m.out_features == outputs:
-            found = f"{name}, Linear {m.in_features} -> {m.out_features}"
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == outputs:
-            found = f"{name}, {type(m).__name__} {m.in_channels} -> {m.out_channels} channels"
-    return found
-
-
 def _shape_from_metadata(metadata: dict | None):
     if not metadata:
         return None
@@ -987,7 +983,7 @@ def _recalibrate(run: Run) -> None:
 
 
 def _sparse_accuracy(run: Run) -> float:
-    """Validation accuracy of the sparse model ``u`` after BatchNorm recalibration; restores
+    """The task's validation metric of the sparse model ``u`` after BatchNorm recalibration; restores
     ``w`` and the BatchNorm statistics."""
     model = run.model
     with run.sparse.sparse_weights():
@@ -997,7 +993,7 @@ def _sparse_accuracy(run: Run) -> float:
             if "running" in k or "num_batches" in k
         }
         _recalibrate(run)
-        acc = train.evaluate(model, run.val_loader, run.device)[0]
+        acc = run.task.evaluate(model, run.val_loader, run.device)[0]
         model.load_state_dict(saved, strict=False)
     model.train()
     return acc

@@ -6,7 +6,9 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
 
 - ``schema`` (1), ``tool`` {name, version}, ``created`` (ISO 8601, UTC),
   ``command`` (argv list or None), ``recipe`` (the resolved recipe dict);
-- ``input`` {checkpoint, arch, data, device};
+- ``input`` {checkpoint, arch, task, data, device};
+- ``metric`` {name, higher_is_better}: the task's metric (``--task``), which the
+  ``accuracy`` keys below hold (top-1 percent for ``classification``);
 - ``baseline`` / ``compressed`` {accuracy (percent), params, macs, onnx_bytes};
   ``compressed`` also {weight_sparsity (fraction of exactly-zero conv/linear
   weights of the shipped, compact model: the Conv/Gemm/MatMul weight
@@ -237,6 +239,8 @@ def evaluate_gates(
 
     - ``accuracy_drop`` (when ``max_accuracy_drop`` is given): passes when
       ``baseline.accuracy - compressed.accuracy <= max_accuracy_drop`` (points);
+      reversed (``compressed - baseline``) when ``report_like["metric"]`` says the
+      task's metric is lower-is-better (``higher_is_better: false``; then in its units);
       when either accuracy is None the gate fails with detail "not measured".
     - ``target_<kind>`` (when ``target`` or ``report_like["target"]`` is set; one
       gate per entry of ``target["targets"]`` when it lists several):
@@ -251,6 +255,8 @@ def evaluate_gates(
         comp = (report_like.get("compressed") or {}).get("accuracy")
         if _is_num(base) and _is_num(comp):
             drop = float(base) - float(comp)
+            if not (report_like.get("metric") or {}).get("higher_is_better", True):
+                drop = -drop
             passed = drop <= max_accuracy_drop
             detail = f"{drop:.2f} points {'<=' if passed else '>'} {max_accuracy_drop:g}"
         else:
@@ -432,7 +438,10 @@ def _headline(report: Mapping) -> str:
         bits.append(f"{_x(red['macs_x'])} fewer MACs")
     if _is_num(red.get("params_x")):
         bits.append(f"{_x(red['params_x'])} fewer params")
-    if _is_num(base.get("accuracy")) or _is_num(comp.get("accuracy")):
+    metric = _metric_name(report)
+    if metric != "accuracy" and (_is_num(base.get("accuracy")) or _is_num(comp.get("accuracy"))):
+        bits.append(f"{metric} {_num(base.get('accuracy'))} → {_num(comp.get('accuracy'))}")
+    elif _is_num(base.get("accuracy")) or _is_num(comp.get("accuracy")):
         bits.append(
             f"accuracy {_pct(base.get('accuracy'))} → {_pct(comp.get('accuracy'))}"
             f" ({_accuracy_delta(base.get('accuracy'), comp.get('accuracy'))})"
@@ -452,6 +461,11 @@ def _headline(report: Mapping) -> str:
     return text
 
 
+def _metric_name(report: Mapping) -> str:
+    """The task's metric that the ``accuracy`` keys hold (``report["metric"]["name"]``)."""
+    return str((report.get("metric") or {}).get("name") or "accuracy")
+
+
 def _gate_summary(report: Mapping, gate: Mapping) -> str:
     """One failed gate in words, e.g. ``accuracy 91.2% → 13.5% (-77.7 points, gate 5.0)``."""
     if gate.get("name") == "accuracy_drop":
@@ -460,7 +474,9 @@ def _gate_summary(report: Mapping, gate: Mapping) -> str:
         limit = gate.get("threshold")
         limit_txt = f"gate {float(limit):.1f}" if _is_num(limit) else "gate"
         if not (_is_num(base) and _is_num(comp)):
-            return f"accuracy not measured ({limit_txt})"
+            return f"{_metric_name(report)} not measured ({limit_txt})"
+        if _metric_name(report) != "accuracy":
+            return f"{_metric_name(report)} {_num(base)} → {_num(comp)} ({limit_txt})"
         return (
             f"accuracy {_pct(base, digits=1)} → {_pct(comp, digits=1)} "
             f"({float(comp) - float(base):+.1f} points, {limit_txt})"
@@ -476,11 +492,13 @@ def _summary_table(report: Mapping) -> list[str]:
     base = report.get("baseline") or {}
     comp = report.get("compressed") or {}
     red = {**reduction_factors(base, comp), **_drop_none(report.get("reduction") or {})}
+    metric = _metric_name(report)
+    show = _pct if metric == "accuracy" else _num
     rows = [
         [
-            "Accuracy (top-1)",
-            _pct(base.get("accuracy")) if base.get("accuracy") is not None else "not measured",
-            _pct(comp.get("accuracy")) if comp.get("accuracy") is not None else "not measured",
+            "Accuracy (top-1)" if metric == "accuracy" else metric,
+            show(base.get("accuracy")) if base.get("accuracy") is not None else "not measured",
+            show(comp.get("accuracy")) if comp.get("accuracy") is not None else "not measured",
             _accuracy_delta(base.get("accuracy"), comp.get("accuracy")),
         ],
         ["Params", _count(base.get("params")), _count(comp.get("params")), _x(red.get("params_x"))],

@@ -201,6 +201,30 @@ def distillation_loss(
     ) * (t * t)
 
 
+def teacher_outputs(teacher: nn.Module | None, x: torch.Tensor, distill) -> torch.Tensor | None:
+    """The teacher's outputs on ``x`` (without gradient) when distillation is on
+    (``distill.weight > 0``), else None."""
+    if teacher is None or distill is None or distill.weight <= 0:
+        return None
+    with torch.no_grad():
+        return teacher(x)
+
+
+def distilled_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, distill
+) -> torch.Tensor:
+    """Cross-entropy, mixed with :func:`distillation_loss` when ``teacher_logits`` is given.
+
+    ``(1 - w) CE + w KD`` with ``w = distill.weight`` (the classification task's loss,
+    :class:`compressor.tasks.ClassificationTask`).
+    """
+    ce = F.cross_entropy(logits, labels)
+    if teacher_logits is None:
+        return ce
+    w = distill.weight
+    return (1 - w) * ce + w * distillation_loss(logits, teacher_logits, distill.temperature)
+
+
 def training_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -208,18 +232,9 @@ def training_loss(
     teacher: nn.Module | None,
     distill,
 ) -> torch.Tensor:
-    """Cross-entropy, mixed with :func:`distillation_loss` against ``teacher`` when given.
-
-    ``(1 - w) CE + w KD`` with ``w = distill.weight``; the teacher (the input
-    model, frozen, eval mode) runs without gradient on the same batch.
-    """
-    ce = F.cross_entropy(logits, labels)
-    if teacher is None or distill is None or distill.weight <= 0:
-        return ce
-    with torch.no_grad():
-        teacher_logits = teacher(x)
-    w = distill.weight
-    return (1 - w) * ce + w * distillation_loss(logits, teacher_logits, distill.temperature)
+    """:func:`distilled_cross_entropy` against ``teacher`` (the input model, frozen, eval
+    mode), which runs without gradient on the same batch."""
+    return distilled_cross_entropy(logits, labels, teacher_outputs(teacher, x, distill), distill)
 
 
 def train_one_epoch(
@@ -240,6 +255,7 @@ def train_one_epoch(
     kept_epochs: int = 0,
     lr_key: str = "train.lr",
     precision: Precision | None = None,
+    task=None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -248,14 +264,19 @@ def train_one_epoch(
     ``beta (w - u)``) and ``method.after_step()`` (the sparse copy ``u = prox(w)``);
     see :func:`optimizer_step` for how they meet mixed precision (``precision``, a
     :class:`Precision`; None: float32, batches as they come). With ``masks`` (recovery): zero
-    weights stay zero. With ``teacher`` and ``distill`` (the recipe's section):
-    the loss is :func:`training_loss`. A non-finite loss raises ``DivergenceError`` before any
+    weights stay zero. The loss is ``task.loss`` (a :class:`compressor.tasks.Task`; None:
+    classification, :func:`distilled_cross_entropy`), given the teacher's outputs when
+    ``teacher`` and ``distill`` (the recipe's section) ask for distillation. A non-finite loss raises ``DivergenceError`` before any
     weight is updated with it; its message says what the caller kept for --resume
     (``kept_epochs``: the completed epochs whose state it saved; 0: nothing) and which
     learning rate to lower (``lr_key``). ``progress`` shows the steps as they run (step,
     loss, time left).
     """
     precision = precision or Precision(device)
+    if task is None:
+        from compressor.tasks import ClassificationTask  # tasks builds on this module
+
+        task = ClassificationTask()
     model.train()
     loss_sum, seen = 0.0, 0
     start = time.perf_counter()
@@ -267,7 +288,7 @@ def train_one_epoch(
             break
         x, y = precision.batch(x), y.to(device, non_blocking=True)
         with precision.autocast():
-            loss = training_loss(model(x), y, x, teacher, distill)
+            loss = task.loss(model(x), y, x, teacher_outputs(teacher, x, distill), distill)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 divergence_message(

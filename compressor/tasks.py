@@ -1,0 +1,177 @@
+"""What the model is trained and judged on: the loss of a batch, the evaluation metric and
+the data (docs/design.md, "Tasks").
+
+A :class:`Task` is what ``compress --task`` names: ``classification`` (the default:
+cross-entropy, top-1 accuracy, labels checked against the classifier) or a user's own
+``package.module:Class``, imported from the current directory like ``--arch``'s callables.
+Only the command line or the API chooses a task; a checkpoint or its metadata never does.
+
+Tasks are registered classes (``TASKS``); adding a built-in one is a subclass with
+``loss``/``evaluate`` and a ``@register_task("name")`` line. The pipeline reads everything
+it judges through the task: the baseline, per-epoch and final metric, the accuracy seeker
+and the ``accuracy_drop`` gate, whose direction follows :attr:`Task.higher_is_better`.
+The report keeps its ``accuracy`` keys (they hold the task's metric) and names the metric
+in ``metric: {name, higher_is_better}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressor import data as data_mod
+from compressor import train
+from compressor.errors import BadInputError, CheckpointError
+from compressor.progress import SILENT, Progress
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str):
+    """Class decorator: make a :class:`Task` available as ``--task name``."""
+
+    def add(cls: type[Task]) -> type[Task]:
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return add
+
+
+class Task:
+    """The loss, the metric and the data of what the model does.
+
+    Subclass it for your own task and pass ``--task package.module:Class`` (the class is
+    built with no arguments). ``metric`` names what :meth:`evaluate` returns (e.g.
+    ``"mse"``); ``higher_is_better`` says which way it improves: the ``accuracy_drop``
+    gate and the accuracy seeker then bound ``baseline - compressed`` (higher is better)
+    or ``compressed - baseline`` (lower is better), in the metric's own units.
+    """
+
+    name: ClassVar[str] = ""
+    metric: ClassVar[str] = "metric"
+    higher_is_better: ClassVar[bool] = True
+
+    def loss(
+        self,
+        outputs: torch.Tensor,
+        targets: torch.Tensor,
+        inputs: torch.Tensor,
+        teacher_outputs: torch.Tensor | None,
+        distill,
+    ) -> torch.Tensor:
+        """The training loss of one batch (a scalar with gradient).
+
+        ``teacher_outputs`` (the input model's outputs on ``inputs``, without gradient) is
+        given when distillation is on (``distill.weight > 0``; ``distill`` is the recipe's
+        section, :class:`compressor.config.Distill`), else None.
+        """
+        raise NotImplementedError
+
+    def evaluate(
+        self, model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
+    ) -> tuple[float, float]:
+        """``(metric, mean loss)`` of ``model`` over ``loader`` (batches of ``(x, y)``)."""
+        raise NotImplementedError
+
+    def load_data(self, spec, **kwargs) -> data_mod.DataSplits:
+        """The train and val splits at ``spec`` (``--data``); ``kwargs`` are ``mean``,
+        ``std``, ``input_shape`` and ``augment`` from the recipe. Default: compressor's
+        :func:`compressor.data.load_data` (images with integer labels)."""
+        return data_mod.load_data(spec, **kwargs)
+
+    def check_data(self, splits: data_mod.DataSplits, model: nn.Module, outputs: int) -> None:
+        """Raise ``DataError`` (exit 2) when the data cannot fit a model with ``outputs``
+        outputs. Default: no check."""
+
+    def drop(self, baseline: float, value: float) -> float:
+        """How much worse ``value`` is than ``baseline`` (positive: worse)."""
+        return baseline - value if self.higher_is_better else value - baseline
+
+    def summary(self) -> dict:
+        """The report's ``metric``: ``{name, higher_is_better}``."""
+        return {"name": self.metric, "higher_is_better": bool(self.higher_is_better)}
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    """Cross-entropy (mixed with knowledge distillation when asked), top-1 accuracy in
+    percent, and labels that must index the classifier's outputs."""
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def loss(self, outputs, targets, inputs, teacher_outputs, distill):
+        return train.distilled_cross_entropy(outputs, targets, teacher_outputs, distill)
+
+    def evaluate(self, model, loader, device, progress=SILENT):
+        return train.evaluate(model, loader, device, progress)
+
+    def check_data(self, splits, model, outputs):
+        # every loader fixes the classifier from the checkpoint's weights: --num-classes
+        # cannot resize it
+        data_mod.check_labels(splits, outputs, classifier=_classifier(model, outputs))
+
+
+def resolve_task(spec: str | Task | type[Task] = "classification") -> Task:
+    """The task ``spec`` names: a registered name (``classification``), ``package.module:Class``
+    (imported with the current directory on ``sys.path``, as ``--arch`` does), a
+    :class:`Task` subclass or instance. Anything else raises ``BadInputError`` (exit 2)
+    naming ``--task`` and the fix."""
+    if isinstance(spec, Task):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Task):
+        return spec()
+    if not isinstance(spec, str) or not spec:
+        raise BadInputError(f"--task must be a name or package.module:Class. Got {spec!r} instead.")
+    if spec in TASKS:
+        return TASKS[spec]()
+    if ":" not in spec:
+        close = difflib.get_close_matches(spec, list(TASKS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BadInputError(
+            f"--task must be one of {', '.join(sorted(TASKS))} or package.module:Class "
+            f"(your own Task subclass). Got {spec!r} instead.{hint}"
+        )
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise BadInputError(
+            f"--task {spec!r} must be package.module:Class (e.g. my_task:MeanSquaredTask)."
+        )
+    from compressor.checkpoint import _import_callable
+
+    try:
+        cls = _import_callable(spec, flag="--task")
+    except CheckpointError as exc:  # the same import and messages as --arch's
+        raise BadInputError(str(exc)) from None
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise BadInputError(
+            f"--task {spec}: {attr} is not a subclass of compressor.tasks.Task. "
+            "Name a class that subclasses it (see examples/task_plugin)."
+        )
+    return cls()
+
+
+def task_path(task: Task) -> str:
+    """How to name ``task`` again (the report's ``input.task``): its registered name, or
+    ``package.module:Class``."""
+    cls = type(task)
+    if TASKS.get(task.name) is cls:
+        return task.name
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _classifier(model: nn.Module, outputs: int) -> str | None:
+    """``"fc3, Linear 84 -> 10"``: the last Linear/Conv with ``outputs`` outputs, for messages."""
+    found = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.out_features == outputs:
+            found = f"{name}, Linear {m.in_features} -> {m.out_features}"
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == outputs:
+            found = f"{name}, {type(m).__name__} {m.in_channels} -> {m.out_channels} channels"
+    return found
