@@ -26,21 +26,15 @@ from compressor import data as data_mod
 from compressor import train
 from compressor.errors import BadInputError, CheckpointError
 from compressor.progress import SILENT, Progress
+from compressor.registry import registrar
 
 TASKS: dict[str, type[Task]] = {}
 
 
-def register_task(name: str):
-    """Class decorator: make a :class:`Task` available as ``--task name``."""
-
-    def add(cls: type[Task]) -> type[Task]:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return add
+register_task = registrar(
+    TASKS, "task",
+    doc="Class decorator: make a :class:`Task` available as ``--task name``.",
+)  # fmt: skip
 
 
 class Task:

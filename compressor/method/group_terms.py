@@ -31,21 +31,15 @@ import torch
 
 from compressor.errors import BadInputError
 from compressor.method import penalties
+from compressor.registry import registrar
 
 GROUP_TERMS: dict[str, type[GroupTerm]] = {}
 
 
-def register_group_term(name: str):
-    """Class decorator: make a :class:`GroupTerm` available to recipes as ``penalty.group.kind: name``."""
-
-    def add(cls: type[GroupTerm]) -> type[GroupTerm]:
-        if name in GROUP_TERMS:
-            raise ValueError(f"group term {name!r} is already registered")
-        cls.name = name
-        GROUP_TERMS[name] = cls
-        return cls
-
-    return add
+register_group_term = registrar(
+    GROUP_TERMS, "group term",
+    doc="Class decorator: make a :class:`GroupTerm` available to recipes as ``penalty.group.kind: name``.",
+)  # fmt: skip
 
 
 def group_term(name: str, **params: float) -> GroupTerm:
