@@ -179,8 +179,13 @@ class BudgetController:
         finite = int(torch.isfinite(values).sum())
         want = self.scheduled(step)
 
+        ascending = [torch.sort(sc).values for sc in scores] if self.round_to > 1 else None
+
         def group_thresholds(tau: float) -> list[float]:
-            return [self._round(sc, min(tau, c)) for sc, c in zip(scores, caps, strict=True)]
+            limits = [min(tau, c) for c in caps]
+            if ascending is None:
+                return limits
+            return [self._round(a, t) for a, t in zip(ascending, limits, strict=True)]
 
         def zero_at(tau: float) -> list[torch.Tensor]:
             return [sc <= t for sc, t in zip(scores, group_thresholds(tau), strict=True)]
@@ -208,20 +213,19 @@ class BudgetController:
             self.freeze()
         return group_thresholds(self.tau)  # -inf: the group may lose no unit
 
-    def _round(self, scores: torch.Tensor, limit: float) -> float:
+    def _round(self, ascending: torch.Tensor, limit: float) -> float:
         """The largest threshold ``<= limit`` whose zero set keeps a multiple of ``round_to``
-        units of the group, or all of them (``-inf``)."""
-        r, size = self.round_to, len(scores)
-        zeros = int((scores <= limit).sum())
-        if r == 1 or zeros == 0:
+        units of the group (its scores sorted ``ascending``), or all of them (``-inf``)."""
+        size = len(ascending)
+        zeros = int((ascending <= limit).sum())
+        if zeros == 0:
             return limit
-        zeros_kept = size - kept_in_blocks(size - zeros, size, r)
+        zeros_kept = size - kept_in_blocks(size - zeros, size, self.round_to)
         if zeros_kept == zeros:
             return limit
         if zeros_kept == 0:
             return -math.inf
-        low = torch.sort(scores).values
-        return (float(low[zeros_kept - 1]) + float(low[zeros_kept])) / 2
+        return (float(ascending[zeros_kept - 1]) + float(ascending[zeros_kept])) / 2
 
     def _cap(self, scores: torch.Tensor) -> float:
         """The largest score a group may lose while keeping ``keep_fraction`` of its units."""
