@@ -42,6 +42,7 @@ from benchmarks.train_baseline import (  # noqa: E402
     train_baseline,
     validation_split,
 )
+from compressor import export  # noqa: E402
 from compressor.fileio import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmarks.default_command")
@@ -75,6 +76,19 @@ def test_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> f
         logits = model(x[i : i + 1000].float() / 255)
         correct += int((logits.argmax(1) == y[i : i + 1000]).sum())
     return 100.0 * correct / len(x)
+
+
+def int8_row(int8: dict, work: Path, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+    """The report's INT8 section, plus both ONNX models' test accuracy in onnxruntime."""
+    row = {k: int8.get(k) for k in ("mode", "file", "size_x", "weights_size_x", "onnx_bytes",
+                                    "float_onnx_bytes", "accuracy", "float_accuracy",
+                                    "top1_agreement", "latency_ms", "onnx_checker")}  # fmt: skip
+    if int8.get("file"):
+        test = export.compare_onnx(work / "model.onnx", work / int8["file"], [(x_test, y_test)])
+        row["test_accuracy_float_onnx"] = test["reference_accuracy"]
+        row["test_accuracy_int8"] = test["accuracy"]
+        row["test_top1_agreement"] = test["top1_agreement"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             "timings_s": report.get("timings_s"),
         }
         row["test_drop"] = row["test_accuracy_before"] - row["test_accuracy_after"]
+        if report.get("int8"):
+            row["int8"] = int8_row(report["int8"], work, x_test, y_test)
         log.info("%s", {k: v for k, v in row.items() if k not in ("seek_stages", "timings_s")})
         rows.append(row)
         payload = {

@@ -710,7 +710,10 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
     float_bytes, int8_bytes = export.onnx_size_bytes(onnx_path), export.onnx_size_bytes(int8_path)
     return {
         **made, "onnx_checker": checker, "onnx_bytes": int8_bytes, "float_onnx_bytes": float_bytes,
-        "size_x": float_bytes / max(int8_bytes, 1), "accuracy": compared["accuracy"],
+        "size_x": float_bytes / max(int8_bytes, 1),
+        "weights_size_x": export.onnx_weight_bytes(onnx_path)
+        / max(export.onnx_weight_bytes(int8_path), 1),
+        "accuracy": compared["accuracy"],
         "float_accuracy": compared["reference_accuracy"],
         "top1_agreement": compared["top1_agreement"], "samples": compared["samples"],
         "latency_ms": report_mod.int8_latency(latency),

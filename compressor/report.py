@@ -49,8 +49,8 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
   named ``int8_accuracy_drop``: baseline accuracy minus the INT8 model's, against
   ``gates.max_accuracy_drop``; it joins ``gates`` only with ``export.int8_required``),
   error, calibration_samples (static), onnx_checker, onnx_bytes, float_onnx_bytes,
-  size_x (float / int8 bytes), accuracy and float_accuracy (percent, onnxruntime,
-  validation split), top1_agreement (0..1, INT8 vs float ONNX), samples,
+  size_x (float / int8 bytes), weights_size_x (the same for the weights alone),
+  accuracy and float_accuracy (percent, onnxruntime, validation split), top1_agreement (0..1, INT8 vs float ONNX), samples,
   latency_ms {float: {batch_16: ms}, int8: {batch_16: ms}, speedup: {batch_16: x}}};
 - ``gates`` [{name, threshold, value, passed, detail}];
 - ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names];
@@ -616,7 +616,8 @@ def _int8_line(report: Mapping) -> list[str]:
     )
     return [
         f"**INT8 ({mode}):** {verdict}: {_bytes(q.get('onnx_bytes'))} "
-        f"({_x(q.get('size_x'))} smaller than model.onnx), accuracy {_pct(q.get('accuracy'))} "
+        f"({_x(q.get('size_x'))} smaller than model.onnx; its weights "
+        f"{_x(q.get('weights_size_x'))}), accuracy {_pct(q.get('accuracy'))} "
         f"(float {_pct(q.get('float_accuracy'))}), top-1 agreement with the float model "
         f"{_pct(q.get('top1_agreement'), frac=True, digits=1)} of {_num(q.get('samples'))}, "
         f"latency {key.replace('_', ' ')} {_ms((lat.get('int8') or {}).get(key))} ms vs "
