@@ -84,7 +84,8 @@ def int8_row(int8: dict, work: Path, x_test: torch.Tensor, y_test: torch.Tensor)
                                     "float_onnx_bytes", "accuracy", "float_accuracy",
                                     "top1_agreement", "latency_ms", "onnx_checker")}  # fmt: skip
     if int8.get("file"):
-        test = export.compare_onnx(work / "model.onnx", work / int8["file"], [(x_test, y_test)])
+        images = (x_test.float() / 255, y_test)  # as test_accuracy feeds them
+        test = export.compare_onnx(work / "model.onnx", work / int8["file"], [images])
         row["test_accuracy_float_onnx"] = test["reference_accuracy"]
         row["test_accuracy_int8"] = test["accuracy"]
         row["test_top1_agreement"] = test["top1_agreement"]

@@ -126,6 +126,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--target-size", type=int, metavar="BYTES", help="reach an ONNX file of at most BYTES"
     )
     p.add_argument(
+        "--target-latency",
+        type=float,
+        metavar="MS",
+        help="reach an onnxruntime latency of at most MS milliseconds on this machine "
+        "(sets target.latency)",
+    )
+    p.add_argument(
+        "--latency-batch",
+        type=int,
+        metavar="N",
+        help="batch size of --target-latency (default 1; sets target.latency_batch)",
+    )
+    p.add_argument(
         "--int8",
         nargs="?",
         const="static",
@@ -214,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             target_macs=args.target_macs,
             target_params=args.target_params,
             target_size=args.target_size,
+            target_latency=args.target_latency,
+            latency_batch=args.latency_batch,
             trust_checkpoint=args.trust_checkpoint,
             resume=args.resume,
             command=["compress", *(argv if argv is not None else sys.argv[1:])],

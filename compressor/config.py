@@ -76,6 +76,8 @@ class Target:
     macs: float | None
     params: float | None
     size: int | None
+    latency: float | None  # milliseconds at latency_batch, onnxruntime on this machine
+    latency_batch: int
     reach_fraction: float
     balance: float
     seek_accuracy_drop: float | None

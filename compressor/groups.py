@@ -145,6 +145,10 @@ class LayerInfo:
     macs: int
     params: int
 
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
 
 @dataclass
 class ChannelGroups:
@@ -279,13 +283,10 @@ class ChannelGroups:
         flat = torch.cat([*factors, torch.ones(1, dtype=dtype, device=device)])
         return flat.index_select(0, index.to(device))
 
-    def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
-        """MACs and params of the model once the masked channels are removed.
-
-        Exact for conv and linear layers (their MACs are in*out*k*k*H*W/groups);
-        other ops keep their cost (``torch.utils.flop_counter`` does not count them).
-        BatchNorm parameters are ignored (a rounding error on any real CNN).
-        """
+    def layer_keep(self, zero_masks: Sequence[torch.Tensor]) -> dict[str, tuple[float, float]]:
+        """Per conv/linear layer, the shares ``(keep_in, keep_out)`` of its input and output
+        channels left once the masked units are removed (a depthwise conv's input follows
+        its output: ``keep_in`` is 1, its cost scales with ``keep_out`` alone)."""
         out_zero: dict[str, float] = {}
         in_zero: dict[str, float] = {}
         for group, mask in zip(self.groups, zero_masks, strict=True):
@@ -300,11 +301,23 @@ class ChannelGroups:
                 in_zero[consumer.module] = in_zero.get(consumer.module, 0.0) + float(
                     maskf.index_select(0, consumer.channel.cpu()).sum()
                 )
-        macs, params = float(self.total_macs), float(self.total_params)
+        keep = {}
         for name, info in self.layers.items():
             keep_out = 1.0 - out_zero.get(name, 0.0) / info.out_channels
-            depthwise = info.groups > 1 and info.groups == info.in_channels == info.out_channels
-            keep_in = 1.0 if depthwise else 1.0 - in_zero.get(name, 0.0) / info.in_channels
+            keep_in = 1.0 if info.depthwise else 1.0 - in_zero.get(name, 0.0) / info.in_channels
+            keep[name] = (keep_in, keep_out)
+        return keep
+
+    def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
+        """MACs and params of the model once the masked channels are removed.
+
+        Exact for conv and linear layers (their MACs are in*out*k*k*H*W/groups);
+        other ops keep their cost (``torch.utils.flop_counter`` does not count them).
+        BatchNorm parameters are ignored (a rounding error on any real CNN).
+        """
+        macs, params = float(self.total_macs), float(self.total_params)
+        for name, (keep_in, keep_out) in self.layer_keep(zero_masks).items():
+            info = self.layers[name]
             fraction = keep_out * keep_in
             macs -= info.macs * (1.0 - fraction)
             params -= info.params * (1.0 - fraction)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import __version__, export, method, metrics, outdir, tasks, train
+from compressor import __version__, export, latency_model, method, metrics, outdir, tasks, train
 from compressor import checkpoint as ckpt
 from compressor import data as data_mod
 from compressor import recipe as recipe_mod
@@ -152,6 +152,8 @@ def compress(
     target_macs=None,
     target_params=None,
     target_size: int | None = None,
+    target_latency: float | None = None,
+    latency_batch: int | None = None,
     trust_checkpoint: bool = False,
     resume: bool = False,
     command: list[str] | None = None,
@@ -172,7 +174,8 @@ def compress(
         recipe, overrides, mean=mean, std=std, input_shape=input_shape,
         max_accuracy_drop=max_accuracy_drop,
         targets={"macs": parse_factor(target_macs, "--target-macs"),
-                 "params": parse_factor(target_params, "--target-params"), "size": target_size},
+                 "params": parse_factor(target_params, "--target-params"), "size": target_size,
+                 "latency": target_latency, "latency_batch": latency_batch},
     )  # fmt: skip
     run = _start(Path(checkpoint), Path(out), data, seed, command, progress, resolved, device, task)
     resume_state = _load_inputs(
@@ -405,8 +408,9 @@ def _build_method(run: Run, resume_state: dict | None):
             restore=model.load_state_dict,
         )
     run.sparse = method.build(
-        cfg, model, run.groups, total_steps=total_steps, baseline=run.baseline, seek=seek
-    )
+        cfg, model, run.groups, total_steps=total_steps, baseline=run.baseline, seek=seek,
+        latency=_latency_model(run, resume_state),
+    )  # fmt: skip
     run.sparse.activation_switch = run.switch
     optimizer = train.make_optimizer(model, cfg.train)
     scheduler = train.make_scheduler(optimizer, cfg.train.schedule, total_steps)
@@ -427,6 +431,27 @@ def _build_method(run: Run, resume_state: dict | None):
         log.info("resumed after epoch %d", resume_state["epoch"])
     run.record.history = run.history
     return optimizer, scheduler, train_model
+
+
+def _latency_model(run: Run, resume_state: dict | None):
+    """``--target-latency``'s latency model: the resumed run's, or calibrated now on this
+    machine against the baseline's ONNX model (on rank 0, shared with the others)."""
+    tgt = run.recipe.target
+    if tgt.latency is None:
+        return None
+    budget_state = ((resume_state or {}).get("method") or {}).get("budget") or {}
+    box = [budget_state.get("latency")]
+    if box[0] is None:
+        with run.timer.stage("latency_model"):
+            if run.is_main:
+                box[0] = latency_model.calibrate(
+                    run.model, run.groups, tuple(run.shape), run.out / STATE_DIR / "baseline.onnx",
+                    batch=tgt.latency_batch,
+                    round_to=resolve_round_to(run.recipe.prune.round_to, latency_target=True),
+                ).state_dict()  # fmt: skip
+            if run.distributed:
+                torch.distributed.broadcast_object_list(box, src=0)
+    return latency_model.LatencyModel.from_state(run.groups, box[0])
 
 
 def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:
@@ -545,7 +570,9 @@ def _prune(run: Run) -> bool:
         try:
             run.pruned = prune_zero_channels(
                 model, run.groups, run.verify_inputs.to(run.device),
-                round_to=resolve_round_to(cfg.prune.round_to),
+                round_to=resolve_round_to(
+                    cfg.prune.round_to, latency_target=cfg.target.latency is not None
+                ),
             )  # fmt: skip
         except VerificationError as exc:
             run.verification["notes"].append(str(exc))
@@ -630,7 +657,8 @@ def _export_and_verify(run: Run) -> dict:
         verification["torch_vs_onnxruntime_relative"] = ort.get("relative_max_abs")
         verification["top1_agreement"] = ort["top1_agreement"]
         paths = {"baseline": out / STATE_DIR / "baseline.onnx", "compressed": onnx_path}
-        medians = export.measure_latency(paths, tuple(run.shape), batch_sizes=(1,))
+        batches = sorted({1, run.recipe.target.latency_batch})
+        medians = export.measure_latency(paths, tuple(run.shape), batch_sizes=batches)
         profiles = {k: export.op_profile(path, run.shape, batch=1) for k, path in paths.items()}
         latency = report_mod.latency_section(medians, op_profiles=profiles)
     with run.timer.stage("save"):
@@ -757,7 +785,7 @@ def _unship(run: Run, report: dict) -> None:
 
 def _assemble_report(run: Run, compressed: dict, latency: dict, int8: dict | None) -> dict:
     model, pruned, baseline = run.model, run.pruned, run.baseline
-    target = _target_summary(run.sparse, compressed, baseline)
+    target = _target_summary(run.sparse, compressed, baseline, latency)
     sparsity = {row["name"]: row["sparsity"] for row in metrics.layer_sparsity(model)}
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report = {
@@ -837,8 +865,14 @@ def _exit_code(report: dict, verification: dict, binary: bool) -> int:
     return EXIT_OK
 
 
-def _target_summary(sparse: method.SparseTraining, compressed: dict, baseline: dict) -> dict | None:
-    """Every target given (asked, reached on the compact model, met), or the seeker's stages."""
+def _target_summary(
+    sparse: method.SparseTraining, compressed: dict, baseline: dict, latency: dict | None = None
+) -> dict | None:
+    """Every target given (asked, reached on the compact model, met), or the seeker's stages.
+
+    A latency target is judged on the latencies measured side by side after export
+    (``latency``): asked and reached are speedups over the baseline measured then, so
+    it is met when the compact model takes at most the asked ms (within the slack)."""
     budget = sparse.budget
     if budget is None:
         return None
@@ -855,11 +889,23 @@ def _target_summary(sparse: method.SparseTraining, compressed: dict, baseline: d
     measured = {"macs": "macs", "params": "params", "size": "onnx_bytes"}
     entries = []
     for t in budget.targets:
-        reached = baseline[measured[t.kind]] / max(compressed[measured[t.kind]], 1)
-        met = report_mod.target_summary(t.kind, t.factor, reached)["within"]
+        extra = {}
+        if t.kind == "latency":
+            key = f"batch_{budget.latency.batch}"
+            base_ms, reached_ms = latency["baseline"][key], latency["compressed"][key]
+            asked, reached = base_ms / t.asked, base_ms / max(reached_ms, 1e-9)
+            extra = {
+                "asked_ms": t.asked, "reached_ms": reached_ms, "baseline_ms": base_ms,
+                "batch": budget.latency.batch, "model": budget.latency.summary(),
+                "predicted_ms": None if budget.zero is None else budget.latency.predict(budget.zero),
+            }  # fmt: skip
+        else:
+            asked = t.factor
+            reached = baseline[measured[t.kind]] / max(compressed[measured[t.kind]], 1)
+        met = report_mod.target_summary(t.kind, asked, reached)["within"]
         entries.append(
-            {"kind": t.kind, "asked": t.factor, "reached": reached, "met": met,
-             "max_reachable": most[t.cost]}
+            {"kind": t.kind, "asked": asked, "reached": reached, "met": met,
+             "max_reachable": most[t.cost], **extra}
         )  # fmt: skip
     first = entries[0]
     return {

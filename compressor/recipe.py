@@ -344,6 +344,15 @@ SCHEMA: dict[str, Any] = {
         "macs": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),
         "params": Param(None, _float(1, closed="neither"), nullable=True, help="reduction factor"),
         "size": Param(None, _int(1), nullable=True, help="bytes"),
+        "latency": Param(
+            None,
+            _float(0, closed="neither"),
+            nullable=True,
+            help="milliseconds: onnxruntime latency of the exported model on this machine, at "
+            "latency_batch (a latency model calibrated before training steers the budget; "
+            "channel counts go in the runtime's blocks, prune.round_to at least auto)",
+        ),
+        "latency_batch": Param(1, _int(1), help="batch size of target.latency"),
         "reach_fraction": Param(0.3, _float(0, 1, closed="right")),
         "balance": Param(
             0.75,
@@ -354,7 +363,7 @@ SCHEMA: dict[str, Any] = {
             1.0,
             _float(0),
             nullable=True,
-            help="percentage points; with no macs/params/size target, seek the largest MACs "
+            help="percentage points; with no macs/params/size/latency target, seek the largest MACs "
             "reduction whose sparse model stays within this drop (null: no seeking, the group "
             "term's lambda alone decides). "
             "--max-accuracy-drop sets it; so does setting gates.max_accuracy_drop in a recipe "

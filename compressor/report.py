@@ -278,7 +278,12 @@ def evaluate_gates(
         reached = _target_reached(report_like, one)
         threshold = TARGET_SLACK * asked
         passed = _is_num(reached) and float(reached) >= threshold
-        if _is_num(reached):
+        if _is_num(reached) and _is_num(one.get("asked_ms")) and _is_num(one.get("reached_ms")):
+            detail = (
+                f"{float(one['reached_ms']):.3g} ms reached, {float(one['asked_ms']):.3g} ms asked "
+                f"(<= {float(one['asked_ms']) / TARGET_SLACK:.3g} ms needed)"
+            )
+        elif _is_num(reached):
             detail = (
                 f"{float(reached):.2f}x reached, {asked:.2f}x asked (>= {threshold:.2f}x needed)"
             )
@@ -663,6 +668,14 @@ def _target_line(report: Mapping) -> list[str]:
     parts = []
     for one in t.get("targets") or [t]:  # every target given
         ok = "✅" if one.get("met", one.get("within")) else "❌"
+        if one.get("kind") == "latency" and _is_num(one.get("asked_ms")):
+            parts.append(
+                f"latency {_ms(one['asked_ms'])} ms at batch {one.get('batch')} asked, "
+                f"{_ms(one.get('reached_ms'))} ms reached {ok} (baseline "
+                f"{_ms(one.get('baseline_ms'))} ms, measured side by side; the latency model "
+                f"calibrated before training predicted {_ms(one.get('predicted_ms'))} ms)"
+            )
+            continue
         what = _TARGET_WORDS.get(one.get("kind"), f"{one.get('kind')} reduction")
         parts.append(f"{_x(one.get('asked'))} {what} asked, {_x(one.get('reached'))} reached {ok}")
     return [

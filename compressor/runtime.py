@@ -69,6 +69,9 @@ def kept_in_blocks(keep: int, size: int, block: int) -> int:
     return min(size, math.ceil(keep / block) * block) if keep > 0 else 0
 
 
-def resolve_round_to(value: int | str) -> int:
-    """``prune.round_to``: an integer as given, ``auto`` as :func:`channel_block`."""
-    return channel_block() if value == "auto" else int(value)
+def resolve_round_to(value: int | str, *, latency_target: bool = False) -> int:
+    """``prune.round_to``: an integer as given, ``auto`` as :func:`channel_block`; with a
+    latency target at least the block (a latency model cannot predict the plain-layout
+    kernels a count off the block falls back to)."""
+    round_to = channel_block() if value == "auto" else int(value)
+    return max(round_to, channel_block()) if latency_target else round_to

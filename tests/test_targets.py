@@ -56,9 +56,7 @@ def test_targets_not_all_met_fail_their_gates_with_the_reached_values():
         [Target("macs", 2.0, 2.0), Target("params", 3.0, 3.0)], groups,
         torch.ones(len(groups)), total_steps=10,
     )  # fmt: skip
-    sparse = SimpleNamespace(
-        budget=budget, seeker=None, weighting="uniform", term=group_term("l1")
-    )
+    sparse = SimpleNamespace(budget=budget, seeker=None, weighting="uniform", term=group_term("l1"))
     baseline = {"macs": 1000.0, "params": 900.0, "onnx_bytes": 4000}
     compressed = {"macs": 400.0, "params": 450.0, "onnx_bytes": 2000}  # 2.5x MACs, 2x params
     summary = pipeline._target_summary(sparse, compressed, baseline)
@@ -158,3 +156,39 @@ def test_readme_main_command_on_the_bundled_example(tmp_path):
     assert 1.9 <= report["reduction"]["macs_x"] <= 2.1
     for name in ("model.onnx", "model.safetensors", "report.md", "recipe.yaml", "training.png"):
         assert (out / name).is_file()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(lenet, tmp_path, capsys):
+    """``--target-latency``: beyond reach it is exit 2 before training, naming the baseline's
+    calibrated latency; within reach the budget's zero set meets the latency model's
+    prediction, and the report gives the latency reached, measured side by side with the
+    baseline, and its gate."""
+    from compressor import cli
+
+    checkpoint, data = lenet
+    code = cli.main([
+        str(checkpoint), "--arch", "lenet5", "--data", str(data), "--out", str(tmp_path / "a"),
+        "--device", "cpu", "--target-latency", "0.0001", "--latency-batch", "8", "--quiet",
+        "--set", "train.epochs=1", *(a for kv in FAST for a in ("--set", kv)),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "--target-latency 0.0001" in err, err
+    base_ms = float(re.search(r"the baseline's ([0-9.e+-]+) ms here", err)[1])
+    asked = 0.5 * base_ms  # timings of a model this small are noisy: ask for a clear cut
+    report = compressor.compress(
+        str(checkpoint), arch="lenet5", data=str(data), out=tmp_path / "run", device="cpu",
+        target_latency=asked, latency_batch=8, overrides=["train.epochs=1", *FAST],
+    )  # fmt: skip
+    (entry,) = report["target"]["targets"]
+    assert report["recipe"]["target"]["latency"] == pytest.approx(asked)
+    assert entry["kind"] == "latency" and entry["batch"] == 8
+    assert entry["asked_ms"] == pytest.approx(asked)
+    assert entry["predicted_ms"] <= asked  # the budget met the model's prediction
+    assert report["reduction"]["macs_x"] > 1.1  # channels were removed for it
+    assert entry["reached_ms"] == report["latency_ms"]["compressed"]["batch_8"]
+    assert entry["baseline_ms"] == report["latency_ms"]["baseline"]["batch_8"]
+    gate = {g["name"]: g for g in report["gates"]}["target_latency"]
+    assert gate["passed"] == (entry["reached_ms"] <= asked / report_mod.TARGET_SLACK)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "ms at batch 8 asked" in md and "predicted" in md

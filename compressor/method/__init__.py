@@ -58,9 +58,11 @@ class SeekHooks:
     restore: Callable[[dict], object]
 
 
-def targets_from_recipe(target, baseline: dict) -> list[Target]:
-    """The recipe's targets (``target.macs``, ``.params``, ``.size``); a size in bytes is
-    costed in params, as the factor of the baseline's ONNX bytes over it."""
+def targets_from_recipe(target, baseline: dict, latency=None) -> list[Target]:
+    """The recipe's targets (``target.macs``, ``.params``, ``.size``, ``.latency``); a size in
+    bytes is costed in params, as the factor of the baseline's ONNX bytes over it; a latency
+    in ms as the factor of the baseline's measured latency (``latency``, the calibrated
+    :class:`compressor.latency_model.LatencyModel`) over it."""
     targets = []
     if target.macs is not None:
         targets.append(Target("macs", float(target.macs), float(target.macs)))
@@ -70,6 +72,11 @@ def targets_from_recipe(target, baseline: dict) -> list[Target]:
         base_bytes = baseline.get("onnx_bytes") or 4 * baseline["params"]
         factor = max(1.0 + 1e-9, base_bytes / float(target.size))
         targets.append(Target("size", factor, float(target.size)))
+    if target.latency is not None:
+        if latency is None:
+            raise ValueError("target.latency needs the calibrated latency model")
+        factor = max(1.0 + 1e-9, latency.base_ms / float(target.latency))
+        targets.append(Target("latency", factor, float(target.latency)))
     return targets
 
 
@@ -85,6 +92,15 @@ def unreachable_message(budget: BudgetController, baseline: dict) -> str:
                 f"--target-size {t.asked:g} (target.size, bytes) asks for a {t.factor:.2f}x smaller "
                 f"model, but removing channels reaches at most {most['params']:.2f}x fewer params "
                 f"here, about {smallest} bytes: pass --target-size {smallest} or more"
+            )
+        elif t.kind == "latency":
+            fastest = budget.base["latency"] / most["latency"]
+            parts.append(
+                f"--target-latency {t.asked:g} (target.latency, ms) asks for {t.factor:.2f}x the "
+                f"speed of the baseline's {budget.base['latency']:.3g} ms here, but removing "
+                f"channels reaches about {fastest:.3g} ms (the latency model calibrated on "
+                f"this machine): pass --target-latency {math.ceil(fastest * 1.05 * 100) / 100:g} "
+                "or more"
             )
         else:
             words = "MACs" if t.kind == "macs" else "params"
@@ -107,6 +123,7 @@ def build(
     total_steps: int,
     baseline: dict,
     seek: SeekHooks | None = None,
+    latency=None,
 ) -> SparseTraining:
     """The :class:`SparseTraining` of a run, with ``u0 = prox(w0)`` computed.
 
@@ -128,7 +145,7 @@ def build(
         prox_every=spl.prox_every,
         fused=spl.fused,
     )
-    targets = targets_from_recipe(tgt, baseline)
+    targets = targets_from_recipe(tgt, baseline, latency)
     weighting = resolve_group_weighting(
         pen.group.weighting,
         macs_target=any(t.kind == "macs" for t in targets),
@@ -154,7 +171,8 @@ def build(
         not targets and seek is not None and tgt.seek_accuracy_drop is not None and len(groups) > 0
     )
     budget = seeker = None
-    round_to = resolve_round_to(recipe.prune.round_to)  # kept channels in runtime blocks
+    # kept channels in runtime blocks
+    round_to = resolve_round_to(recipe.prune.round_to, latency_target=tgt.latency is not None)
     if targets:
         budget = BudgetController(
             targets,
@@ -164,6 +182,7 @@ def build(
             reach_fraction=tgt.reach_fraction,
             balance=tgt.balance,
             round_to=round_to,
+            latency=latency,
         )
         if budget.unreachable:
             raise BadInputError(unreachable_message(budget, baseline))

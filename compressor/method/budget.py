@@ -1,4 +1,4 @@
-"""Budgets (``--target-macs/--target-params/--target-size``) as thresholds of the group prox.
+"""Budgets (``--target-macs/-params/-size/-latency``) as thresholds of the group prox.
 
 A budget never picks channels itself: each step it chooses the threshold of the
 group term so that the prox's own zero set meets the budget's schedule. With
@@ -16,6 +16,11 @@ kernels compute in, e.g. onnxruntime's NCHWc block of 8 on AVX2) each group's
 threshold is lowered to the largest one that keeps a multiple of ``r`` units
 (or the whole group), so the kept channel counts are runtime-friendly from the
 first step and no removed-but-kept zero channel costs MACs later.
+
+A latency target (``--target-latency``) is costed by a
+:class:`compressor.latency_model.LatencyModel` calibrated on this machine before
+training: its prediction for a zero set is monotone in every group's kept units, so
+the same bisection applies.
 
 The removed share of the cost follows Zhu & Gupta's cubic ramp ("To prune, or
 not to prune", 2017), reaching the targets at ``reach_fraction`` of training.
@@ -40,16 +45,19 @@ from compressor.runtime import kept_in_blocks
 log = logging.getLogger(__name__)
 
 MIN_KEEP_FRACTION = 0.05  # a budget never empties a group below this share of its units
-COST_KINDS = ("macs", "params")
+COST_KINDS = ("macs", "params", "latency")
 SCHEDULES = ("cubic", "immediate")
 
 
 @dataclass(frozen=True)
 class Target:
-    """One asked reduction: ``kind`` ``macs``, ``params`` or ``size``; ``factor`` of its cost.
+    """One asked reduction: ``kind`` ``macs``, ``params``, ``size`` or ``latency``; ``factor``
+    of its cost.
 
     ``size`` (bytes of the exported model) is costed as params: ``factor`` is
     the baseline size over the asked bytes, ``asked`` keeps what the user typed.
+    ``latency`` is costed by the latency model: ``factor`` is the baseline's measured
+    milliseconds over the asked ones.
     """
 
     kind: str
@@ -58,7 +66,7 @@ class Target:
 
     @property
     def cost(self) -> str:
-        return "macs" if self.kind == "macs" else "params"
+        return "params" if self.kind == "size" else self.kind
 
 
 def cubic_schedule(progress: float) -> float:
@@ -81,6 +89,7 @@ class BudgetController:
         balance: float = 0.75,
         schedule: str = "cubic",
         round_to: int = 1,
+        latency=None,
     ):
         if not targets:
             raise ValueError("a budget needs at least one target")
@@ -92,7 +101,12 @@ class BudgetController:
         self.balance = float(balance)
         self.round_to = max(1, int(round_to))
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
+        self.latency = latency  # a LatencyModel, for latency targets
+        if latency is None and any(t.cost == "latency" for t in targets):
+            raise ValueError("a latency target needs a latency model")
         self.base = {"macs": float(groups.total_macs), "params": float(groups.total_params)}
+        if latency is not None:
+            self.base["latency"] = latency.base_ms
         self.frozen = False
         self.zero: list[torch.Tensor] | None = None  # the prox's zero set at the last step
         self.tau = 0.0  # the global threshold of the last step, in units of scale_g
@@ -103,10 +117,13 @@ class BudgetController:
     def factors(self, zero: Sequence[torch.Tensor]) -> dict[str, float]:
         """The reduction of every cost kind once the ``zero`` units are removed."""
         macs, params = self.groups.estimate_cost(zero)
-        return {
+        factors = {
             "macs": self.base["macs"] / max(macs, 1.0),
             "params": self.base["params"] / max(params, 1.0),
         }
+        if self.latency is not None:
+            factors["latency"] = self.base["latency"] / max(self.latency.predict(zero), 1e-9)
+        return factors
 
     def meets(self, factors: dict[str, float], wants: dict[str, float]) -> bool:
         return all(factors[k] >= w for k, w in wants.items())
@@ -256,6 +273,7 @@ class BudgetController:
             "zero": self.zero,
             "tau": self.tau,
             "reached": dict(self.reached),
+            "latency": self.latency.state_dict() if self.latency is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
