@@ -12,7 +12,10 @@ by default) this script:
 3. measures ``model.onnx`` again **in a fresh process**, side by side with the
    baseline's ONNX model, and records how far that lands from the asked latency.
 
-The goal: within 10% of the asked latency in the fresh process.
+The goal: within 10% of the asked latency in the fresh process. Absolute times on a
+shared machine drift between minutes, so the record also gives the fresh speedup over
+the baseline measured beside it, applied to the baseline latency the target was asked
+from (``fresh_drift_corrected_vs_asked``).
 
     .venv/bin/python benchmarks/target_latency.py                   # mobilenet_v2, 224x224
     .venv/bin/python benchmarks/target_latency.py --quick           # resnet18 at 64x64
@@ -46,16 +49,17 @@ FRESH = """
 import json, sys
 from compressor import export
 paths, shape, batch = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-ms = export.measure_latency(paths, shape, batch_sizes=(batch,), repeats=int(sys.argv[4]))
+ms = export.measure_latency(paths, shape, batch_sizes=(batch,), repeats=int(sys.argv[4]),
+                            threads=int(sys.argv[5]))
 print(json.dumps({k: v[batch] for k, v in ms.items()}))
 """
 
 
-def fresh_latency(paths: dict, shape, batch: int, repeats: int = 60) -> dict[str, float]:
+def fresh_latency(paths: dict, shape, batch: int, threads: int, repeats: int = 60) -> dict:
     """Median ms of each ONNX model, measured side by side in a new Python process."""
     out = subprocess.run(
         [sys.executable, "-c", FRESH, json.dumps({k: str(v) for k, v in paths.items()}),
-         json.dumps(list(shape)), str(batch), str(repeats)],
+         json.dumps(list(shape)), str(batch), str(repeats), str(threads)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -80,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="mobilenet_v2")
     p.add_argument("--side", type=int, default=224)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.7, 0.5])
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--steps", type=int, default=4, help="training steps per run")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--quick", action="store_true", help="resnet18 at 64x64, one fraction")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "target_latency.json"))
     args = p.parse_args(argv)
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         model = getattr(torchvision.models, args.arch)(num_classes=10)
         model.load_state_dict(torch.load(checkpoint, weights_only=True))
         export.export_onnx(model, torch.zeros(1, *shape), base_onnx)
-        base_ms = export.measure_latency({"b": base_onnx}, shape, batch_sizes=(args.batch,))
+        base_ms = export.measure_latency(
+            {"b": base_onnx}, shape, batch_sizes=(args.batch,), threads=args.threads
+        )
         base_ms = base_ms["b"][args.batch]
         for fraction in args.fractions:
             asked = fraction * base_ms
@@ -107,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                 target_latency=asked, latency_batch=args.batch,
                 overrides=["train.epochs=1", f"train.max_steps_per_epoch={args.steps}",
                            "train.batch_size=8", "train.bn_recalibration_batches=1",
-                           "gates.max_accuracy_drop=null", "export.verify_samples=4"],
+                           "gates.max_accuracy_drop=null", "export.verify_samples=4",
+                           f"export.latency_threads={args.threads}"],
             )  # fmt: skip
             (entry,) = report["target"]["targets"]
             fresh = fresh_latency({"baseline": base_onnx, "compressed": out / "model.onnx"},
-                                  shape, args.batch)  # fmt: skip
+                                  shape, args.batch, args.threads)  # fmt: skip
             row = {
                 "fraction": fraction,
                 "asked_ms": asked,
@@ -121,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                 "fresh_ms": fresh["compressed"],
                 "fresh_baseline_ms": fresh["baseline"],
                 "fresh_vs_asked": fresh["compressed"] / asked,
-                "within_10pct": fresh["compressed"] <= 1.1 * asked,
+                "within_10pct": abs(fresh["compressed"] / asked - 1) <= 0.1,
+                # the same, with machine drift taken out: the fresh speedup over the baseline
+                # measured beside it, applied to the baseline latency the target was asked from
+                "fresh_drift_corrected_vs_asked": fresh["compressed"]
+                / fresh["baseline"]
+                * base_ms
+                / asked,
                 "macs_x": report["reduction"]["macs_x"],
                 "latency_model": entry["model"],
                 "exit_code": report["exit_code"],
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "load_average": load_average(),
         "arch": args.arch, "input_shape": list(shape), "batch": args.batch,
+        "onnxruntime_threads": args.threads,
         "baseline_ms_before": base_ms,
         "runs": rows,
     })  # fmt: skip

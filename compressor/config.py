@@ -115,6 +115,7 @@ class Activations:
 class Export:
     opset: int
     verify_samples: int
+    latency_threads: int | None  # onnxruntime intra-op threads when timing (None: its default)
     int8: str  # off | static | dynamic
     int8_required: bool
 

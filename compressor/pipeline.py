@@ -446,7 +446,7 @@ def _latency_model(run: Run, resume_state: dict | None):
             if run.is_main:
                 box[0] = latency_model.calibrate(
                     run.model, run.groups, tuple(run.shape), run.out / STATE_DIR / "baseline.onnx",
-                    batch=tgt.latency_batch,
+                    batch=tgt.latency_batch, threads=run.recipe.export.latency_threads,
                     round_to=resolve_round_to(run.recipe.prune.round_to, latency_target=True),
                 ).state_dict()  # fmt: skip
             if run.distributed:
@@ -658,8 +658,14 @@ def _export_and_verify(run: Run) -> dict:
         verification["top1_agreement"] = ort["top1_agreement"]
         paths = {"baseline": out / STATE_DIR / "baseline.onnx", "compressed": onnx_path}
         batches = sorted({1, run.recipe.target.latency_batch})
-        medians = export.measure_latency(paths, tuple(run.shape), batch_sizes=batches)
-        profiles = {k: export.op_profile(path, run.shape, batch=1) for k, path in paths.items()}
+        threads = run.recipe.export.latency_threads
+        medians = export.measure_latency(
+            paths, tuple(run.shape), batch_sizes=batches, threads=threads
+        )
+        profiles = {
+            k: export.op_profile(path, run.shape, batch=1, threads=threads)
+            for k, path in paths.items()
+        }
         latency = report_mod.latency_section(medians, op_profiles=profiles)
     with run.timer.stage("save"):
         ckpt.save_compact(
@@ -733,8 +739,9 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
         inputs = (x for x, _ in inputs)  # top-1 is classification's: the metric is not measured
     compared = export.compare_onnx(onnx_path, int8_path, inputs)
     latency = export.measure_latency(
-        {"float": onnx_path, "int8": int8_path}, tuple(run.shape), batch_sizes=(16,)
-    )
+        {"float": onnx_path, "int8": int8_path}, tuple(run.shape), batch_sizes=(16,),
+        threads=run.recipe.export.latency_threads,
+    )  # fmt: skip
     float_bytes, int8_bytes = export.onnx_size_bytes(onnx_path), export.onnx_size_bytes(int8_path)
     return {
         **made, "onnx_checker": checker, "onnx_bytes": int8_bytes, "float_onnx_bytes": float_bytes,

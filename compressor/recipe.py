@@ -413,6 +413,14 @@ SCHEMA: dict[str, Any] = {
     "export": {
         "opset": Param(18, _int(13, 23)),
         "verify_samples": Param(64, _int(1)),
+        "latency_threads": Param(
+            None,
+            _int(1),
+            nullable=True,
+            help="onnxruntime intra-op threads for every latency measured (the report's, "
+            "the INT8 model's, target.latency's calibration); null: onnxruntime's default "
+            "(all cores). 1 is steadier on a shared machine",
+        ),
         "int8": Param(
             "off",
             _OffOr(("off", "static", "dynamic")),

@@ -159,7 +159,9 @@ def test_readme_main_command_on_the_bundled_example(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(lenet, tmp_path, capsys):
+def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
+    lenet, tmp_path, capsys, monkeypatch
+):
     """``--target-latency``: beyond reach it is exit 2 before training, naming the baseline's
     calibrated latency; within reach the budget's zero set meets the latency model's
     prediction, and the report gives the latency reached, measured side by side with the
@@ -176,10 +178,22 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(lenet,
     assert code == EXIT_BAD_INPUT and "--target-latency 0.0001" in err, err
     base_ms = float(re.search(r"the baseline's ([0-9.e+-]+) ms here", err)[1])
     asked = 0.5 * base_ms  # timings of a model this small are noisy: ask for a clear cut
+    from compressor import export
+
+    timed_with = []
+    measure = export.measure_latency
+
+    def recording(*args, **kwargs):
+        timed_with.append(kwargs.get("threads"))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(export, "measure_latency", recording)
     report = compressor.compress(
         str(checkpoint), arch="lenet5", data=str(data), out=tmp_path / "run", device="cpu",
-        target_latency=asked, latency_batch=8, overrides=["train.epochs=1", *FAST],
+        target_latency=asked, latency_batch=8,
+        overrides=["train.epochs=1", "export.latency_threads=1", *FAST],
     )  # fmt: skip
+    assert timed_with and set(timed_with) == {1}  # calibration and report alike
     (entry,) = report["target"]["targets"]
     assert report["recipe"]["target"]["latency"] == pytest.approx(asked)
     assert entry["kind"] == "latency" and entry["batch"] == 8
