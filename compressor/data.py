@@ -27,6 +27,7 @@ torch seeds per worker from the train loader's seeded generator.
 from __future__ import annotations
 
 import builtins
+import copy
 import gzip
 import logging
 import math
@@ -374,6 +375,20 @@ def make_loaders(
     )
     val = DataLoader(splits.val, batch_size=batch_size, shuffle=False, **val_common)
     return train, val
+
+
+def unaugmented_train(splits: DataSplits) -> Dataset:
+    """The training split with the validation split's preprocessing and no augmentation:
+    what a calibration of the deployed model (INT8 activation ranges) should see."""
+    train = splits.train
+    if splits.augment == "none":
+        return train
+    view = copy.copy(train)
+    if isinstance(train, ArrayDataset):
+        view.augment = None
+    else:  # an image folder: the validation split's resize and center crop
+        view.transform = splits.val.transform
+    return view
 
 
 def subset(dataset: Dataset, n: int, seed: int) -> Subset:

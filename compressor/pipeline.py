@@ -721,7 +721,9 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
     validation split; the verification inputs without data), size and latency at batch 16."""
     calibration = None
     if run.recipe.export.int8 == "static":
-        subset = data_mod.subset(run.splits.train, INT8_CALIBRATION_SAMPLES, run.seed)
+        # training images as the deployed model sees them: no augmentation
+        train = data_mod.unaugmented_train(run.splits)
+        subset = data_mod.subset(train, INT8_CALIBRATION_SAMPLES, run.seed)
         calibration = torch.stack([x for x, _ in subset])
     made = export.quantize_int8(onnx_path, int8_path, mode=run.recipe.export.int8,
                                 calibration=calibration)  # fmt: skip

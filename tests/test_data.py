@@ -18,6 +18,7 @@ from compressor.data import (
     load_data,
     make_loaders,
     subset,
+    unaugmented_train,
 )
 from compressor.errors import DataError
 from tests.helpers import fashion_mnist_dir
@@ -670,8 +671,15 @@ def test_standard_augment_changes_training_images_not_evaluation_ones(tmp_path, 
     evaluated = [aug.val[i][0] for i in range(len(aug.val))]
     torch.manual_seed(1)
     assert all(torch.equal(aug.val[i][0], evaluated[i]) for i in range(len(aug.val)))
+    # calibration sees training images as the validation split is preprocessed
+    calib = unaugmented_train(aug)
+    torch.manual_seed(2)
+    assert all(torch.equal(calib[i][0], calib[i][0]) for i in range(len(calib)))
+    assert all(calib[i][0].shape == (3, *side) for i in range(len(calib)))
+    assert unaugmented_train(plain) is plain.train
     if min(side) < 64:  # small images are evaluated whole
         assert all(torch.equal(x, s) for x, s in zip(evaluated, stored["val"], strict=True))
+        assert all(torch.equal(calib[i][0], stored["train"][i]) for i in range(len(calib)))
     else:  # large ones resized by 256/224 and center-cropped
         assert all(x.shape == (3, *side) for x in evaluated)
         assert not torch.equal(evaluated[0], stored["val"][0])
@@ -691,5 +699,8 @@ def test_standard_augment_of_arrays_only_when_asked(tmp_path):
         torch.equal(s, torch.from_numpy(v).float() / 255) for s, v in zip(batch, x, strict=True)
     )
     assert torch.equal(aug.val[0][0], auto.val[0][0])
+    calib = unaugmented_train(aug)  # what INT8 calibration reads: as stored
+    assert all(torch.equal(calib[i][0], auto.train[i][0]) for i in range(6))
+    assert aug.train.augment is not None  # the training split keeps its augmentation
     with pytest.raises(DataError, match=r"data\.augment"):
         load_data(path, augment="foo")
