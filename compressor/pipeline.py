@@ -399,11 +399,9 @@ def _build_method(run: Run, resume_state: dict | None):
     total_steps = max(1, cfg.train.epochs * run.steps_per_epoch)
     seek = None
     if run.baseline["accuracy"] is not None and cfg.train.epochs > 0:
-        # the seeker bounds baseline - value: a lower-is-better metric is seen negated
-        sign = 1.0 if run.task.higher_is_better else -1.0
-        seek = method.SeekHooks(
-            evaluate=lambda: sign * _sparse_accuracy(run),
-            baseline_accuracy=sign * run.baseline["accuracy"],
+        seek = method.SeekHooks(  # the seeker bounds baseline - value of the task's score
+            evaluate=lambda: run.task.score(_sparse_accuracy(run)),
+            baseline_accuracy=run.task.score(run.baseline["accuracy"]),
             snapshot=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
             restore=model.load_state_dict,
         )
@@ -737,8 +735,8 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
         if run.splits is not None
         else run.verify_inputs
     )
-    if run.splits is not None and not isinstance(run.task, tasks.ClassificationTask):
-        inputs = (x for x, _ in inputs)  # top-1 is classification's: the metric is not measured
+    if run.splits is not None and not run.task.top1_labels:
+        inputs = (x for x, _ in inputs)  # top-1 is not this task's metric: agreement only
     compared = export.compare_onnx(onnx_path, int8_path, inputs)
     latency = export.measure_latency(
         {"float": onnx_path, "int8": int8_path}, tuple(run.shape), batch_sizes=(16,),

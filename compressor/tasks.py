@@ -50,6 +50,9 @@ class Task:
     name: ClassVar[str] = ""
     metric: ClassVar[str] = "metric"
     higher_is_better: ClassVar[bool] = True
+    # labels are class indices judged by the outputs' argmax, and the metric is top-1 in
+    # percent: then the INT8 model's onnxruntime top-1 on the validation split is the metric
+    top1_labels: ClassVar[bool] = False
 
     def loss(
         self,
@@ -87,6 +90,11 @@ class Task:
         """How much worse ``value`` is than ``baseline`` (positive: worse)."""
         return baseline - value if self.higher_is_better else value - baseline
 
+    def score(self, value: float) -> float:
+        """``value`` as a higher-is-better score (negated for a lower-is-better metric):
+        what the accuracy seeker compares."""
+        return value if self.higher_is_better else -value
+
     def summary(self) -> dict:
         """The report's ``metric``: ``{name, higher_is_better}``."""
         return {"name": self.metric, "higher_is_better": bool(self.higher_is_better)}
@@ -99,6 +107,7 @@ class ClassificationTask(Task):
 
     metric = "accuracy"
     higher_is_better = True
+    top1_labels = True
 
     def loss(self, outputs, targets, inputs, teacher_outputs, distill):
         return train.distilled_cross_entropy(outputs, targets, teacher_outputs, distill)

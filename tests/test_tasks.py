@@ -136,6 +136,12 @@ def test_gate_direction_follows_the_metric():
 
     assert LowerIsBetter().drop(0.5, 0.6) == pytest.approx(0.1)
     assert ClassificationTask().drop(90.0, 88.0) == pytest.approx(2.0)
+    # the seeker compares scores: a lower-is-better metric is seen negated, so a worse
+    # value always scores lower and the score's fall is the task's drop
+    low, cls = LowerIsBetter(), ClassificationTask()
+    assert low.score(0.5) - low.score(0.6) == pytest.approx(low.drop(0.5, 0.6))
+    assert cls.score(90.0) - cls.score(88.0) == pytest.approx(cls.drop(90.0, 88.0))
+    assert cls.top1_labels and not low.top1_labels  # INT8 top-1 only where it is the metric
 
 
 def test_the_plugin_example_runs_end_to_end(tmp_path, monkeypatch):
