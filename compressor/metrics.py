@@ -22,14 +22,22 @@ def count_macs_per_module(
     """MACs of one forward pass of ``example_input`` (batch 1 recommended), per module and in total.
 
     Per-module counts are for the leaf conv/linear modules (a parent module's
-    count includes its children's).
+    count includes its children's). ``nn.MultiheadAttention``'s inference fast path
+    (one fused op the counter does not know) is off while counting, so its projections
+    and attention products are counted as the ops they are (vit_b_16 at 64x64: 0.97 G
+    MACs with it, 1.45 G without, 1.46 G by hand).
     """
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(example_input)
-    model.train(was_training)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with counter:
+            model(example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
     per_module = {}
     counts = counter.get_flop_counts()
     for name, module in model.named_modules():
@@ -39,6 +47,19 @@ def count_macs_per_module(
                 per_module[name] = int(sum(counts[key].values())) // 2
     total = int(sum(counts.get("Global", {}).values())) // 2
     return per_module, total
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The CPU kernel of ``scaled_dot_product_attention`` (the flop counter knows only the
+    CUDA ones): ``Q K^T`` and ``A V``."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+}
 
 
 def _counter_key(model: nn.Module, name: str) -> str:
