@@ -171,6 +171,8 @@ def export_onnx(
         )
     cpu_model = _cpu_eval_copy(model)
     x = example_input.detach().to("cpu")
+    if x.shape[0] == 1:  # torch.export specialises a dimension of size 1 to a constant
+        x = x.expand(2, *x.shape[1:]).contiguous()  # (torchvision's ViT: its class token)
     errors = []
     with atomic_output(path) as tmp, torch.no_grad():
         for name in exporters:

@@ -44,12 +44,9 @@ TIMM = {
     "vit_tiny_patch16_224": ({"img_size": 64}, None),
     "deit_tiny_patch16_224": ({"img_size": 64}, None),
 }
-# torchvision's ViT exported from a batch of 1 gets a fixed batch axis of 1 (the dynamo
-# exporter specialises it), so onnxruntime would refuse a batch of 2: export from 2.
-EXPORT_FROM_FULL_BATCH = {"vit_b_16"}
 
 
-def _check_exact_removal(model, x, tmp_path, *, bound=0.75, export_batch=1):
+def _check_exact_removal(model, x, tmp_path, *, bound=0.75):
     model.eval()
     randomize_bn(model)
     groups = build_groups(model, x[:1])
@@ -78,7 +75,7 @@ def _check_exact_removal(model, x, tmp_path, *, bound=0.75, export_batch=1):
     # (c) exports, and onnxruntime agrees
     model.eval()
     path = tmp_path / "pruned.onnx"
-    export.export_onnx(model, x[:export_batch], path)
+    export.export_onnx(model, x[:1], path)  # from one sample; verified on the whole batch
     export.check_onnx(path)
     ort = export.verify_onnx(model, path, x)
     assert ort["relative_max_abs"] <= 1e-4
@@ -146,7 +143,6 @@ def test_exact_removal_torchvision(name, tmp_path):
         torch.randn(2, 3, 64, 64),
         tmp_path,
         bound=bound,
-        export_batch=2 if name in EXPORT_FROM_FULL_BATCH else 1,
     )
     reasons = set(groups.excluded.values())
     if name in {"vit_b_16", "swin_t"}:
