@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import compressor  # noqa: E402
-from benchmarks.common import device_info  # noqa: E402
+from benchmarks.common import EXACT_CHANNELS, device_info  # noqa: E402
 from benchmarks.train_baseline import (  # noqa: E402
     DEFAULT_CACHE,
     DEFAULT_DATA,
@@ -106,7 +106,7 @@ def compress_and_test(
     start = time.perf_counter()
     report = compressor.compress(
         checkpoint, arch="lenet5", data=str(npz), recipe=recipe, out=out, device="cpu",
-        overrides=list(overrides),
+        overrides=[EXACT_CHANNELS, *overrides],
     )  # fmt: skip
     model = compressor.load(out / "model.safetensors")
     act = report["activations"] or {}

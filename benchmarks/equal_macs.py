@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import compressor  # noqa: E402
-from benchmarks.common import command_line, machine_info  # noqa: E402
+from benchmarks.common import EXACT_CHANNELS, command_line, machine_info  # noqa: E402
 from benchmarks.default_command import carve  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
 from benchmarks.tradeoff import (  # noqa: E402
@@ -166,7 +166,8 @@ def run_tp(method: str, *, baseline: str, npz: Path, target: float, seed: int, e
 
 
 def compress_overrides(epochs: int) -> list[str]:
-    return [f"train.epochs={epochs}", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01"]
+    return [f"train.epochs={epochs}", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01",
+            EXACT_CHANNELS]  # fmt: skip
 
 
 def run_compressor(overrides: list[str], *, baseline: str, npz: Path, asked: float, seed: int,

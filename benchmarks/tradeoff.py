@@ -80,6 +80,7 @@ import torch  # noqa: E402
 import compressor  # noqa: E402
 import compressor.pipeline  # noqa: E402, F401 (import the whole library now: it may change during a long run)
 from benchmarks.common import (  # noqa: E402
+    EXACT_CHANNELS,
     command_line,
     device_info,
     load_average,
@@ -205,6 +206,7 @@ def run_compressor(
     """One ``compressor.compress`` run; the measures come from its report and compact model."""
     rvsm_epochs = budget_epochs - recover_epochs
     overrides = [
+        EXACT_CHANNELS,
         f"train.epochs={rvsm_epochs}",
         f"recover.epochs={recover_epochs}",
         "train.batch_size=128",
