@@ -12,7 +12,9 @@ The block is read from onnxruntime itself, not guessed from CPU flags: a
 one-convolution model with 4 output channels is optimised as onnxruntime would
 optimise the exported model, and the blocked convolution's padded weight says
 how many output channels one block holds (1 when the optimiser does not use the
-blocked layout on this machine).
+blocked layout on this machine). When the model will run on another CPU than the
+one compressing it, ``COMPRESSOR_CHANNEL_BLOCK=N`` (or ``prune.round_to: N``) names
+that CPU's block instead.
 """
 
 from __future__ import annotations
@@ -20,16 +22,40 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
+
+from compressor.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 _NCHWC_DOMAIN = "com.microsoft.nchwc"
 
 
-@functools.cache
+BLOCK_ENV = "COMPRESSOR_CHANNEL_BLOCK"
+
+
 def channel_block() -> int:
+    """The channel block ``prune.round_to: auto`` rounds to: ``COMPRESSOR_CHANNEL_BLOCK``
+    when set (the deployment CPU's), else :func:`probed_channel_block`."""
+    value = os.environ.get(BLOCK_ENV)
+    if value is None:
+        return probed_channel_block()
+    try:
+        block = int(value)
+    except ValueError:
+        block = 0
+    if block < 1:
+        raise BadInputError(
+            f"{BLOCK_ENV}={value!r} is not a channel count: set it to a positive integer "
+            "(8 for AVX2, 16 for AVX-512) or unset it to probe onnxruntime on this machine."
+        )
+    return block
+
+
+@functools.cache
+def probed_channel_block() -> int:
     """onnxruntime's convolution channel block on this machine (1: no blocked layout)."""
     import numpy as np
     import onnx

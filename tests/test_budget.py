@@ -191,7 +191,11 @@ def test_accuracy_seeker_bisects_after_a_stage_over_budget():
     accuracies = iter([90.0, 80.0, 89.5, 80.0, 80.0])  # baseline 90, budget 1
     asked = []
     seek = AccuracySeeker(
-        budget, stages=6, evaluate=lambda: next(accuracies), baseline_accuracy=90.0, max_drop=1.0,
+        budget,
+        stages=6,
+        evaluate=lambda: next(accuracies),
+        baseline_accuracy=90.0,
+        max_drop=1.0,
         patience=0,
     )
     norms = _norms(model, groups)
@@ -304,10 +308,10 @@ def test_auto_round_to_is_onnxruntimes_channel_block():
     with AVX2 (MLAS's NCHWc block), 1 where the optimiser does not block convolutions."""
     from pathlib import Path
 
-    from compressor.runtime import channel_block, resolve_round_to
+    from compressor.runtime import probed_channel_block, resolve_round_to
 
-    block = channel_block()
-    assert resolve_round_to("auto") == block and resolve_round_to(4) == 4
+    block = probed_channel_block()
+    assert resolve_round_to(4) == 4
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         flags = set(cpuinfo.read_text().split())
@@ -315,3 +319,20 @@ def test_auto_round_to_is_onnxruntimes_channel_block():
             assert block == 16
         elif "avx2" in flags:
             assert block == 8
+
+
+def test_the_deployment_cpus_block_can_be_named(monkeypatch):
+    """``COMPRESSOR_CHANNEL_BLOCK`` names the block of the CPU the model will run on; a bad
+    value is exit 2 naming the variable and the fix."""
+    from compressor.errors import BadInputError
+    from compressor.runtime import BLOCK_ENV, channel_block, probed_channel_block, resolve_round_to
+
+    monkeypatch.setenv(BLOCK_ENV, "16")
+    assert channel_block() == 16 and resolve_round_to("auto") == 16
+    assert resolve_round_to(1, latency_target=True) == 16  # a latency target: at least the block
+    monkeypatch.delenv(BLOCK_ENV)
+    assert channel_block() == probed_channel_block()
+    monkeypatch.setenv(BLOCK_ENV, "avx")
+    with pytest.raises(BadInputError, match=BLOCK_ENV) as info:
+        channel_block()
+    assert info.value.exit_code == 2
