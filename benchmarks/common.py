@@ -13,9 +13,10 @@ from pathlib import Path
 
 from compressor.fileio import atomic_write_text
 
-# The accuracy benchmarks keep single channels: their results were measured so, and every
-# CPU then runs the same (the tool's default, prune.round_to auto, rounds kept channels to
-# onnxruntime's block of this CPU: 8 with AVX2, 16 with AVX-512).
+# The accuracy benchmarks keep single channels (the default, named so that a recipe or a
+# future default cannot change them): their results were measured so, and every CPU runs
+# the same (prune.round_to auto rounds kept channels to onnxruntime's block of this CPU:
+# 8 with AVX2, 16 with AVX-512).
 EXACT_CHANNELS = "prune.round_to=1"
 
 

@@ -145,17 +145,17 @@ class LatencyModel:
 
 
 def _monotone_points(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """``(R, ms)`` sorted by ``R``, with ms made non-decreasing (a running maximum from the
-    fastest up) and the origin prepended."""
-    ordered = sorted((max(r, 0.0), max(ms, 0.0)) for r, ms in points)
-    result, top = [(0.0, 0.0)], 0.0
+    """``(R, ms)`` sorted by ``R``, anchored at the largest ``R`` (the baseline) and made
+    non-decreasing downwards from it (a running minimum: a smaller model read slower than
+    a larger one is noise), with the origin prepended."""
+    ordered = sorted(((max(r, 0.0), max(ms, 0.0)) for r, ms in points), reverse=True)
+    result, low = [], math.inf
     for r, ms in ordered:
-        top = max(top, ms)
-        if r > result[-1][0]:
-            result.append((r, top))
-        else:  # same R twice: keep the slower reading
-            result[-1] = (r, max(result[-1][1], top))
-    return result
+        low = min(low, ms)
+        if result and r >= result[-1][0]:  # the same R twice: keep the first (larger) one
+            continue
+        result.append((r, low))
+    return [(0.0, 0.0), *reversed(result)]
 
 
 def _interpolate(points: Sequence[tuple[float, float]], r: float) -> float:

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-# prune.round_to: auto (the default) rounds kept channels to onnxruntime's channel block,
+# prune.round_to: auto rounds kept channels to onnxruntime's channel block,
 # 8 on AVX2 CPUs and 16 on AVX-512 ones: the tests (and the processes they start) name 8,
 # so they give the same channel counts on every CPU. tests/test_budget.py checks the probe.
 os.environ.setdefault("COMPRESSOR_CHANNEL_BLOCK", "8")
