@@ -220,7 +220,7 @@ def onnx_weight_bytes(path: str | os.PathLike) -> int:
     the graph's nodes and names, which quantization does not shrink."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = _load_graph_only(path)  # dims and types are enough
     total = 0
     for init in model.graph.initializer:
         n = math.prod(init.dims)

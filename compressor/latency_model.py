@@ -67,6 +67,24 @@ class LayerTiming:
         return 0.0
 
 
+def _layer_sum(
+    groups: ChannelGroups,
+    layers: dict[str, LayerTiming],
+    rest_ms: float,
+    keep: dict[str, tuple[float, float]],
+) -> float:
+    """The layer-wise sum ``R`` at the kept shares ``keep`` (layer: (in, out)): each layer's
+    time at its width plus ``rest_ms`` scaled by the share of output elements kept."""
+    total, kept_elements, all_elements = 0.0, 0.0, 0
+    for name, timing in layers.items():
+        keep_in, keep_out = keep.get(name, (1.0, 1.0))
+        p = keep_out if groups.layers[name].depthwise else math.sqrt(max(keep_in * keep_out, 0.0))
+        total += timing.at(p)
+        kept_elements += keep_out * timing.out_elements
+        all_elements += timing.out_elements
+    return total + rest_ms * kept_elements / (all_elements or 1)
+
+
 class LatencyModel:
     """Predicted onnxruntime latency (ms) of the compact model a zero set leaves."""
 
@@ -85,7 +103,6 @@ class LatencyModel:
         self.base_ms = float(base_ms)  # measured whole-model latency, nothing removed
         self.rest_ms = float(rest_ms)
         self.batch = int(batch)
-        self._total_elements = sum(t.out_elements for t in layers.values()) or 1
         # (share kept, layer-wise sum R, measured ms) of the real compact models
         self.measured = [tuple(map(float, m)) for m in measured]
         self._points = _monotone_points(
@@ -94,14 +111,7 @@ class LatencyModel:
         )
 
     def _raw(self, keep: dict[str, tuple[float, float]]) -> float:
-        total, kept_elements = 0.0, 0.0
-        for name, timing in self.layers.items():
-            keep_in, keep_out = keep.get(name, (1.0, 1.0))
-            info = self.groups.layers[name]
-            p = keep_out if info.depthwise else math.sqrt(max(keep_in * keep_out, 0.0))
-            total += timing.at(p)
-            kept_elements += keep_out * timing.out_elements
-        return total + self.rest_ms * kept_elements / self._total_elements
+        return _layer_sum(self.groups, self.layers, self.rest_ms, keep)
 
     def raw(self, zero_masks: Sequence[torch.Tensor]) -> float:
         """The layer-wise sum ``R`` (ms of isolated layers plus the scaled rest)."""
@@ -205,15 +215,17 @@ def _scaled(channels: int, p: float, groups: int = 1, block: int = 1) -> int:
     return per * groups
 
 
-def _layer_graph(module: nn.Module, in_shape: tuple, p: float, block: int = 1):
-    """One ``Conv`` (or ``MatMul``) node with ``module``'s geometry at width ``p``."""
+def _layer_graph(
+    module: nn.Module, in_shape: tuple, p: float, block: int = 1, depthwise: bool = False
+):
+    """One ``Conv`` (or ``MatMul``) node with ``module``'s geometry at width ``p``
+    (``depthwise``: :attr:`compressor.groups.LayerInfo.depthwise`)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
         if depthwise:
             cin = cout = groups = _scaled(module.in_channels, p, block=block)
         else:
@@ -334,7 +346,8 @@ def calibrate(
     from compressor import export
 
     example = torch.zeros(batch, *input_shape)
-    names = [n for n in groups.layers if n in dict(model.named_modules())]
+    modules = dict(model.named_modules())
+    names = [n for n in groups.layers if n in modules]
     shapes = _layer_inputs(model, names, example)
     graphs = {"empty": _empty_graph()}
     for name in names:
@@ -342,7 +355,7 @@ def calibrate(
             continue  # not on the forward path
         for p in WIDTHS:
             graphs[(name, p)] = _layer_graph(
-                model.get_submodule(name), shapes[name][0], p, round_to
+                modules[name], shapes[name][0], p, round_to, groups.layers[name].depthwise
             )
     timed = _time_graphs(graphs, threads=threads, repeats=repeats)
     overhead = timed.pop("empty")
@@ -370,8 +383,10 @@ def calibrate(
         )  # fmt: skip
     base_ms = ms["baseline"][batch]
     rest = max(0.0, base_ms - sum(t.ms[0] for t in layers.values()))
-    provisional = LatencyModel(groups, layers, base_ms=base_ms, rest_ms=rest, batch=batch)
-    measured = [(keep, provisional.raw(zero), ms[keep][batch]) for keep, zero in uniform.items()]
+    measured = [
+        (keep, _layer_sum(groups, layers, rest, groups.layer_keep(zero)), ms[keep][batch])
+        for keep, zero in uniform.items()
+    ]
     latency = LatencyModel(
         groups, layers, base_ms=base_ms, rest_ms=rest, measured=measured, batch=batch
     )

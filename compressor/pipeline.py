@@ -107,6 +107,8 @@ class Run:
     history: list = field(default_factory=list)
     verification: dict = field(default_factory=dict)
     pruned: object = None
+    precision: train.Precision | None = None  # train.amp / channels_last as resolved
+    round_to: int = 1  # prune.round_to as resolved (runtime.resolve_round_to)
 
     @property
     def state_path(self) -> Path:
@@ -284,7 +286,8 @@ def _check_model_runs(run: Run) -> None:
             "Cannot tell the model's input shape without data: pass --input-shape C,H,W (e.g. 3,224,224)."
         )
     run.model.to(run.device).eval()
-    train.resolve_amp(run.recipe.train.amp, run.device)  # fp16 on the CPU: exit 2, --out untouched
+    # fp16 on the CPU: exit 2, --out untouched
+    run.precision = train.resolve_precision(run.recipe.train, run.device, run.model)
     run.example = torch.randn(1, *run.shape, device=run.device)
     try:
         with torch.no_grad():
@@ -388,6 +391,9 @@ def _prepare_model(run: Run) -> None:
             )  # fmt: skip
     with run.timer.stage("groups"):
         run.groups = build_groups(run.model, run.example, keep=cfg.prune.keep)
+        run.round_to = resolve_round_to(
+            cfg.prune.round_to, latency_target=cfg.target.latency is not None
+        )
         log.info("%d channel groups, %d channels", len(run.groups), run.groups.total_channels)
 
 
@@ -407,7 +413,7 @@ def _build_method(run: Run, resume_state: dict | None):
         )
     run.sparse = method.build(
         cfg, model, run.groups, total_steps=total_steps, baseline=run.baseline, seek=seek,
-        latency=_latency_model(run, resume_state),
+        latency=_latency_model(run, resume_state), round_to=run.round_to,
     )  # fmt: skip
     run.sparse.activation_switch = run.switch
     optimizer = train.make_optimizer(model, cfg.train)
@@ -445,7 +451,7 @@ def _latency_model(run: Run, resume_state: dict | None):
                 box[0] = latency_model.calibrate(
                     run.model, run.groups, tuple(run.shape), run.out / STATE_DIR / "baseline.onnx",
                     batch=tgt.latency_batch, threads=run.recipe.export.latency_threads,
-                    round_to=resolve_round_to(run.recipe.prune.round_to, latency_target=True),
+                    round_to=run.round_to,
                 ).state_dict()  # fmt: skip
             if run.distributed:
                 torch.distributed.broadcast_object_list(box, src=0)
@@ -456,8 +462,7 @@ def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:
     """RVSM fine-tuning, one epoch at a time; after each, the sparse model is evaluated and
     the state saved for --resume."""
     cfg = run.recipe
-    precision = train.resolve_precision(cfg.train, run.device, run.model)
-    run.record.input.update(precision.summary())  # train.amp / channels_last as resolved
+    run.record.input.update(run.precision.summary())  # train.amp / channels_last as resolved
     for epoch in range(len(run.history), cfg.train.epochs):
         with run.timer.stage("train"):
             if run.distributed:
@@ -466,7 +471,7 @@ def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:
                 train_model, run.train_loader, optimizer, scheduler, run.device,
                 method=run.sparse, max_steps=cfg.train.max_steps_per_epoch, epoch=epoch,
                 teacher=run.teacher, distill=cfg.distill, progress=run.progress,
-                kept_epochs=epoch, precision=precision, task=run.task,
+                kept_epochs=epoch, precision=run.precision, task=run.task,
             )  # fmt: skip
         _check_finite_weights(run, epoch, loss, optimizer)
         with run.timer.stage("evaluate"):
@@ -551,7 +556,7 @@ def _save_resume_state(run: Run, epoch: int, optimizer, scheduler) -> None:
 def _prune(run: Run) -> bool:
     """``w := u``, BatchNorm recalibration, then removal of the zero channels, checked to
     change nothing; False when the check fails (exit 4)."""
-    model, cfg = run.model, run.recipe
+    model = run.model
     with run.timer.stage("prune"):
         run.sparse.finalize()
         if run.train_loader is not None:
@@ -568,9 +573,7 @@ def _prune(run: Run) -> bool:
         try:
             run.pruned = prune_zero_channels(
                 model, run.groups, run.verify_inputs.to(run.device),
-                round_to=resolve_round_to(
-                    cfg.prune.round_to, latency_target=cfg.target.latency is not None
-                ),
+                round_to=run.round_to,
             )  # fmt: skip
         except VerificationError as exc:
             run.verification["notes"].append(str(exc))
@@ -593,13 +596,12 @@ def _recover(run: Run) -> None:
             opt, run.recipe.train.schedule, rec.epochs * run.steps_per_epoch
         )
         rec_model = nn.parallel.DistributedDataParallel(model) if run.distributed else model
-        precision = train.resolve_precision(run.recipe.train, run.device, model)
         for epoch in range(rec.epochs):
             train.train_one_epoch(
                 rec_model, run.train_loader, opt, sched, run.device, masks=masks,
                 max_steps=run.recipe.train.max_steps_per_epoch, epoch=epoch, teacher=run.teacher,
                 distill=run.recipe.distill, progress=run.progress, kept_epochs=run.recipe.train.epochs,
-                lr_key="recover.lr", precision=precision, task=run.task,
+                lr_key="recover.lr", precision=run.precision, task=run.task,
             )  # fmt: skip
 
 

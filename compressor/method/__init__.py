@@ -37,7 +37,6 @@ from compressor.method.strength import (
     resolve_group_weighting,
 )
 from compressor.method.training import SparseTraining
-from compressor.runtime import resolve_round_to
 
 __all__ = ["SeekHooks", "SparseTraining", "Target", "build", "targets_from_recipe"]
 
@@ -124,6 +123,7 @@ def build(
     baseline: dict,
     seek: SeekHooks | None = None,
     latency=None,
+    round_to: int = 1,
 ) -> SparseTraining:
     """The :class:`SparseTraining` of a run, with ``u0 = prox(w0)`` computed.
 
@@ -171,8 +171,6 @@ def build(
         not targets and seek is not None and tgt.seek_accuracy_drop is not None and len(groups) > 0
     )
     budget = seeker = None
-    # kept channels in runtime blocks
-    round_to = resolve_round_to(recipe.prune.round_to, latency_target=tgt.latency is not None)
     if targets:
         budget = BudgetController(
             targets,
