@@ -65,11 +65,10 @@ def plain_fine_tune(checkpoint: Path, arch: str, data: str, recipe: Recipe, seed
         if recipe.train.max_steps_per_epoch is None
         else min(len(train_loader), recipe.train.max_steps_per_epoch)
     )
+    epochs = train_mod.resolve_epochs(recipe.train.epochs, steps, recipe.train.min_steps)
     optimizer = train_mod.make_optimizer(model, recipe.train)
-    scheduler = train_mod.make_scheduler(
-        optimizer, recipe.train.schedule, recipe.train.epochs * steps
-    )
-    for epoch in range(recipe.train.epochs):
+    scheduler = train_mod.make_scheduler(optimizer, recipe.train.schedule, epochs * steps)
+    for epoch in range(epochs):
         train_mod.train_one_epoch(
             model, train_loader, optimizer, scheduler, torch.device("cpu"),
             max_steps=recipe.train.max_steps_per_epoch, epoch=epoch, teacher=teacher,

@@ -57,7 +57,8 @@ class Splitting:
 
 @dataclass(frozen=True)
 class Train:
-    epochs: int
+    epochs: int | str  # an int >= 0, or "auto" (compressor.train.resolve_epochs)
+    min_steps: int
     batch_size: int
     optimizer: str
     lr: float

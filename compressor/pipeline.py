@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -250,8 +250,8 @@ def _load_inputs(run: Run, *, arch, num_classes, trust_checkpoint, resume) -> di
                 fp = outdir.fingerprint(run.checkpoint, run.resolved, run.data, run.seed)
                 resume_state = outdir.read_resume_state(run.state_path, fp, run.out)
             _seed_everything(run.seed)
-            epochs = cfg.train.epochs + cfg.recover.epochs
-            if epochs > 0 and run.data is None:
+            trains = cfg.train.epochs == "auto" or cfg.train.epochs + cfg.recover.epochs > 0
+            if trains and run.data is None:
                 raise DataError(
                     f"The recipe trains for {cfg.train.epochs} epoch(s) (+{cfg.recover.epochs} recovery) "
                     "and needs data: pass --data (ImageFolder dir, .npz, MNIST idx dir or CIFAR-10 dir), "
@@ -341,6 +341,10 @@ def _open_out(run: Run) -> None:
         run.steps_per_epoch = (
             len(run.train_loader) if limit is None else min(len(run.train_loader), limit)
         )
+    tcfg = run.recipe.train
+    epochs = train.resolve_epochs(tcfg.epochs, run.steps_per_epoch, tcfg.min_steps)
+    run.recipe = replace(run.recipe, train=replace(tcfg, epochs=epochs))
+    record.input["epochs"] = epochs  # train.epochs as resolved (auto: from the data's size)
 
 
 def _measure_baseline(run: Run) -> None:

@@ -313,7 +313,14 @@ SCHEMA: dict[str, Any] = {
         ),
     },
     "train": {
-        "epochs": Param(3, _int(0)),
+        "epochs": Param(
+            "auto",
+            AutoOr(_int(0)),
+            help="auto: 3, or more on a small training set, up to train.min_steps steps",
+        ),
+        "min_steps": Param(
+            600, _int(1), help="the fewest SGD steps epochs: auto trains (whole epochs)"
+        ),
         "batch_size": Param(128, _int(1)),
         "optimizer": Param("sgd", Options(("sgd", "adam", "adamw"))),
         "lr": Param(0.01, _float(0, closed="neither")),

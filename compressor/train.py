@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+AUTO_MIN_EPOCHS = 3
+
+
+def resolve_epochs(epochs: int | str, steps_per_epoch: int, min_steps: int) -> int:
+    """``train.epochs``: an integer as given; ``auto`` is :data:`AUTO_MIN_EPOCHS` epochs, or
+    more on a training set small enough that those make fewer than ``min_steps`` SGD steps
+    (whole epochs, at least ``min_steps`` steps). The method's schedule (the seeker's
+    stages, ``beta``'s growth, the budget's reach) needs steps, not passes over the data:
+    the same 3 epochs are 1,290 steps over 55,000 images and 237 over 10,000."""
+    if epochs != "auto":
+        return int(epochs)
+    if steps_per_epoch <= 0:
+        return AUTO_MIN_EPOCHS
+    return max(AUTO_MIN_EPOCHS, math.ceil(min_steps / steps_per_epoch))
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """``train.amp`` on ``device``: ``"off"``, ``"bf16"`` or ``"fp16"``.
 

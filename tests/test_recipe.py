@@ -37,7 +37,7 @@ def test_defaults_are_valid_and_complete():
         "a": 1.0,
         "alpha": 1.0,
     }
-    assert defaults["train"]["epochs"] == 3
+    assert defaults["train"]["epochs"] == "auto" and defaults["train"]["min_steps"] == 600
     assert defaults["prune"]["keep"] == []
     assert set(defaults) == set(SCHEMA)
 
@@ -112,7 +112,7 @@ def test_apply_overrides_on_a_dict_and_whole_section():
     assert out["train"]["epochs"] == 1 and out["train"]["lr"] == 0.5
     assert out["train"]["momentum"] == 0.9  # rest of the section kept
     assert out["activations"]["binarize"] is True
-    assert base["train"]["epochs"] == 3  # input not mutated
+    assert base["train"]["epochs"] == "auto"  # input not mutated
 
 
 def test_file_floats_without_dot_and_ints_as_floats(tmp_path):
@@ -184,9 +184,10 @@ def test_unknown_top_level_key_and_override_key(tmp_path):
         ("train.lr=.nan", "must be a float > 0. Got nan instead."),
         (
             "train.epochs=true",
-            "`train.epochs` (from --set train.epochs=true) must be an int >= 0. Got true instead.",
+            "`train.epochs` (from --set train.epochs=true) must be 'auto' or an int >= 0. Got true "
+            "instead.",
         ),
-        ("train.epochs=2.5", "must be an int >= 0. Got 2.5 instead."),
+        ("train.epochs=2.5", "must be 'auto' or an int >= 0. Got 2.5 instead."),
         ("train.batch_size=0", "must be an int >= 1. Got 0 instead."),
         ("train.momentum=1", "must be a float in the range [0, 1). Got 1 instead."),
         ("penalty.individual.alpha=0", "must be a float in the range (0, 1]. Got 0 instead."),
@@ -247,7 +248,7 @@ def test_value_error_names_the_file(tmp_path):
 
 
 def test_validate_recipe_errors():
-    with pytest.raises(RecipeError, match=r"`train.epochs` \(in my.yaml\) must be an int >= 0"):
+    with pytest.raises(RecipeError, match=r"`train.epochs` \(in my.yaml\) must be 'auto' or an int >= 0"):
         validate_recipe({"train": {"epochs": -1}}, source="my.yaml")
     with pytest.raises(RecipeError, match="must be a mapping"):
         validate_recipe({"train": [1]})

@@ -293,3 +293,30 @@ def test_compress_refuses_fp16_on_the_cpu_before_touching_out(tmp_path):
             device="cpu", overrides=["train.amp=fp16", *FAST],
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_epochs_train_at_least_min_steps_on_small_training_sets():
+    """``train.epochs: auto``: 3 epochs where they make enough steps (55,000 images in
+    batches of 128: 430 a epoch), more on a small set (10,000 images: 79 a epoch), whole
+    epochs; an explicit number is kept as given."""
+    assert train.resolve_epochs("auto", 430, 600) == 3
+    assert train.resolve_epochs("auto", 79, 600) == 8  # 632 steps
+    assert train.resolve_epochs("auto", 600, 600) == 3
+    assert train.resolve_epochs(1, 79, 600) == 1
+    assert train.resolve_epochs(0, 79, 600) == 0
+
+
+def test_auto_epochs_run_and_are_reported_as_resolved(tmp_path):
+    """A run with ``epochs: auto`` trains the resolved number of epochs and says so; the
+    recipe it writes keeps ``auto``."""
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), tmp_path / "lenet5.pt")
+    data = random_npz(tmp_path / "data.npz", (1, 12, 12))  # 128 training samples: 4 batches
+    report = compressor.compress(
+        str(tmp_path / "lenet5.pt"), arch="lenet5", data=str(data), out=tmp_path / "out",
+        device="cpu", overrides=["train.min_steps=17", "gates.max_accuracy_drop=null", *FAST],
+    )  # fmt: skip
+    assert report["exit_code"] == 0
+    assert report["input"]["epochs"] == 5  # ceil(17 / 4)
+    assert [row["epoch"] for row in report["epochs"]] == [1, 2, 3, 4, 5]
+    assert report["recipe"]["train"]["epochs"] == "auto"
