@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": args.recipe,
             "overrides": args.overrides,
             "exit_code": report["exit_code"],
+            "epochs": report["input"].get("epochs"),  # train.epochs as resolved
             "macs_x": report["reduction"]["macs_x"],
             "params_x": report["reduction"]["params_x"],
             "val_accuracy_before": report["baseline"]["accuracy"],
