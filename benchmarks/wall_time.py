@@ -60,11 +60,7 @@ def plain_fine_tune(checkpoint: Path, arch: str, data: str, recipe: Recipe, seed
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     splits = load_data(data)
     train_loader, val_loader = make_loaders(splits, batch_size=recipe.train.batch_size, seed=seed)
-    steps = (
-        len(train_loader)
-        if recipe.train.max_steps_per_epoch is None
-        else min(len(train_loader), recipe.train.max_steps_per_epoch)
-    )
+    steps = train_mod.steps_per_epoch(train_loader, recipe.train.max_steps_per_epoch)
     epochs = train_mod.resolve_epochs(recipe.train.epochs, steps, recipe.train.min_steps)
     optimizer = train_mod.make_optimizer(model, recipe.train)
     scheduler = train_mod.make_scheduler(optimizer, recipe.train.schedule, epochs * steps)

@@ -82,6 +82,7 @@ class Target:
     reach_fraction: float
     balance: float
     seek_accuracy_drop: float | None
+    seek_margin: float  # standard errors of the measured drop kept below seek_accuracy_drop
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ counts matrix multiplies and convolutions, the ops that dominate a CNN's cost.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -103,3 +105,29 @@ def channels_kept(groups, tensors) -> tuple[int, int]:
     masks = groups.zero_masks(tensors)
     total = sum(len(m) for m in masks)
     return total - sum(int(m.sum()) for m in masks), total
+
+
+def paired_mean_and_stderr(scores: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """The mean of ``scores`` and the standard error of the mean of ``reference - scores``,
+    over samples scored by both (the same images, the same order; summed over DDP ranks).
+
+    The drop of a compressed model measured on a validation split is a paired difference:
+    ``se = sqrt(var(d) / n)`` with ``d_i = reference_i - scores_i``; for top-1 in percent it
+    is ``100 sqrt(q / n)`` when the models disagree on a share ``q`` of the images and the
+    drop is small. It says how far the split's drop may sit from the drop on new images.
+    """
+    if scores.shape != reference.shape:
+        raise ValueError(f"paired scores differ in shape: {scores.shape} vs {reference.shape}")
+    s, d = scores.to(torch.float64), (reference - scores).to(torch.float64)
+    sums = torch.stack([torch.tensor(float(len(s))), s.sum(), d.sum(), (d * d).sum()])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        sums = sums.to(device)
+        torch.distributed.all_reduce(sums)
+    n, s_sum, d_sum, d2_sum = sums.tolist()
+    if n == 0:
+        return float("nan"), float("nan")
+    if n < 2:
+        return s_sum / n, 0.0
+    var = max(0.0, (d2_sum - d_sum * d_sum / n) / (n - 1))
+    return s_sum / n, math.sqrt(var / n)

@@ -144,15 +144,21 @@ def read_resume_state(state_path: Path, fingerprint: str, out: Path) -> dict:
         ) from None
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         raise BadInputError(
-            f"--resume: the run in {out} used another checkpoint, recipe, data or seed. "
+            f"--resume: the run in {out} used another checkpoint, recipe, data, seed or task. "
             "Resume with the same arguments, or run without --resume into a new --out."
         )
     return state
 
 
-def fingerprint(checkpoint: Path, recipe: dict, data: str | None, seed: int) -> str:
+def fingerprint(
+    checkpoint: Path, recipe: dict, data: str | None, seed: int, task: str = "classification"
+) -> str:
+    """What a ``--resume`` state must have been made from: the checkpoint (path and size),
+    the resolved recipe, the data, the seed and the task (``input.task``; left out of the
+    hash for classification, so states written before tasks existed still resume)."""
     st = checkpoint.stat()
-    blob = json.dumps(
-        [str(checkpoint.resolve()), st.st_size, recipe, data, seed], sort_keys=True, default=str
-    )
+    parts = [str(checkpoint.resolve()), st.st_size, recipe, data, seed]
+    if task != "classification":
+        parts.append(task)
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

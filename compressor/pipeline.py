@@ -98,6 +98,7 @@ class Run:
     verify_inputs: torch.Tensor | None = None
     preprocessing: dict | None = None
     baseline: dict = field(default_factory=dict)
+    baseline_scores: torch.Tensor | None = None  # the input model's metric per val sample
     teacher: nn.Module | None = None
     swap: object = None  # the activation swap (binarized activations), if any
     switch: object = None  # their gradual switch from ReLU (activations.ActivationSwitch)
@@ -247,13 +248,14 @@ def _load_inputs(run: Run, *, arch, num_classes, trust_checkpoint, resume) -> di
         try:
             resume_state = None
             if resume:
-                fp = outdir.fingerprint(run.checkpoint, run.resolved, run.data, run.seed)
-                resume_state = outdir.read_resume_state(run.state_path, fp, run.out)
+                resume_state = outdir.read_resume_state(run.state_path, _fingerprint(run), run.out)
             _seed_everything(run.seed)
-            trains = cfg.train.epochs == "auto" or cfg.train.epochs + cfg.recover.epochs > 0
+            epochs = cfg.train.epochs  # "auto" is resolved from the data's size, later
+            trains = epochs == "auto" or epochs + cfg.recover.epochs > 0
             if trains and run.data is None:
+                length = "train.epochs: auto" if epochs == "auto" else f"{epochs} epoch(s)"
                 raise DataError(
-                    f"The recipe trains for {cfg.train.epochs} epoch(s) (+{cfg.recover.epochs} recovery) "
+                    f"The recipe trains ({length}, +{cfg.recover.epochs} recovery) "
                     "and needs data: pass --data (ImageFolder dir, .npz, MNIST idx dir or CIFAR-10 dir), "
                     "or --set train.epochs=0 --set recover.epochs=0 to only remove already-zero channels."
                 )
@@ -336,12 +338,9 @@ def _open_out(run: Run) -> None:
     else:
         gen = torch.Generator().manual_seed(run.seed)
         run.verify_inputs = torch.randn(samples, *run.shape, generator=gen)
-    if run.train_loader is not None:
-        limit = run.recipe.train.max_steps_per_epoch
-        run.steps_per_epoch = (
-            len(run.train_loader) if limit is None else min(len(run.train_loader), limit)
-        )
     tcfg = run.recipe.train
+    if run.train_loader is not None:
+        run.steps_per_epoch = train.steps_per_epoch(run.train_loader, tcfg.max_steps_per_epoch)
     epochs = train.resolve_epochs(tcfg.epochs, run.steps_per_epoch, tcfg.min_steps)
     run.recipe = replace(run.recipe, train=replace(tcfg, epochs=epochs))
     record.input["epochs"] = epochs  # train.epochs as resolved (auto: from the data's size)
@@ -349,12 +348,10 @@ def _open_out(run: Run) -> None:
 
 def _measure_baseline(run: Run) -> None:
     """The task's metric (``accuracy``), params, MACs and ONNX size of the input model."""
-    model, dev = run.model, run.device
+    model = run.model
     with run.timer.stage("baseline"):
         baseline = {
-            "accuracy": run.task.evaluate(model, run.val_loader, dev, run.progress)[0]
-            if run.val_loader is not None
-            else None,
+            "accuracy": _baseline_metric(run) if run.val_loader is not None else None,
             "params": metrics.count_params(model),
             "macs": metrics.count_macs(model, run.example),
         }
@@ -371,6 +368,16 @@ def _measure_baseline(run: Run) -> None:
             run.task.metric, baseline["accuracy"], baseline["params"], baseline["macs"],
         )  # fmt: skip
     run.baseline = run.record.baseline = baseline
+
+
+def _baseline_metric(run: Run) -> float:
+    """The input model's validation metric; keeps its per-sample scores when the task has
+    them (``run.baseline_scores``: the accuracy seeker pairs its checks with them)."""
+    scores = run.task.sample_scores(run.model, run.val_loader, run.device, run.progress)
+    if scores is None:
+        return run.task.evaluate(run.model, run.val_loader, run.device, run.progress)[0]
+    run.baseline_scores = scores
+    return metrics.paired_mean_and_stderr(scores, scores)[0]
 
 
 def _prepare_model(run: Run) -> None:
@@ -390,7 +397,7 @@ def _prepare_model(run: Run) -> None:
             activations.calibrate(run.model, run.train_loader, run.device, act.calibration_batches)
             run.switch = activations.ActivationSwitch(
                 run.model, cfg.train.epochs * run.steps_per_epoch, act.switch_fraction,
-                evaluate=lambda: _sparse_accuracy(run),
+                evaluate=lambda: _sparse_accuracy(run)[0],
                 recalibrate=lambda: _recalibrate(run),
             )  # fmt: skip
     with run.timer.stage("groups"):
@@ -410,7 +417,7 @@ def _build_method(run: Run, resume_state: dict | None):
     seek = None
     if run.baseline["accuracy"] is not None and cfg.train.epochs > 0:
         seek = method.SeekHooks(  # the seeker bounds baseline - value of the task's score
-            evaluate=lambda: run.task.score(_sparse_accuracy(run)),
+            evaluate=lambda: _seek_reading(run),
             baseline_accuracy=run.task.score(run.baseline["accuracy"]),
             snapshot=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
             restore=model.load_state_dict,
@@ -433,6 +440,8 @@ def _build_method(run: Run, resume_state: dict | None):
         run.sparse.load_state_dict(resume_state["method"])
         run.history = list(resume_state["history"])
         torch.set_rng_state(resume_state["rng"])
+        if run.precision.scaler is not None and resume_state.get("scaler") is not None:
+            run.precision.scaler.load_state_dict(resume_state["scaler"])  # fp16's loss scale
         loader_rng = getattr(run.train_loader, "generator", None)
         if loader_rng is not None and resume_state.get("loader_rng") is not None:
             loader_rng.set_state(resume_state["loader_rng"])  # the same shuffles as unbroken
@@ -540,10 +549,17 @@ def _epoch_row(run: Run, epoch: int, loss: float) -> dict:
     return row
 
 
+def _fingerprint(run: Run) -> str:
+    """What a ``--resume`` state must match (:func:`compressor.outdir.fingerprint`)."""
+    return outdir.fingerprint(
+        run.checkpoint, run.resolved, run.data, run.seed, task=tasks.task_path(run.task)
+    )
+
+
 def _save_resume_state(run: Run, epoch: int, optimizer, scheduler) -> None:
     loader_rng = getattr(run.train_loader, "generator", None)  # None under DDP
     state = {
-        "fingerprint": outdir.fingerprint(run.checkpoint, run.resolved, run.data, run.seed),
+        "fingerprint": _fingerprint(run),
         "epoch": epoch,
         "model": run.model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -552,6 +568,7 @@ def _save_resume_state(run: Run, epoch: int, optimizer, scheduler) -> None:
         "history": run.history,
         "rng": torch.get_rng_state(),
         "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
+        "scaler": scaler.state_dict() if (scaler := run.precision.scaler) is not None else None,
     }
     with atomic_output(run.state_path) as tmp:
         torch.save(state, tmp)
@@ -1044,9 +1061,10 @@ def _recalibrate(run: Run) -> None:
     )
 
 
-def _sparse_accuracy(run: Run) -> float:
-    """The task's validation metric of the sparse model ``u`` after BatchNorm recalibration; restores
-    ``w`` and the BatchNorm statistics."""
+def _sparse_accuracy(run: Run) -> tuple[float, float]:
+    """The task's validation metric of the sparse model ``u`` after BatchNorm recalibration,
+    and the standard error of its drop from the input model, paired per sample (0 when the
+    task has no per-sample scores); restores ``w`` and the BatchNorm statistics."""
     model = run.model
     with run.sparse.sparse_weights():
         saved = {
@@ -1055,10 +1073,23 @@ def _sparse_accuracy(run: Run) -> float:
             if "running" in k or "num_batches" in k
         }
         _recalibrate(run)
-        acc = run.task.evaluate(model, run.val_loader, run.device)[0]
+        scores = None
+        if run.baseline_scores is not None:
+            scores = run.task.sample_scores(model, run.val_loader, run.device)
+        if scores is None:
+            acc, stderr = run.task.evaluate(model, run.val_loader, run.device)[0], 0.0
+        else:
+            acc, stderr = metrics.paired_mean_and_stderr(scores, run.baseline_scores)
         model.load_state_dict(saved, strict=False)
     model.train()
-    return acc
+    return acc, stderr
+
+
+def _seek_reading(run: Run) -> tuple[float, float]:
+    """What the accuracy seeker reads at a check: the sparse model's score (the task's metric,
+    higher is better) and the standard error of its drop."""
+    acc, stderr = _sparse_accuracy(run)
+    return run.task.score(acc), stderr
 
 
 def _preprocessing(splits, data_cfg, shape) -> dict | None:

@@ -376,6 +376,14 @@ SCHEMA: dict[str, Any] = {
             "--max-accuracy-drop sets it; so does setting gates.max_accuracy_drop in a recipe "
             "or with --set when this key is not set",
         ),
+        "seek_margin": Param(
+            1.0,
+            _float(0),
+            help="standard errors of the drop the seeker measures on the validation split "
+            "(paired per sample with the input model) kept below seek_accuracy_drop: a check "
+            "counts as within when drop + seek_margin * stderr <= seek_accuracy_drop "
+            "(0: the measured drop alone; tasks without per-sample scores have none)",
+        ),
     },
     "prune": {
         "round_to": Param(

@@ -37,8 +37,10 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
 - ``target`` None or {kind, asked, reached, within, targets}: ``targets`` lists
   every target given [{kind, asked, reached, met, max_reachable}], the top-level
   kind/asked/reached are the first's and ``within`` is every target met; ``kind`` ``seek_macs``
-  (``--max-accuracy-drop`` alone) adds ``stages`` [{step, macs_x, accuracy,
-  within}], the seeker's checks of the sparse model;
+  (``--max-accuracy-drop`` alone) adds ``stages`` [{step, macs_x, accuracy, stderr,
+  within}], the seeker's checks of the sparse model (``stderr``: the standard error of
+  the drop, paired per validation sample; ``within``: drop + ``target.seek_margin``
+  stderr within the allowance);
 - ``activations`` None or {bits, ste, swapped, skipped, calibration_batches,
   layers: {name: {type, bits, ste, channels, alpha: {min, median, max},
   theta (binary)}} (the learned per-channel scale and threshold of the shipped
@@ -657,7 +659,9 @@ def _target_line(report: Mapping) -> list[str]:
         return []
     if t.get("kind") == "seek_macs":
         checks = ", ".join(
-            f"{_x(c['macs_x'])} {c['accuracy']:.2f}% {'✅' if c['within'] else '❌'}"
+            f"{_x(c['macs_x'])} {c['accuracy']:.2f}%"
+            + (f" ±{c['stderr']:.2f}" if c.get("stderr") else "")
+            + f" {'✅' if c['within'] else '❌'}"
             for c in t.get("stages") or []
         )
         return [
@@ -1101,13 +1105,14 @@ def _plot_splitting(ax, trace: Sequence[Mapping]) -> None:
 
 
 def _plot_seek(ax, stages: Sequence[Mapping], baseline: float | None) -> None:
-    """The accuracy seeker's checks: the sparse model's accuracy at the end of each stage,
-    filled when within the allowed drop, hollow when over it, labelled with the MACs
-    reduction the stage held."""
+    """The accuracy seeker's checks: the sparse model's accuracy at the end of each stage
+    (bars: the standard error of its drop), filled when within the allowed drop, hollow
+    when over it, labelled with the MACs reduction the stage held."""
     for row in stages:
         ok = bool(row.get("within"))
-        ax.plot([row["step"]], [row["accuracy"]], marker="o", ls="", color="#2f6fdb",
-                markerfacecolor="#2f6fdb" if ok else "white")  # fmt: skip
+        ax.errorbar([row["step"]], [row["accuracy"]], yerr=[row.get("stderr") or 0.0],
+                    marker="o", ls="", color="#2f6fdb", capsize=2,
+                    markerfacecolor="#2f6fdb" if ok else "white")  # fmt: skip
         ax.annotate(f"{row['macs_x']:.2f}x", (row["step"], row["accuracy"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))  # fmt: skip
     if _is_num(baseline):

@@ -76,6 +76,18 @@ class Task:
         """``(metric, mean loss)`` of ``model`` over ``loader`` (batches of ``(x, y)``)."""
         raise NotImplementedError
 
+    def sample_scores(
+        self, model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
+    ) -> torch.Tensor | None:
+        """The metric per sample of ``loader``, in its order, when the metric is their mean
+        (a score per image: 100 or 0 for top-1 accuracy); None when it is not.
+
+        With them the accuracy seeker measures the standard error of the drop, paired per
+        sample with the input model, and keeps ``target.seek_margin`` of them below its
+        allowance (:func:`compressor.metrics.paired_mean_and_stderr`). Default: None (no
+        margin)."""
+        return None
+
     def load_data(self, spec, **kwargs) -> data_mod.DataSplits:
         """The train and val splits at ``spec`` (``--data``); ``kwargs`` are ``mean``,
         ``std``, ``input_shape`` and ``augment`` from the recipe. Default: compressor's
@@ -114,6 +126,9 @@ class ClassificationTask(Task):
 
     def evaluate(self, model, loader, device, progress=SILENT):
         return train.evaluate(model, loader, device, progress)
+
+    def sample_scores(self, model, loader, device, progress=SILENT):
+        return train.top1_per_sample(model, loader, device, progress)
 
     def check_data(self, splits, model, outputs):
         # every loader fixes the classifier from the checkpoint's weights: --num-classes

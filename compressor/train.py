@@ -43,6 +43,12 @@ def resolve_epochs(epochs: int | str, steps_per_epoch: int, min_steps: int) -> i
     return max(AUTO_MIN_EPOCHS, math.ceil(min_steps / steps_per_epoch))
 
 
+def steps_per_epoch(loader, max_steps: int | None) -> int:
+    """SGD steps in one epoch over ``loader``: its batches, capped by ``max_steps``
+    (``train.max_steps_per_epoch``; None: no cap)."""
+    return len(loader) if max_steps is None else min(len(loader), max_steps)
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """``train.amp`` on ``device``: ``"off"``, ``"bf16"`` or ``"fp16"``.
 
@@ -172,6 +178,21 @@ def evaluate(
 
 
 @torch.no_grad()
+def top1_per_sample(
+    model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
+) -> torch.Tensor:
+    """100 where the top-1 prediction is right, 0 where not, one value per sample of
+    ``loader`` in its order (this rank's share under DDP): their mean is :func:`evaluate`'s
+    accuracy."""
+    model.eval()
+    hits = [
+        (model(x.to(device, non_blocking=True)).argmax(1).cpu() == y).to(torch.float64)
+        for x, y in progress.log_every(loader, "evaluate")
+    ]
+    return 100.0 * torch.cat(hits) if hits else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader, device: torch.device, batches: int) -> None:
     """Re-estimate BatchNorm running statistics of the current weights.
 
@@ -296,7 +317,7 @@ def train_one_epoch(
     model.train()
     loss_sum, seen = 0.0, 0
     start = time.perf_counter()
-    steps = len(loader) if max_steps is None else min(len(loader), max_steps)
+    steps = steps_per_epoch(loader, max_steps)
     stage = "recover" if masks is not None else "train"
     batches = progress.log_every(loader, f"{stage} epoch {epoch + 1}", total=steps)
     for step, (x, y) in enumerate(batches):

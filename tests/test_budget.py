@@ -237,6 +237,26 @@ def test_accuracy_seeker_gives_a_stage_over_budget_time_to_adapt():
     assert seek.good_factor == pytest.approx(1.3**2)
 
 
+def test_accuracy_seeker_keeps_its_margin_of_standard_errors_below_the_allowance():
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    # baseline 90, allowance 1, margin 1: drop 0.5 +- 0.3 is within, 0.8 +- 0.3 is not
+    # (it would be without the margin), 0.8 +- 0.1 is
+    readings = iter([(89.5, 0.3), (89.2, 0.3), (89.2, 0.1)])
+    seek = AccuracySeeker(
+        budget, stages=6, evaluate=lambda: next(readings), baseline_accuracy=90.0,
+        max_drop=1.0, patience=0, margin=1.0,
+    )  # fmt: skip
+    norms = _norms(model, groups)
+    for step in range(1, 61):
+        if len(seek.log) == 3:
+            break
+        seek.check(step)
+        budget.thresholds(step, norms)
+    assert [row["within"] for row in seek.log] == [True, False, True]
+    assert [row["stderr"] for row in seek.log] == [0.3, 0.3, 0.1]
+
+
 def test_accuracy_seeker_starts_after_start_step_and_resumes_before_it():
     model, groups, budget = _seeking()
     budget.reach_step = 60

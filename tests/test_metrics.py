@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -37,3 +39,18 @@ def test_conv_macs_per_module():
     assert per_module == {"0": 3 * 8 * 9 * 100, "2": 8 * 4 * 100}
     assert total == sum(per_module.values())
     assert model.training  # counting leaves the mode as it was
+
+
+def test_paired_standard_error_of_a_drop_is_that_of_the_per_sample_differences():
+    reference = torch.tensor([100.0] * 90 + [0.0] * 10)  # the input model: 90% top-1
+    scores = reference.clone()
+    scores[:6] = 0.0  # it now misses 6 images it had right and gets 2 it missed
+    scores[90:92] = 100.0
+    mean, stderr = metrics.paired_mean_and_stderr(scores, reference)
+    d = (reference - scores).numpy()
+    assert mean == pytest.approx(86.0)
+    assert stderr == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)))
+    assert stderr == pytest.approx(100 * math.sqrt(0.08 / 100), rel=0.02)  # 8 disagreements
+    assert metrics.paired_mean_and_stderr(reference, reference) == (90.0, 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.paired_mean_and_stderr(scores[:5], reference)

@@ -18,6 +18,7 @@ from compressor.errors import CompressorError, VerificationError
 from compressor.models import lenet5
 from compressor.pipeline import STATE_DIR
 from compressor.recipe import load_recipe
+from compressor.tasks import ClassificationTask
 from tests.helpers import random_npz
 
 FAST = ["train.bn_recalibration_batches=2", "export.verify_samples=8", "train.batch_size=32"]
@@ -203,7 +204,53 @@ def test_resume_refuses_another_run(lenet, tmp_path):
     with pytest.raises(CompressorError) as info:
         compressor.compress(str(checkpoint), arch="lenet5", data=str(data), out=out, resume=True)
     assert info.value.exit_code == 2
-    assert "another checkpoint, recipe, data or seed" in str(info.value)
+    assert "another checkpoint, recipe, data, seed or task" in str(info.value)
+
+
+class _OwnClassification(ClassificationTask):
+    """A user's own task (``--task my_task:Class``): top-1 all the same, another task."""
+
+
+def test_resume_keeps_the_loss_scale_and_refuses_a_state_of_another_task(
+    lenet, tmp_path, monkeypatch
+):
+    import compressor.train
+
+    checkpoint, data = lenet
+    made, loaded = [], []
+
+    def fp16(train, device, model):  # fp16 on the CPU: only to exercise the loss scaler
+        precision = compressor.train.Precision(device, amp="fp16")
+        load = precision.scaler.load_state_dict
+        precision.scaler.load_state_dict = lambda state: loaded.append(state) or load(state)
+        made.append(precision)
+        return precision
+
+    monkeypatch.setattr(compressor.train, "resolve_precision", fp16)
+    kwargs = dict(
+        arch="lenet5", data=str(data), device="cpu", target_macs=2,
+        overrides=["train.epochs=3", "gates.max_accuracy_drop=null", *FAST],
+    )  # fmt: skip
+    real = compressor.train.train_one_epoch
+    monkeypatch.setattr(
+        compressor.train, "train_one_epoch", _interrupting_second_epoch(real, calls := [])
+    )
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compressor.compress(str(checkpoint), out=out, **kwargs)
+    state = torch.load(out / STATE_DIR / "state.pt", weights_only=True)
+    assert calls == [0, 1] and state["scaler"] == made[-1].scaler.state_dict()
+
+    with pytest.raises(CompressorError) as info:  # the same arguments, another task
+        compressor.compress(
+            str(checkpoint), out=out, resume=True, task=_OwnClassification, **kwargs
+        )
+    assert info.value.exit_code == 2 and "task" in str(info.value)
+
+    monkeypatch.setattr(compressor.train, "train_one_epoch", real)
+    resumed = compressor.compress(str(checkpoint), out=out, resume=True, **kwargs)
+    assert resumed["exit_code"] == 0
+    assert loaded == [state["scaler"]]  # the resumed run goes on from the saved loss scale
 
 
 # ----------------------------------------------------------------------------- verification

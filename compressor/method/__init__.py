@@ -51,7 +51,7 @@ class SeekHooks:
     """What the accuracy seeker needs from the pipeline: the sparse model's accuracy, the
     baseline's, and a way to save and put back the model's state."""
 
-    evaluate: Callable[[], float]
+    evaluate: Callable[[], float | tuple[float, float]]  # score, or (score, its drop's stderr)
     baseline_accuracy: float
     snapshot: Callable[[], dict]
     restore: Callable[[dict], object]
@@ -210,6 +210,7 @@ def build(
             snapshot=seek.snapshot,
             restore=seek.restore,
             start_step=start,
+            margin=tgt.seek_margin,
         )
     term = GROUP_TERMS[pen.group.kind]
     term_params = {name: getattr(pen.group, name) for name in term.parameters}

@@ -22,7 +22,8 @@ class AccuracySeeker:
     The reach part of training is split into ``stages``; each stage asks the
     budget for ``growth`` times the last good stage's reduction. At the end of
     a stage the sparse model is evaluated (``evaluate()``, after BatchNorm
-    recalibration): within ``max_drop`` points of the baseline, the zero set is
+    recalibration): within ``max_drop`` points of the baseline, ``margin`` standard
+    errors of the measured drop included, the zero set is
     kept (and the model state saved with ``snapshot()``) and the next stage
     begins; over budget, the model is put back to the last state within budget
     (``restore(saved)``) and the next stage tries half the step (in log scale:
@@ -32,6 +33,13 @@ class AccuracySeeker:
     ``patience`` more stages at the same reduction before it counts as failed. Once the step is below ``min_growth`` or the
     reach part of training is over, the last good zero set is frozen, so the
     rest of training recovers accuracy.
+
+    ``evaluate()`` returns the score, or ``(score, stderr)`` with the standard error of
+    the drop measured on the validation split (paired per sample with the input model,
+    :func:`compressor.metrics.paired_mean_and_stderr`). A check within the allowance by
+    less than its own noise would often be over it on new data: a stage counts as within
+    when ``drop + margin * stderr <= max_drop`` (a one-sided bound at about 84% for
+    ``margin = 1``).
 
     The stages span the steps after ``start_step`` up to the budget's
     ``reach_step``. With binarized activations ``start_step`` is the step at
@@ -44,6 +52,7 @@ class AccuracySeeker:
     def __init__(
         self, budget: BudgetController, *, stages, evaluate, baseline_accuracy, max_drop,
         growth=1.3, min_growth=1.05, snapshot=None, restore=None, patience=1, start_step=0,
+        margin=0.0,
     ):  # fmt: skip
         self.budget = budget
         self.snapshot, self.restore = snapshot, restore
@@ -55,6 +64,7 @@ class AccuracySeeker:
         self.evaluate = evaluate
         self.baseline_accuracy = baseline_accuracy
         self.max_drop = max_drop
+        self.margin = float(margin)
         self.growth, self.min_growth = growth, min_growth
         self.ceiling = budget.floor_factors()["macs"]
         self.factor = 1.0  # the asked reduction of the running stage
@@ -106,13 +116,16 @@ class AccuracySeeker:
             self._begin()
         if step == self.begin_step or (step - self.begin_step) % self.every or budget.zero is None:
             return
-        acc = self.evaluate()
-        ok = self.baseline_accuracy - acc <= self.max_drop
+        reading = self.evaluate()
+        acc, stderr = reading if isinstance(reading, tuple) else (reading, 0.0)
+        ok = self.baseline_accuracy - acc + self.margin * stderr <= self.max_drop
         reached = budget.reached["macs"]
-        self.log.append({"step": step, "macs_x": reached, "accuracy": acc, "within": ok})
+        self.log.append(
+            {"step": step, "macs_x": reached, "accuracy": acc, "stderr": stderr, "within": ok}
+        )
         log.info(
-            "seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (%s)",
-            step, reached, acc, "ok" if ok else "over budget",
+            "seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (drop's standard error %.2f; %s)",
+            step, reached, acc, stderr, "ok" if ok else "over budget",
         )  # fmt: skip
         steps_left = step + self.every <= budget.reach_step
         if not ok and self.waited < self.patience and steps_left:
