@@ -596,6 +596,8 @@ def _verification_lines(report: Mapping) -> list[str]:
         ["Top-1 agreement (PyTorch vs onnxruntime)", agree_txt if _is_num(agree) else "—"],
     ]
     lines = ["### Verification", "", *_table(["Check", "Result"], rows)]
+    if v.get("onnx_contents"):  # the task exports part of the model (detection: the raw head)
+        lines += ["", f"model.onnx holds: {v['onnx_contents']}."]
     notes = v.get("notes")
     if isinstance(notes, str):
         notes = [notes] if notes else []
