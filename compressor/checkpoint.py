@@ -626,6 +626,31 @@ def _supports(arch: str, name: str) -> bool:
     # timm: num_classes and in_chans via create_model
 
 
+def _detection_classes(
+    arch: str, sd: Mapping[str, torch.Tensor], num_classes: int | None, path: Path
+) -> int | None:
+    """A torchvision detector's ``num_classes`` (background included) as its checkpoint
+    stores it: the first class-logits conv has ``anchors * classes`` rows and the first
+    box-regression conv ``anchors * 4`` (SSD, SSDlite, RetinaNet, FCOS). ``num_classes``
+    when the checkpoint does not tell; a different ``num_classes`` raises."""
+    from compressor.detection import prediction_layers
+
+    layers = prediction_layers(_probe(arch))
+    cls = next((n for n in layers if n.startswith("head.classification_head.")), None)
+    reg = next((n for n in layers if n.startswith("head.regression_head.")), None)
+    rows = [sd.get(f"{n}.weight") for n in (cls, reg)]
+    if None in rows or rows[1].ndim < 1 or rows[1].shape[0] % 4:
+        return num_classes
+    found = 4 * int(rows[0].shape[0]) // int(rows[1].shape[0])
+    if num_classes is not None and num_classes != found:
+        raise CheckpointError(
+            f"{path} has {found} classes ({cls}.weight {_shape(rows[0])}, {reg}.weight "
+            f"{_shape(rows[1])}: anchors x classes and anchors x 4 rows) but --num-classes is "
+            f"{num_classes}. Drop --num-classes to use the checkpoint's, or pass the right one."
+        )
+    return found
+
+
 def _fit_model(
     arch: str,
     sd: Mapping[str, torch.Tensor],
@@ -638,6 +663,8 @@ def _fit_model(
 
     First the checkpoint must be an ``arch`` at all (keys and shapes, with its own classifier
     outputs and input channels); only then are those sizes compared with what was asked."""
+    if _is_detection(arch):
+        num_classes = _detection_classes(arch, sd, num_classes, path)
     model = _probe(arch, num_classes, in_channels)
     model_keys = set(model.state_dict())
     # A wrapper prefix (e.g. Lightning's "model.") that, once stripped, fits exactly.

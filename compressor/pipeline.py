@@ -391,7 +391,8 @@ def _prepare_model(run: Run) -> None:
         run.swap = activations.swap_activations(run.model, bits=act.bits, ste=act.ste, skip=skip)
         run.model = run.swap.model.to(run.device)
         if run.train_loader is not None:  # scale and threshold from data, then a gradual switch
-            activations.calibrate(run.model, run.train_loader, run.device, act.calibration_batches)
+            batches = ((run.task.model_inputs(x), y) for x, y in run.train_loader)
+            activations.calibrate(run.model, batches, run.device, act.calibration_batches)
             run.switch = activations.ActivationSwitch(
                 run.model, cfg.train.epochs * run.steps_per_epoch, act.switch_fraction,
                 evaluate=lambda: _sparse_accuracy(run),

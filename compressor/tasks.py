@@ -2,8 +2,10 @@
 the data (docs/design.md, "Tasks").
 
 A :class:`Task` is what ``compress --task`` names: ``classification`` (the default:
-cross-entropy, top-1 accuracy, labels checked against the classifier) or a user's own
-``package.module:Class``, imported from the current directory like ``--arch``'s callables.
+cross-entropy, top-1 accuracy, labels checked against the classifier), ``detection``
+(torchvision's single-stage detectors on COCO-format data, COCO mAP:
+:mod:`compressor.detection`) or a user's own ``package.module:Class``, imported from the
+current directory like ``--arch``'s callables.
 Only the command line or the API chooses a task; a checkpoint or its metadata never does.
 
 Tasks are registered classes (``TASKS``); adding a built-in one is a subclass with

@@ -19,7 +19,7 @@ pytest.importorskip(
 
 import compressor
 from compressor import detection
-from compressor.errors import EXIT_OK, DataError
+from compressor.errors import EXIT_OK, CheckpointError, DataError
 from compressor.tasks import TASKS, DetectionTask, resolve_task
 
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -87,6 +87,19 @@ def test_missing_layout_is_a_data_error_naming_the_layout(tmp_path):
         DataError, match=r"train/annotations.json does not exist.*DIR/val/annotations.json"
     ):
         detection.load_coco(str(tmp_path))
+
+
+def test_detector_checkpoint_loads_by_name_with_its_own_classes(tmp_path):
+    from compressor.checkpoint import build_model, load_checkpoint
+
+    torch.save(build_model(ARCH, num_classes=3).state_dict(), tmp_path / "ssd.pt")
+    loaded = load_checkpoint(tmp_path / "ssd.pt", arch=ARCH)  # no --num-classes: read from it
+    assert loaded.metadata["build_kwargs"] == {"num_classes": 3}
+    model = DetectionTask().prepare_model(loaded.model)
+    assert model.num_classes == 3 and set(model.state_dict()) == set(loaded.model.state_dict())
+    assert len(DetectionTask().kept_layers(model)) == 12  # 6 class-logit + 6 box convs
+    with pytest.raises(CheckpointError, match="has 3 classes .* but --num-classes is 4"):
+        load_checkpoint(tmp_path / "ssd.pt", arch=ARCH, num_classes=4)
 
 
 class _Oracle(torch.nn.Module):
