@@ -836,6 +836,11 @@ def _epoch_lines(report: Mapping) -> list[str]:
     if not epochs:
         return ["### Training", "", "No training epochs were run."]
     cols = [c for c in _EPOCH_COLS if any(e.get(c[0]) is not None for e in epochs)]
+    metric = (report.get("metric") or {}).get("name", "accuracy")
+    if metric != "accuracy":  # another task's metric (e.g. detection's map): its own units
+        cols = [
+            (k, metric, lambda v: _num(v, 4)) if k == "accuracy" else (k, t, f) for k, t, f in cols
+        ]
     rows = [[fmt(e.get(key)) for key, _, fmt in cols] for e in epochs]
     return ["### Training", "", *_table([title for _, title, _ in cols], rows)]
 

@@ -4,6 +4,7 @@ synthetic COCO data set: channels removed, the pruned model's raw head outputs e
 sparse model's, the report's mAP before and after."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ pytest.importorskip(
 
 import compressor
 from compressor import detection
-from compressor.errors import EXIT_OK, CheckpointError, DataError
+from compressor.errors import EXIT_OK, BadInputError, CheckpointError, DataError
 from compressor.tasks import TASKS, DetectionTask, resolve_task
 
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -87,6 +88,24 @@ def test_missing_layout_is_a_data_error_naming_the_layout(tmp_path):
         DataError, match=r"train/annotations.json does not exist.*DIR/val/annotations.json"
     ):
         detection.load_coco(str(tmp_path))
+
+
+def test_category_ids_beyond_the_model_and_a_missing_extra_are_data_errors(tmp_path, monkeypatch):
+    make_coco(tmp_path, n_train=2, n_val=1, size=32)
+    splits = detection.load_coco(str(tmp_path))
+    with pytest.raises(DataError, match=r"category_id up to 2, but the model has num_classes=2"):
+        DetectionTask().check_data(splits, None, 2)
+    DetectionTask().check_data(splits, None, 3)
+    monkeypatch.setitem(sys.modules, "torchmetrics.detection", None)  # not installed
+    with pytest.raises(DataError, match=r"pip install 'compressor\[detection\]'"):
+        DetectionTask().load_data(str(tmp_path), mean=None, std=None, input_shape=None)
+
+
+def test_a_classifier_is_refused_by_the_detection_task():
+    import torchvision
+
+    with pytest.raises(BadInputError, match="needs a torchvision single-stage detector"):
+        DetectionTask().prepare_model(torchvision.models.resnet18(num_classes=3))
 
 
 def test_detector_checkpoint_loads_by_name_with_its_own_classes(tmp_path):
@@ -172,7 +191,9 @@ def test_compress_detection_end_to_end_removes_channels_exactly(tmp_path, one_th
     assert v["sparse_vs_pruned_relative"] <= 1e-4
     assert v["onnx_checker"] is True and v["top1_agreement"] == 1.0
     assert "NMS are not in model.onnx" in v["onnx_contents"]
-    assert "model.onnx holds: raw head outputs" in (tmp_path / "out" / "report.md").read_text()
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "model.onnx holds: raw head outputs" in markdown
+    assert "| Epoch | Loss | map |" in markdown  # the training table names the task's metric
     # the compact file loads back as the detector, with the pruned shapes
     back = compressor.load(tmp_path / "out" / "model.safetensors")
     assert type(back).__name__ == "SSD"
