@@ -59,9 +59,9 @@ LAYOUT = (
 )
 INSTALL = "pip install 'compressor[detection]' (torchmetrics and pycocotools)"
 EXPORT_CONTENTS = (
-    "raw head outputs per anchor (box regressions, then class logits) after the detector's "
-    "normalisation, backbone and head; anchor decoding, score threshold and NMS are not in "
-    "model.onnx"
+    "raw head outputs per anchor (the head's outputs in name order: SSD's and RetinaNet's box "
+    "regressions then class logits) after the detector's normalisation, resize, backbone and "
+    "head; anchor decoding, score threshold and NMS are not in model.onnx"
 )
 _PREDICTION_NAMES = frozenset({"cls_logits", "bbox_reg", "bbox_ctrness"})
 
@@ -92,6 +92,22 @@ class DetectionModel(nn.Module):
         self.backbone = detector.backbone
         self.head = detector.head
         object.__setattr__(self, "detector", detector)  # shared, not a second registration
+        self._sizes: dict[tuple, tuple] = {}  # (C, H, W) -> the (H, W) the transform makes
+
+    def _resized(self, shape: tuple) -> tuple:
+        """The (H, W) the detector's transform (in eval mode) resizes a ``shape`` image to,
+        worked out once per shape on the meta device (shapes only: exporters and tracers
+        then see a constant, not an extra resize)."""
+        if shape not in self._sizes:
+            transform = self.detector.transform
+            was_training = transform.training
+            transform.eval()
+            try:
+                probe = torch.empty(shape, device="meta")
+                self._sizes[shape] = tuple(transform.resize(probe, None)[0].shape[-2:])
+            finally:
+                transform.train(was_training)
+        return self._sizes[shape]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -112,9 +128,16 @@ class DetectionModel(nn.Module):
         last dimension in key order (e.g. ``bbox_regression``, ``cls_logits``)."""
         transform = self.detector.transform
         x = transform.normalize(x)  # per-channel, broadcast over the batch
-        size = getattr(transform, "fixed_size", None)
-        if size is not None and tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        # the size the detector's transform resizes an image of this size to (SSD: its fixed
+        # size; RetinaNet, FCOS: min_size/max_size), then the bottom/right zero padding to
+        # its size_divisible: what the backbone sees when all images have one size
+        size = self._resized(tuple(x.shape[-3:]))
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        stride = int(getattr(transform, "size_divisible", 1) or 1)
+        pad_h, pad_w = (-x.shape[-2]) % stride, (-x.shape[-1]) % stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         features = self.backbone(x)
         features = [features] if isinstance(features, torch.Tensor) else list(features.values())
         outputs = self.head(features)

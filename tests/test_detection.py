@@ -108,6 +108,27 @@ def test_a_classifier_is_refused_by_the_detection_task():
         DetectionTask().prepare_model(torchvision.models.resnet18(num_classes=3))
 
 
+def test_raw_forward_is_the_head_output_the_detector_computes():
+    from compressor.checkpoint import build_model
+
+    model = DetectionTask().prepare_model(build_model(ARCH, num_classes=3)).eval()
+    seen = []
+    model.head.register_forward_hook(lambda m, i, out: seen.append(out))
+    images = torch.rand(2, 3, 320, 320)
+    with torch.no_grad():
+        raw = model(images)
+        detections = model(list(images))  # the detector: its transform, then decode and NMS
+    head = seen[-1]
+    assert raw.shape == (2, head["cls_logits"].shape[1], 4 + 3)
+    assert torch.equal(raw, torch.cat([head["bbox_regression"], head["cls_logits"]], dim=-1))
+    assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
+    other = torch.rand(2, 3, 200, 240)  # resized to 320x320 as the detector's transform does
+    with torch.no_grad():
+        raw, _ = model(other), model(list(other))
+    head = seen[-1]
+    assert torch.allclose(raw, torch.cat([head["bbox_regression"], head["cls_logits"]], -1))
+
+
 def test_detector_checkpoint_loads_by_name_with_its_own_classes(tmp_path):
     from compressor.checkpoint import build_model, load_checkpoint
 
