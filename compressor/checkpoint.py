@@ -620,7 +620,7 @@ def _supports(arch: str, name: str) -> bool:
         return _accepts(BUILTIN_MODELS[arch], name)
     if ":" in arch and not _is_timm(arch):
         return _accepts(_import_callable(arch), name) or name == "in_channels"
-    if _is_detection(arch):  # the head's last conv is not the classes: --num-classes says them
+    if _is_detection(arch):  # its last conv is not the classes: _detection_classes reads them
         return False
     return True  # torchvision: num_classes via get_model, in_channels via the first conv;
     # timm: num_classes and in_chans via create_model

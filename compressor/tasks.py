@@ -19,7 +19,6 @@ in ``metric: {name, higher_is_better}``.
 from __future__ import annotations
 
 import difflib
-import logging
 from typing import ClassVar
 
 import torch
@@ -30,8 +29,6 @@ from compressor import detection, train
 from compressor.errors import BadInputError, CheckpointError
 from compressor.progress import SILENT, Progress
 from compressor.registry import registrar
-
-log = logging.getLogger(__name__)
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -201,7 +198,10 @@ class DetectionTask(Task):
     def load_data(self, spec, **kwargs):
         detection.mean_average_precision()  # a missing torchmetrics fails here, before training
         if kwargs.get("mean") is not None or kwargs.get("std") is not None:
-            log.info("--task detection: data.mean/std are not applied (the detector normalises)")
+            raise BadInputError(
+                "--task detection: data.mean/std (--mean/--std) do not apply: torchvision's "
+                "detectors normalise [0, 1] images with their own image_mean/image_std. Drop them."
+            )
         return detection.load_coco(spec, input_shape=kwargs.get("input_shape"))
 
     def check_data(self, splits, model, outputs):

@@ -96,6 +96,8 @@ def test_category_ids_beyond_the_model_and_a_missing_extra_are_data_errors(tmp_p
     with pytest.raises(DataError, match=r"category_id up to 2, but the model has num_classes=2"):
         DetectionTask().check_data(splits, None, 2)
     DetectionTask().check_data(splits, None, 3)
+    with pytest.raises(BadInputError, match="data.mean/std .* do not apply"):
+        DetectionTask().load_data(str(tmp_path), mean=[0.5] * 3, std=None, input_shape=None)
     monkeypatch.setitem(sys.modules, "torchmetrics.detection", None)  # not installed
     with pytest.raises(DataError, match=r"pip install 'compressor\[detection\]'"):
         DetectionTask().load_data(str(tmp_path), mean=None, std=None, input_shape=None)
