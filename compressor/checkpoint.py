@@ -12,7 +12,8 @@ Accepted checkpoints (:func:`load_checkpoint`):
   from the file.
 
 Architectures (:func:`build_model`): compressor's built-ins (``resnet20``, ``lenet5``),
-torchvision classification models by name (never with downloaded weights), timm models
+torchvision classification and detection models by name (never with downloaded weights,
+the backbone's included), timm models
 as ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``; needs the ``timm`` extra), or
 ``package.module:callable`` imported with the current directory on ``sys.path``.
 
@@ -108,6 +109,19 @@ def _torchvision_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+@functools.cache
+def _detection_names() -> frozenset[str]:
+    """torchvision's detection models (``ssdlite320_mobilenet_v3_large``, ...), for
+    ``--task detection``."""
+    import torchvision
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+def _is_detection(arch: str) -> bool:
+    return isinstance(arch, str) and ":" not in arch and arch in _detection_names()
 
 
 def _is_timm(arch: str) -> bool:
@@ -286,6 +300,17 @@ def build_model(
         if "in_channels" in sizes and "in_channels" not in accepted:
             _set_in_channels(model, sizes["in_channels"], arch)
         return model
+    if _is_detection(arch):  # no downloaded weights, for the backbone either
+        import torchvision
+
+        tv_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+        return _call(
+            lambda **kw: torchvision.models.get_model(
+                arch, weights=None, weights_backbone=None, **kw
+            ),
+            arch,
+            {**tv_kwargs, **kwargs},
+        )
     tv_names = _torchvision_names()
     if arch in tv_names:
         import torchvision
@@ -595,8 +620,35 @@ def _supports(arch: str, name: str) -> bool:
         return _accepts(BUILTIN_MODELS[arch], name)
     if ":" in arch and not _is_timm(arch):
         return _accepts(_import_callable(arch), name) or name == "in_channels"
+    if _is_detection(arch):  # its last conv is not the classes: _detection_classes reads them
+        return False
     return True  # torchvision: num_classes via get_model, in_channels via the first conv;
     # timm: num_classes and in_chans via create_model
+
+
+def _detection_classes(
+    arch: str, sd: Mapping[str, torch.Tensor], num_classes: int | None, path: Path
+) -> int | None:
+    """A torchvision detector's ``num_classes`` (background included) as its checkpoint
+    stores it: the first class-logits conv has ``anchors * classes`` rows and the first
+    box-regression conv ``anchors * 4`` (SSD, SSDlite, RetinaNet, FCOS). ``num_classes``
+    when the checkpoint does not tell; a different ``num_classes`` raises."""
+    from compressor.detection import prediction_layers
+
+    layers = prediction_layers(_probe(arch))
+    cls = next((n for n in layers if n.startswith("head.classification_head.")), None)
+    reg = next((n for n in layers if n.startswith("head.regression_head.")), None)
+    rows = [sd.get(f"{n}.weight") for n in (cls, reg)]
+    if None in rows or rows[1].ndim < 1 or rows[1].shape[0] % 4:
+        return num_classes
+    found = 4 * int(rows[0].shape[0]) // int(rows[1].shape[0])
+    if num_classes is not None and num_classes != found:
+        raise CheckpointError(
+            f"{path} has {found} classes ({cls}.weight {_shape(rows[0])}, {reg}.weight "
+            f"{_shape(rows[1])}: anchors x classes and anchors x 4 rows) but --num-classes is "
+            f"{num_classes}. Drop --num-classes to use the checkpoint's, or pass the right one."
+        )
+    return found
 
 
 def _fit_model(
@@ -611,6 +663,8 @@ def _fit_model(
 
     First the checkpoint must be an ``arch`` at all (keys and shapes, with its own classifier
     outputs and input channels); only then are those sizes compared with what was asked."""
+    if _is_detection(arch):
+        num_classes = _detection_classes(arch, sd, num_classes, path)
     model = _probe(arch, num_classes, in_channels)
     model_keys = set(model.state_dict())
     # A wrapper prefix (e.g. Lightning's "model.") that, once stripped, fits exactly.
@@ -656,6 +710,8 @@ def _fit_model(
             "the images, or use matching data."
         )
     kwargs = {k: found[k][0] if k in found else v for k, v in current.items()}
+    if _is_detection(arch) and num_classes is not None:
+        kwargs["num_classes"] = num_classes
     if kwargs != current or _is_meta(model):
         model = build_model(arch, **kwargs)
     _check_fit(model, sd, path, arch, kwargs)
@@ -1310,7 +1366,11 @@ def _is_named_arch(arch: str) -> bool:
     chosen by a file. An unknown ``timm:NAME`` raises (naming close matches)."""
     if _is_timm(arch):
         return bool(_timm_name(arch))
-    return arch in BUILTIN_MODELS or (":" not in arch and arch in _torchvision_names())
+    return (
+        arch in BUILTIN_MODELS
+        or (":" not in arch and arch in _torchvision_names())
+        or _is_detection(arch)
+    )
 
 
 def _compact_arch(path: Path, meta: Mapping[str, Any], arch: str | None, trust: bool) -> str:

@@ -81,11 +81,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="classification",
         metavar="NAME|pkg.module:Class",
         help="what the model does: its loss, metric and data (default: classification, "
-        "cross-entropy and top-1 accuracy), or your own compressor.tasks.Task subclass "
+        "cross-entropy and top-1 accuracy; detection: torchvision detectors, COCO-format "
+        "data, COCO mAP), or your own compressor.tasks.Task subclass "
         "imported from the current folder (see examples/task_plugin)",
     )
     p.add_argument(
-        "--num-classes", type=int, help="classifier outputs (default: read from the checkpoint)"
+        "--num-classes",
+        type=int,
+        help="classifier outputs (default: read from the checkpoint; --task detection: "
+        "the detector's classes, background included, required)",
     )
     p.add_argument("--input-shape", help="C,H,W of one input (default: from the data)")
     p.add_argument(

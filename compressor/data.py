@@ -34,7 +34,7 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +91,9 @@ class DataSplits:
     # (ImageFolder too), 1.0 for float arrays (used as stored)
     scale: float = 1 / 255
     augment: str = "none"  # the training split's augmentation: "none" or "standard"
+    # how a list of samples becomes a batch (the loaders' ``collate_fn``); None: PyTorch's
+    # default (stacked tensors). Detection's batches are lists (compressor.detection.collate)
+    collate: Callable | None = None
 
     @property
     def decoded_per_item(self) -> bool:
@@ -339,6 +342,8 @@ def make_loaders(
     """
     num_workers = resolve_workers(num_workers, splits)
     common = {"num_workers": num_workers, "pin_memory": pin_memory}
+    if splits.collate is not None:
+        common["collate_fn"] = splits.collate
     val_common = dict(common)
     if num_workers > 0:
         val_common.update(persistent_workers=True, generator=torch.Generator().manual_seed(seed))

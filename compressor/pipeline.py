@@ -273,7 +273,7 @@ def _load_inputs(run: Run, *, arch, num_classes, trust_checkpoint, resume) -> di
                 in_channels=run.shape[0] if run.shape else None,
                 trust_checkpoint=trust_checkpoint,
             )
-            run.model = run.loaded.model
+            run.model = run.task.prepare_model(run.loaded.model)  # detection: DetectionModel
             run.shape = run.shape or _shape_from_metadata(run.loaded.metadata)
             _check_model_runs(run)
         except BaseException:
@@ -299,7 +299,7 @@ def _check_model_runs(run: Run) -> None:
             f"The model cannot run on inputs of shape {tuple(run.shape)} (C, H, W): {str(exc).splitlines()[0]}. "
             "Pass the right --input-shape or --set data.input_shape=[C,H,W]."
         ) from exc
-    run.model_classes = int(logits.shape[-1])
+    run.model_classes = run.task.num_outputs(run.model, logits)
     if run.splits is not None:
         run.task.check_data(run.splits, run.model, run.model_classes)
         if len(run.splits.train) == 0 or len(run.splits.val) == 0:
@@ -384,7 +384,11 @@ def _prepare_model(run: Run) -> None:
     """The distillation teacher (the input model, frozen), binarized activations if asked,
     and the coupled channel groups."""
     cfg = run.recipe
-    if cfg.distill.weight > 0 and run.train_loader is not None:
+    if cfg.distill.weight > 0 and not run.task.distillation:
+        why = f"off: task {tasks.task_path(run.task)} has no distillation (distill.weight {cfg.distill.weight:g} ignored)"
+        log.info("distillation %s", why)
+        run.record.input["distillation"] = why
+    elif cfg.distill.weight > 0 and run.train_loader is not None:
         run.teacher = copy.deepcopy(run.model).eval().requires_grad_(False)
     if cfg.activations.binarize:
         from compressor import activations
@@ -394,14 +398,16 @@ def _prepare_model(run: Run) -> None:
         run.swap = activations.swap_activations(run.model, bits=act.bits, ste=act.ste, skip=skip)
         run.model = run.swap.model.to(run.device)
         if run.train_loader is not None:  # scale and threshold from data, then a gradual switch
-            activations.calibrate(run.model, run.train_loader, run.device, act.calibration_batches)
+            batches = ((run.task.model_inputs(x), y) for x, y in run.train_loader)
+            activations.calibrate(run.model, batches, run.device, act.calibration_batches)
             run.switch = activations.ActivationSwitch(
                 run.model, cfg.train.epochs * run.steps_per_epoch, act.switch_fraction,
                 evaluate=lambda: _sparse_accuracy(run)[0],
                 recalibrate=lambda: _recalibrate(run),
             )  # fmt: skip
     with run.timer.stage("groups"):
-        run.groups = build_groups(run.model, run.example, keep=cfg.prune.keep)
+        keep = [*cfg.prune.keep, *run.task.kept_layers(run.model)]  # detection: its heads' outputs
+        run.groups = build_groups(run.model, run.example, keep=keep)
         run.round_to = resolve_round_to(
             cfg.prune.round_to, latency_target=cfg.target.latency is not None
         )
@@ -754,12 +760,13 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
     except VerificationError as exc:
         checker, made["error"] = False, str(exc)
     inputs = (
-        torch.utils.data.DataLoader(run.splits.val, batch_size=64)
+        torch.utils.data.DataLoader(run.splits.val, batch_size=64, collate_fn=run.splits.collate)
         if run.splits is not None
         else run.verify_inputs
     )
     if run.splits is not None and not run.task.top1_labels:
-        inputs = (x for x, _ in inputs)  # top-1 is not this task's metric: agreement only
+        # top-1 is not this task's metric: agreement only
+        inputs = (run.task.model_inputs(x) for x, _ in inputs)
     compared = export.compare_onnx(onnx_path, int8_path, inputs)
     latency = export.measure_latency(
         {"float": onnx_path, "int8": int8_path}, tuple(run.shape), batch_sizes=(16,),
@@ -845,7 +852,7 @@ def _assemble_report(run: Run, compressed: dict, latency: dict, int8: dict | Non
             "params_x": baseline["params"] / max(compressed["params"], 1),
             "size_x": baseline["onnx_bytes"] / max(compressed["onnx_bytes"], 1),
         },
-        "verification": run.verification,
+        "verification": _with_contents(run.verification, run.task.export_contents()),
         "latency_ms": latency,
         "layers": [
             {
@@ -873,6 +880,13 @@ def _assemble_report(run: Run, compressed: dict, latency: dict, int8: dict | Non
     report["gates"] += [int8["gate"]] if int8 and int8["required"] else []  # else: no exit 3
     report["exit_code"] = _exit_code(report, run.verification, run.swap is not None)
     return report
+
+
+def _with_contents(verification: dict, contents: str | None) -> dict:
+    """``verification`` with ``onnx_contents`` when the task exports part of the model
+    (detection: the raw head, without box decoding and NMS), so that no one reads its ONNX
+    check as one of the whole detector."""
+    return verification if contents is None else {**verification, "onnx_contents": contents}
 
 
 def _exit_code(report: dict, verification: dict, binary: bool) -> int:
@@ -1057,8 +1071,9 @@ def _build_kwargs(loaded, num_classes: int, shape) -> dict:
 def _recalibrate(run: Run) -> None:
     """Re-estimate BatchNorm statistics on training batches (``train.bn_recalibration_batches``)."""
     train.recalibrate_bn(
-        run.model, run.train_loader, run.device, run.recipe.train.bn_recalibration_batches
-    )
+        run.model, run.train_loader, run.device, run.recipe.train.bn_recalibration_batches,
+        task=run.task,
+    )  # fmt: skip
 
 
 def _sparse_accuracy(run: Run) -> tuple[float, float]:

@@ -101,6 +101,8 @@ def _outputs(
                 t = table[name]
                 if table is module._parameters:
                     t.data = t.data.to(dtype)
+                    if t.grad is not None:  # model.to converted a left-over gradient too
+                        t.grad = t.grad.to(dtype)
                 else:
                     table[name] = t.to(dtype)
     x = inputs

@@ -598,6 +598,8 @@ def _verification_lines(report: Mapping) -> list[str]:
         ["Top-1 agreement (PyTorch vs onnxruntime)", agree_txt if _is_num(agree) else "—"],
     ]
     lines = ["### Verification", "", *_table(["Check", "Result"], rows)]
+    if v.get("onnx_contents"):  # the task exports part of the model (detection: the raw head)
+        lines += ["", f"model.onnx holds: {v['onnx_contents']}."]
     notes = v.get("notes")
     if isinstance(notes, str):
         notes = [notes] if notes else []
@@ -838,6 +840,11 @@ def _epoch_lines(report: Mapping) -> list[str]:
     if not epochs:
         return ["### Training", "", "No training epochs were run."]
     cols = [c for c in _EPOCH_COLS if any(e.get(c[0]) is not None for e in epochs)]
+    metric = (report.get("metric") or {}).get("name", "accuracy")
+    if metric != "accuracy":  # another task's metric (e.g. detection's map): its own units
+        cols = [
+            (k, metric, lambda v: _num(v, 4)) if k == "accuracy" else (k, t, f) for k, t, f in cols
+        ]
     rows = [[fmt(e.get(key)) for key, _, fmt in cols] for e in epochs]
     return ["### Training", "", *_table([title for _, title, _ in cols], rows)]
 

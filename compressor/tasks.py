@@ -2,8 +2,10 @@
 the data (docs/design.md, "Tasks").
 
 A :class:`Task` is what ``compress --task`` names: ``classification`` (the default:
-cross-entropy, top-1 accuracy, labels checked against the classifier) or a user's own
-``package.module:Class``, imported from the current directory like ``--arch``'s callables.
+cross-entropy, top-1 accuracy, labels checked against the classifier), ``detection``
+(torchvision's single-stage detectors on COCO-format data, COCO mAP:
+:mod:`compressor.detection`) or a user's own ``package.module:Class``, imported from the
+current directory like ``--arch``'s callables.
 Only the command line or the API chooses a task; a checkpoint or its metadata never does.
 
 Tasks are registered classes (``TASKS``); adding a built-in one is a subclass with
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from compressor import data as data_mod
-from compressor import train
+from compressor import detection, train
 from compressor.errors import BadInputError, CheckpointError
 from compressor.progress import SILENT, Progress
 from compressor.registry import registrar
@@ -88,6 +90,51 @@ class Task:
         margin)."""
         return None
 
+    # What a task whose batches are not ``(tensor, tensor)`` overrides (detection): the
+    # defaults are what the training loop did before tasks had them.
+
+    #: whether ``distill.weight > 0`` trains against the input model's outputs; a task
+    #: without it ignores the weight (the log and the report's ``input.distillation`` say so)
+    distillation: ClassVar[bool] = True
+
+    def to_device(self, batch, precision: train.Precision):
+        """``(x, y)`` of a loader's ``batch`` on the training device (``precision.batch``
+        for the inputs: channels-last when that is on)."""
+        x, y = batch
+        return precision.batch(x), y.to(precision.device, non_blocking=True)
+
+    def forward_loss(
+        self, model: nn.Module, x, y, teacher: nn.Module | None, distill
+    ) -> torch.Tensor:
+        """The loss of one batch on the device: :meth:`loss` of ``model(x)``, given the
+        teacher's outputs when distillation is on."""
+        return self.loss(model(x), y, x, train.teacher_outputs(teacher, x, distill), distill)
+
+    def model_inputs(self, x) -> torch.Tensor:
+        """A batch's inputs as the one tensor ``model(tensor)`` takes (BatchNorm
+        recalibration, INT8 calibration and checks). Default: ``x`` as it is."""
+        return x
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The loaded model as the pipeline runs it: ``model(tensor batch)`` must return a
+        tensor (groups, MACs, the parity check and the export run it so). Default: itself."""
+        return model
+
+    def num_outputs(self, model: nn.Module, outputs: torch.Tensor) -> int:
+        """The model's classes given its outputs on one example (:meth:`check_data`'s
+        ``outputs``, the compact file's ``num_classes``). Default: the last dimension."""
+        return int(outputs.shape[-1])
+
+    def kept_layers(self, model: nn.Module) -> list[str]:
+        """Module names whose output channels are never removed, beyond ``prune.keep`` and
+        the last layer executed (the classifier). Default: none."""
+        return []
+
+    def export_contents(self) -> str | None:
+        """What ``model.onnx`` computes when it is not the whole model's output (the
+        report's ``verification.onnx_contents``). Default: None (the model's output)."""
+        return None
+
     def load_data(self, spec, **kwargs) -> data_mod.DataSplits:
         """The train and val splits at ``spec`` (``--data``); ``kwargs`` are ``mean``,
         ``std``, ``input_shape`` and ``augment`` from the recipe. Default: compressor's
@@ -134,6 +181,58 @@ class ClassificationTask(Task):
         # every loader fixes the classifier from the checkpoint's weights: --num-classes
         # cannot resize it
         data_mod.check_labels(splits, outputs, classifier=_classifier(model, outputs))
+
+
+@register_task("detection")
+class DetectionTask(Task):
+    """torchvision single-stage detectors (SSD, SSDlite, RetinaNet, FCOS) on COCO-format data:
+    the detector's own losses in train mode, COCO mAP@[.5:.95] in percent
+    (:mod:`compressor.detection`). No distillation; ``model.onnx`` holds the raw head."""
+
+    metric = "map"
+    higher_is_better = True
+    top1_labels = False
+    distillation = False
+
+    def loss(self, outputs, targets, inputs, teacher_outputs, distill):
+        raise NotImplementedError("detection's loss is the detector's own: see forward_loss")
+
+    def forward_loss(self, model, x, y, teacher, distill):
+        return detection.loss_of(model, x, y)
+
+    def to_device(self, batch, precision):
+        images, targets = batch
+        return detection.to_device(images, targets, precision.device)
+
+    def model_inputs(self, x):
+        return torch.stack(list(x)) if isinstance(x, list | tuple) else x
+
+    def evaluate(self, model, loader, device, progress=SILENT):
+        return detection.evaluate_map(model, loader, device, progress)
+
+    def load_data(self, spec, **kwargs):
+        detection.mean_average_precision()  # a missing torchmetrics fails here, before training
+        if kwargs.get("mean") is not None or kwargs.get("std") is not None:
+            raise BadInputError(
+                "--task detection: data.mean/std (--mean/--std) do not apply: torchvision's "
+                "detectors normalise [0, 1] images with their own image_mean/image_std. Drop them."
+            )
+        return detection.load_coco(spec, input_shape=kwargs.get("input_shape"))
+
+    def check_data(self, splits, model, outputs):
+        detection.check_labels(splits, outputs)
+
+    def prepare_model(self, model):
+        return detection.DetectionModel(model)
+
+    def num_outputs(self, model, outputs):
+        return model.num_classes
+
+    def kept_layers(self, model):
+        return detection.prediction_layers(model)
+
+    def export_contents(self):
+        return detection.EXPORT_CONTENTS
 
 
 def resolve_task(spec: str | Task | type[Task] = "classification") -> Task:

@@ -193,13 +193,15 @@ def top1_per_sample(
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader, device: torch.device, batches: int) -> None:
+def recalibrate_bn(model: nn.Module, loader, device: torch.device, batches: int, task=None) -> None:
     """Re-estimate BatchNorm running statistics of the current weights.
 
     Shrunk or zeroed weights change what the running statistics should be; a
     sparse model evaluated with the dense model's statistics scores far below
     its real accuracy (docs/design.md, "Evaluating the sparse model"). Runs ``batches``
     training batches in train mode with no gradient, using a cumulative average.
+    ``task`` (a :class:`compressor.tasks.Task`; None: the batches' inputs are tensors) turns
+    a batch's inputs into the tensor the model runs on (``task.model_inputs``).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or batches <= 0:
@@ -213,6 +215,8 @@ def recalibrate_bn(model: nn.Module, loader, device: torch.device, batches: int)
         for i, (x, _) in enumerate(loader):
             if i >= batches:
                 break
+            if task is not None:
+                x = task.model_inputs(x)
             model(x.to(device, non_blocking=True))
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
@@ -303,7 +307,9 @@ def train_one_epoch(
     :class:`Precision`; None: float32, batches as they come). With ``masks`` (recovery): zero
     weights stay zero. The loss is ``task.loss`` (a :class:`compressor.tasks.Task`; None:
     classification, :func:`distilled_cross_entropy`), given the teacher's outputs when
-    ``teacher`` and ``distill`` (the recipe's section) ask for distillation. A non-finite loss raises ``DivergenceError`` before any
+    ``teacher`` and ``distill`` (the recipe's section) ask for distillation; the batch goes
+    to the device and through the model by ``task.to_device`` and ``task.forward_loss``
+    (classification: ``model(x)``; detection: ``model(images, targets)``). A non-finite loss raises ``DivergenceError`` before any
     weight is updated with it; its message says what the caller kept for --resume
     (``kept_epochs``: the completed epochs whose state it saved; 0: nothing) and which
     learning rate to lower (``lr_key``). ``progress`` shows the steps as they run (step,
@@ -320,12 +326,12 @@ def train_one_epoch(
     steps = steps_per_epoch(loader, max_steps)
     stage = "recover" if masks is not None else "train"
     batches = progress.log_every(loader, f"{stage} epoch {epoch + 1}", total=steps)
-    for step, (x, y) in enumerate(batches):
+    for step, batch in enumerate(batches):
         if step >= steps:
             break
-        x, y = precision.batch(x), y.to(device, non_blocking=True)
+        x, y = task.to_device(batch, precision)
         with precision.autocast():
-            loss = task.loss(model(x), y, x, teacher_outputs(teacher, x, distill), distill)
+            loss = task.forward_loss(model, x, y, teacher, distill)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 divergence_message(

@@ -74,12 +74,14 @@ def test_removal_check_is_not_fooled_by_float32_summation_order_at_a_quantizer_s
     torch.manual_seed(0)
     model = FineSteps().eval()
     x = torch.randn(16, 3, 16, 16)
+    model(x).sum().backward()  # gradients left over from training stay float32 too
     groups = build_groups(model, x[:1], check_exactness=False)
     zero_fraction_of_groups(groups, model, 0.5)
     float32_before = model(x).detach()
     result = prune_zero_channels(model, groups, x)
     assert result.channels_removed > 0 and result.relative_diff == 0.0
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
     assert model.a.out_channels < 64 and model(x).dtype == torch.float32
     # in float32 the same removal moves the quantized output: what the float64 check avoids
     assert not torch.equal(model(x).detach(), float32_before)

@@ -1,0 +1,223 @@
+"""``--task detection``: COCO-format data and its errors, the mAP on known cases, and
+``compress --task detection`` end to end on a random-init torchvision SSDlite with a tiny
+synthetic COCO data set: channels removed, the pruned model's raw head outputs equal to the
+sparse model's, the report's mAP before and after."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip(
+    "torchmetrics", reason="the detection extra: pip install 'compressor[detection]'"
+)
+pytest.importorskip(
+    "pycocotools", reason="the detection extra: pip install 'compressor[detection]'"
+)
+
+import compressor
+from compressor import detection
+from compressor.errors import EXIT_OK, BadInputError, CheckpointError, DataError
+from compressor.tasks import TASKS, DetectionTask, resolve_task
+
+ARCH = "ssdlite320_mobilenet_v3_large"
+COLOURS = {1: (230, 40, 40), 2: (40, 200, 60)}  # category id -> rectangle colour
+
+
+def make_coco(root, n_train=8, n_val=4, size=320, seed=0):
+    """``root/{train,val}/annotations.json`` and PNG images: 1-3 coloured rectangles each
+    on a grey background, one COCO category per colour."""
+    rng = np.random.default_rng(seed)
+    ann_id = 1
+    for split, n in (("train", n_train), ("val", n_val)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(n):
+            pixels = np.full((size, size, 3), 128, dtype=np.uint8)
+            for _ in range(rng.integers(1, 4)):
+                w, h = (int(v) for v in rng.integers(size // 6, size // 2, 2))
+                x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+                cat = int(rng.integers(1, 3))
+                pixels[y : y + h, x : x + w] = COLOURS[cat]
+                annotations.append(
+                    {"id": ann_id, "image_id": i, "category_id": cat, "bbox": [x, y, w, h],
+                     "area": w * h, "iscrowd": 0}
+                )  # fmt: skip
+                ann_id += 1
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+            images.append({"id": i, "file_name": f"{i}.png", "width": size, "height": size})
+        coco = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c, "name": f"c{c}"} for c in COLOURS],
+        }
+        (folder / "annotations.json").write_text(json.dumps(coco))
+    return root
+
+
+def test_detection_is_registered_with_map_higher_is_better():
+    task = resolve_task("detection")
+    assert TASKS["detection"] is DetectionTask and isinstance(task, DetectionTask)
+    assert task.summary() == {"name": "map", "higher_is_better": True}
+    assert task.top1_labels is False and task.distillation is False
+
+
+def test_coco_folder_loads_as_list_batches_with_xyxy_boxes(tmp_path):
+    make_coco(tmp_path, n_train=3, n_val=2, size=64)
+    splits = DetectionTask().load_data(str(tmp_path), mean=None, std=None, input_shape=None)
+    assert (len(splits.train), len(splits.val), splits.input_shape) == (3, 2, (3, 64, 64))
+    assert splits.num_classes == 3  # background + 2 categories
+    coco = json.loads((tmp_path / "train" / "annotations.json").read_text())
+    first = [a for a in coco["annotations"] if a["image_id"] == 0]
+    image, target = splits.train[0]
+    assert image.shape == (3, 64, 64) and 0 <= float(image.min()) <= float(image.max()) <= 1
+    x, y, w, h = first[0]["bbox"]
+    assert target["boxes"][0].tolist() == [x, y, x + w, y + h]
+    assert target["labels"].tolist() == [a["category_id"] for a in first]
+    images, targets = splits.collate([splits.train[0], splits.train[1]])
+    assert isinstance(images, list) and len(images) == 2 and len(targets) == 2
+
+
+def test_missing_layout_is_a_data_error_naming_the_layout(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(
+        DataError, match=r"train/annotations.json does not exist.*DIR/val/annotations.json"
+    ):
+        detection.load_coco(str(tmp_path))
+
+
+def test_category_ids_beyond_the_model_and_a_missing_extra_are_data_errors(tmp_path, monkeypatch):
+    make_coco(tmp_path, n_train=2, n_val=1, size=32)
+    splits = detection.load_coco(str(tmp_path))
+    with pytest.raises(DataError, match=r"category_id up to 2, but the model has num_classes=2"):
+        DetectionTask().check_data(splits, None, 2)
+    DetectionTask().check_data(splits, None, 3)
+    with pytest.raises(BadInputError, match="data.mean/std .* do not apply"):
+        DetectionTask().load_data(str(tmp_path), mean=[0.5] * 3, std=None, input_shape=None)
+    monkeypatch.setitem(sys.modules, "torchmetrics.detection", None)  # not installed
+    with pytest.raises(DataError, match=r"pip install 'compressor\[detection\]'"):
+        DetectionTask().load_data(str(tmp_path), mean=None, std=None, input_shape=None)
+
+
+def test_a_classifier_is_refused_by_the_detection_task():
+    import torchvision
+
+    with pytest.raises(BadInputError, match="needs a torchvision single-stage detector"):
+        DetectionTask().prepare_model(torchvision.models.resnet18(num_classes=3))
+
+
+def test_raw_forward_is_the_head_output_the_detector_computes():
+    from compressor.checkpoint import build_model
+
+    model = DetectionTask().prepare_model(build_model(ARCH, num_classes=3)).eval()
+    seen = []
+    model.head.register_forward_hook(lambda m, i, out: seen.append(out))
+    images = torch.rand(2, 3, 320, 320)
+    with torch.no_grad():
+        raw = model(images)
+        detections = model(list(images))  # the detector: its transform, then decode and NMS
+    head = seen[-1]
+    assert raw.shape == (2, head["cls_logits"].shape[1], 4 + 3)
+    assert torch.equal(raw, torch.cat([head["bbox_regression"], head["cls_logits"]], dim=-1))
+    assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
+    other = torch.rand(2, 3, 200, 240)  # resized to 320x320 as the detector's transform does
+    with torch.no_grad():
+        raw, _ = model(other), model(list(other))
+    head = seen[-1]
+    assert torch.allclose(raw, torch.cat([head["bbox_regression"], head["cls_logits"]], -1))
+
+
+def test_detector_checkpoint_loads_by_name_with_its_own_classes(tmp_path):
+    from compressor.checkpoint import build_model, load_checkpoint
+
+    torch.save(build_model(ARCH, num_classes=3).state_dict(), tmp_path / "ssd.pt")
+    loaded = load_checkpoint(tmp_path / "ssd.pt", arch=ARCH)  # no --num-classes: read from it
+    assert loaded.metadata["build_kwargs"] == {"num_classes": 3}
+    model = DetectionTask().prepare_model(loaded.model)
+    assert model.num_classes == 3 and set(model.state_dict()) == set(loaded.model.state_dict())
+    assert len(DetectionTask().kept_layers(model)) == 12  # 6 class-logit + 6 box convs
+    with pytest.raises(CheckpointError, match="has 3 classes .* but --num-classes is 4"):
+        load_checkpoint(tmp_path / "ssd.pt", arch=ARCH, num_classes=4)
+
+
+class _Oracle(torch.nn.Module):
+    """Detections read from a table: image id -> boxes (the evaluation gets images only, so
+    the images carry their id in pixel [0, 0, 0])."""
+
+    def __init__(self, table, shift=0.0):
+        super().__init__()
+        self.table, self.shift = table, shift
+
+    def forward(self, images):
+        out = []
+        for img in images:
+            t = self.table[int(img[0, 0, 0])]
+            out.append({"boxes": t["boxes"] + self.shift, "labels": t["labels"],
+                        "scores": torch.ones(len(t["labels"]))})  # fmt: skip
+        return out
+
+
+def test_map_is_100_for_exact_boxes_and_lower_for_shifted_ones():
+    gen = torch.Generator().manual_seed(0)
+    table, batch = {}, []
+    for i in range(4):
+        xy = torch.rand(3, 2, generator=gen) * 100
+        boxes = torch.cat([xy, xy + 20 + torch.rand(3, 2, generator=gen) * 40], dim=1)
+        labels = torch.tensor([1, 2, 1])
+        table[i] = {"boxes": boxes, "labels": labels}
+        batch.append((torch.full((3, 8, 8), float(i)), {"boxes": boxes, "labels": labels}))
+    loader = [detection.collate(batch[:2]), detection.collate(batch[2:])]
+    exact, loss = detection.evaluate_map(_Oracle(table), loader, torch.device("cpu"))
+    shifted, _ = detection.evaluate_map(_Oracle(table, shift=8.0), loader, torch.device("cpu"))
+    assert exact == pytest.approx(100.0)
+    assert 0 <= shifted < 90
+    assert np.isnan(loss)  # detectors give no loss in eval mode
+
+
+@pytest.mark.slow
+def test_compress_detection_end_to_end_removes_channels_exactly(tmp_path, one_thread):
+    import torchvision
+
+    data = make_coco(tmp_path / "coco")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(ARCH, weights=None, weights_backbone=None, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "ssd.pt")
+    report = compressor.compress(
+        tmp_path / "ssd.pt", arch=ARCH, num_classes=3, data=str(data), out=tmp_path / "out",
+        task="detection", target_macs=1.3, device="cpu",
+        overrides=["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
+                   "train.bn_recalibration_batches=1", "export.verify_samples=4",
+                   "export.latency_threads=1", "gates.max_accuracy_drop=null"],
+    )  # fmt: skip
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["exit_code"] == written["exit_code"] == EXIT_OK
+    assert written["metric"] == {"name": "map", "higher_is_better": True}
+    assert written["input"]["task"] == "detection"
+    assert "no distillation" in written["input"]["distillation"]  # the recipe's 0.7 is ignored
+    base, comp = written["baseline"], written["compressed"]
+    for value in (base["accuracy"], comp["accuracy"], comp["sparse_accuracy"]):
+        assert value is not None and 0 <= value <= 100  # mAP in percent (random init: ~0)
+    # channels removed: the compact model is smaller, and reached the asked 1.3x MACs
+    assert comp["channels_kept"] < comp["channels_total"]
+    assert comp["macs"] * 1.3 <= base["macs"] * 1.001 and comp["params"] < base["params"]
+    assert written["target"]["within"] is True
+    # the heads' prediction layers kept their outputs (the class logits and box regressions)
+    layers = {row["name"]: row for row in written["layers"]}
+    cls0 = layers["head.classification_head.module_list.0.1"]
+    assert cls0["shape_before"][0] == cls0["shape_after"][0]
+    # the pruned model's raw head outputs equal the sparse model's, and onnxruntime agrees
+    v = written["verification"]
+    assert v["sparse_vs_pruned_relative"] <= 1e-4
+    assert v["onnx_checker"] is True and v["top1_agreement"] == 1.0
+    assert "NMS are not in model.onnx" in v["onnx_contents"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "model.onnx holds: raw head outputs" in markdown
+    assert "| Epoch | Loss | map |" in markdown  # the training table names the task's metric
+    # the compact file loads back as the detector, with the pruned shapes
+    back = compressor.load(tmp_path / "out" / "model.safetensors")
+    assert type(back).__name__ == "SSD"
+    assert sum(p.numel() for p in back.parameters()) == comp["params"]
