@@ -1410,12 +1410,27 @@ def _load_compact(path: Path, meta: dict, arch: str) -> nn.Module:
         model = _swap_activations(model, act, path)
     sd = _read_safetensors(path)
     _resize(model, meta.get("modules") or {}, sd, path)
+    _sync_heads(model, path)
     _check_fit(model, sd, path, arch, kwargs)
     versions = meta.get("module_versions")
     if versions is not None:
         sd = _with_metadata(sd, {name: {"version": v} for name, v in versions.items()})
     _load_weights(model, sd, path, arch)
     return model.eval()
+
+
+def _sync_heads(model: nn.Module, path: Path) -> None:
+    """Give every timm attention whose ``qkv`` was saved narrower its number of heads:
+    ``qkv`` rows / (3 x ``head_dim``), ``head_dim`` being the architecture's own (a removed
+    head takes all its rows). Read from the restored sizes: the metadata names no code."""
+    from compressor.attention import sync_heads
+
+    try:
+        changed = sync_heads(model)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: an attention module's saved shapes: {exc}") from None
+    if changed:
+        log.info("%s: %d attention modules have fewer heads", path, len(changed))
 
 
 def _swap_activations(model: nn.Module, act: Mapping[str, Any], path: Path) -> nn.Module:

@@ -33,7 +33,20 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compressor import attention as _attention
+from compressor.attention import ATTENTION_REASON, MHA_REASON, SCALE_NORM_REASON
 from compressor.errors import BadInputError
+
+__all__ = [
+    "ATTENTION_REASON",
+    "MHA_REASON",
+    "NORM_STREAM_REASON",
+    "SCALE_NORM_REASON",
+    "SHUFFLE_REASON",
+    "ChannelGroup",
+    "ChannelGroups",
+    "build_groups",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +56,6 @@ _CHANNEL_MIXING_NORMS = (nn.GroupNorm, nn.LayerNorm)
 NORM_STREAM_REASON = (
     "{kind} normalises over these channels: removing one changes the mean and variance"
 )
-ATTENTION_REASON = "attention projection: heads not removable yet"
 SHUFFLE_REASON = (
     "channel shuffle interleaves two branches' channels: removal through it is not supported yet"
 )
@@ -97,6 +109,12 @@ class ChannelGroup:
     every one of its conv groups, so the channels it ties are merged into one
     unit: then ``root_unit[c]`` is the unit of root channel ``c`` and ``size``
     counts units. Slices' ``channel`` tensors always index units.
+
+    A group of attention heads (``attention`` names the module, ``root`` its ``qkv``) has
+    one unit per head: its q, k and v rows of ``qkv`` (and of ``gate``), weights and biases,
+    and its ``head_dim`` input columns of ``proj`` (compressor/attention.py).
+    ``other_macs`` are the MACs one unit costs outside conv/linear layers (a head's
+    attention products), which removing it saves too.
     """
 
     root: str
@@ -106,6 +124,8 @@ class ChannelGroup:
     weights_per_channel: int  # |g|: scalars in one unit's norm slices
     root_unit: torch.Tensor | None = None
     norm_params: frozenset[str] | None = None  # members that measure a unit (None: all)
+    attention: str | None = None  # the attention module whose heads are the units
+    other_macs: float = 0.0  # MACs per unit outside conv/linear layers
 
     @property
     def norm_members(self) -> tuple[Slice, ...]:
@@ -311,8 +331,9 @@ class ChannelGroups:
     def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
         """MACs and params of the model once the masked channels are removed.
 
-        Exact for conv and linear layers (their MACs are in*out*k*k*H*W/groups);
-        other ops keep their cost (``torch.utils.flop_counter`` does not count them).
+        Exact for conv and linear layers (their MACs are in*out*k*k*H*W/groups) and for
+        the attention products of removed heads; other ops keep their cost
+        (``torch.utils.flop_counter`` does not count them).
         BatchNorm parameters are ignored (a rounding error on any real CNN).
         """
         macs, params = float(self.total_macs), float(self.total_params)
@@ -321,6 +342,9 @@ class ChannelGroups:
             fraction = keep_out * keep_in
             macs -= info.macs * (1.0 - fraction)
             params -= info.params * (1.0 - fraction)
+        for group, mask in zip(self.groups, zero_masks, strict=True):
+            if group.other_macs:
+                macs -= group.other_macs * float(mask.sum())
         return macs, params
 
     def _saved_per_unit(self, cost: str) -> list[float]:
@@ -340,6 +364,8 @@ class ChannelGroups:
             for consumer in group.consumers:
                 info = self.layers[consumer.module]
                 saved += getattr(info, cost) * len(consumer.index) / info.in_channels / group.size
+            if cost == "macs":
+                saved += group.other_macs
             out.append(saved)
         return out
 
@@ -375,11 +401,29 @@ def find_classifier(model: nn.Module, example_input: torch.Tensor) -> str | None
     return order[-1] if order else None
 
 
-def layer_costs(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, LayerInfo], int]:
-    """Per conv/linear layer MACs (from ``torch.utils.flop_counter``) and the model's total MACs."""
+def layer_costs(
+    model: nn.Module, example_input: torch.Tensor, *, other: Mapping[str, int] | None = None
+) -> tuple[dict[str, LayerInfo], int]:
+    """Per conv/linear layer MACs (from ``torch.utils.flop_counter``) and the model's total MACs.
+
+    ``other``, where given, is filled with the MACs of every attention module (``num_heads``)
+    spent outside its conv/linear children: its attention products.
+    """
     from compressor.metrics import count_macs_per_module
 
-    per_module, total = count_macs_per_module(model, example_input)
+    attention = tuple(n for n, m in model.named_modules() if n and hasattr(m, "num_heads"))
+    per_module, total = count_macs_per_module(model, example_input, also=attention)
+    if other is not None:
+        for name in attention:
+            inner = sum(
+                per_module.get(f"{name}.{child}", 0)
+                for child, sub in model.get_submodule(name).named_modules()
+                if child and isinstance(sub, nn.modules.conv._ConvNd | nn.Linear)
+            )
+            other[name] = max(per_module.pop(name, 0) - inner, 0)
+    else:
+        for name in attention:
+            per_module.pop(name, None)
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -446,9 +490,19 @@ def build_groups(
     # Layers left whole before any group is traced: Torch-Pruning would trace the
     # LayerNorm-normalised streams as huge groups only for them to be dropped (Swin: minutes),
     # and fails on a channel shuffle's or an attention's reshapes.
-    excluded: dict[str, str] = {**_attention_layers(model), **_stream_reasons(dg, name_of)}
+    whole_attention, head_modules = _attention_layers(model)
+    excluded: dict[str, str] = {**whole_attention, **_stream_reasons(dg, name_of)}
     kept = {name_of[m] for m in ignored}
-    ignored += [model.get_submodule(n) for n in excluded]
+    head_layers = [
+        f"{name}.{child}"
+        for name in head_modules
+        for child in ("qkv", "gate", "proj")
+        if isinstance(getattr(model.get_submodule(name), child, None), nn.Module)
+    ]
+    for layer in head_layers:  # heads are their units; proj's outputs keep their own reason
+        if not layer.endswith(".proj"):
+            excluded.pop(layer, None)
+    ignored += [model.get_submodule(n) for n in {*excluded, *head_layers}]
 
     groups: list[ChannelGroup] = []
     for tp_group in dg.get_all_groups(ignored_layers=ignored):
@@ -523,7 +577,14 @@ def build_groups(
             )
         )
 
-    layers, total_macs = layer_costs(model, example_input)
+    other_macs: dict[str, int] = {}
+    layers, total_macs = layer_costs(model, example_input, other=other_macs)
+    for name in head_modules:
+        if _matches(name, keep) or any(
+            _matches(layer, keep) for layer in head_layers if layer.startswith(f"{name}.")
+        ):
+            continue  # kept on request (prune.keep): not explained, like the classifier
+        groups.append(_head_group(model, name, other_macs.get(name, 0)))
     total_params = sum(p.numel() for p in model.parameters())
     result = ChannelGroups(groups, layers, total_macs, total_params, excluded)
     if check_exactness and groups:
@@ -577,25 +638,56 @@ def traceable():
             shufflenet.channel_shuffle = original
 
 
-def _attention_layers(model: nn.Module) -> dict[str, str]:
-    """The attention modules and their projections (layer -> reason): heads stay whole.
+def _attention_layers(model: nn.Module) -> tuple[dict[str, str], list[str]]:
+    """The attention modules whose heads stay whole, with their projections (layer ->
+    reason), and the names of those whose heads are removable units.
 
     An attention module (``nn.MultiheadAttention``, or any module with ``num_heads``, as
     timm's and torchvision's Swin attention have) reshapes its q, k, v rows into heads with a
-    fixed head width, so its projections cannot lose rows one by one.
+    fixed head width, so its projections cannot lose rows one by one; whole heads can go
+    where the forward is known to follow ``num_heads`` (compressor/attention.py).
     """
-    out = {}
+    out: dict[str, str] = {}
+    heads: list[str] = []
     for name, module in model.named_modules():
+        if not _attention.is_attention(module):
+            continue
+        reason = _attention.heads_reason(module)
+        if reason is None:
+            heads.append(name)
+            continue
         projections = [
             f"{name}.{child}"
             for child, sub in module.named_children()
             if isinstance(sub, nn.Linear | nn.modules.conv._ConvNd)
         ]
-        if isinstance(module, nn.MultiheadAttention) or (
-            hasattr(module, "num_heads") and projections
-        ):
-            out.update(dict.fromkeys([name, *projections], ATTENTION_REASON))
-    return out
+        out.update(dict.fromkeys([name, *projections], reason))
+    return out, heads
+
+
+def _head_group(model: nn.Module, name: str, other_macs: int) -> ChannelGroup:
+    """The group whose units are the heads of attention module ``name``."""
+    module = model.get_submodule(name)
+    heads = int(module.num_heads)
+    rows, row_head = _attention.head_rows(module)
+    cols, col_head = _attention.head_columns(module)
+    members = [Slice(f"{name}.qkv.weight", rows, row_head)]
+    if module.qkv.bias is not None:
+        members.append(Slice(f"{name}.qkv.bias", rows, row_head))
+    if module.gate is not None:
+        members.append(Slice(f"{name}.gate.weight", cols, col_head))
+        if module.gate.bias is not None:
+            members.append(Slice(f"{name}.gate.bias", cols, col_head))
+    per_unit = sum(len(m.index) * _row_numel(model, m.param) for m in members) // heads
+    return ChannelGroup(
+        f"{name}.qkv",
+        heads,
+        tuple(members),
+        (Consumer(f"{name}.proj", cols, col_head),),
+        per_unit,
+        attention=name,
+        other_macs=other_macs / heads,
+    )
 
 
 def _stream_reasons(dg, name_of: Mapping[nn.Module, str]) -> dict[str, str]:

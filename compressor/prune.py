@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compressor.attention import remove_heads
 from compressor.errors import VerificationError
 from compressor.groups import ChannelGroups, traceable
 
@@ -130,19 +131,24 @@ def prune_zero_channels(
     before_shapes = _shapes(model)
     reference, precise = _outputs(model, sample_inputs)
 
+    # A head is already head_dim channels wide in each of q, k, v: heads are not rounded.
     plan = {
-        g.root: g.root_channels(units_to_remove(mask, round_to))
+        g.root: g.root_channels(units_to_remove(mask, 1 if g.attention else round_to))
         for g, mask in zip(groups, masks, strict=True)
     }
     removed: dict[str, list[int]] = {}
-    if any(plan.values()):
+    for group in groups:
+        if group.attention is not None and plan[group.root]:
+            remove_heads(model.get_submodule(group.attention), plan[group.root])
+            removed[group.root] = plan[group.root]
+    if any(plan[g.root] for g in groups if g.attention is None):
         with traceable():
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=sample_inputs[:1], verbose=False
             )
         for group in groups:
             idxs = plan[group.root]
-            if not idxs:
+            if not idxs or group.attention is not None:
                 continue
             root = model.get_submodule(group.root)
             handler = dg.get_pruner_of_module(root).prune_out_channels
