@@ -140,9 +140,10 @@ def sync_heads(model: nn.Module) -> list[str]:
         return []
     changed = []
     for name, module in model.named_modules():
-        if isinstance(module, cls) and type(module).forward is cls.forward:
-            before = int(module.num_heads)
+        if not isinstance(module, cls) or type(module).forward is not cls.forward:
+            continue
+        qkv = getattr(module, "qkv", None)
+        if isinstance(qkv, nn.Linear) and qkv.out_features != 3 * int(module.attn_dim):
             set_heads(module)
-            if module.num_heads != before:
-                changed.append(name)
+            changed.append(name)
     return changed

@@ -63,6 +63,7 @@ def test_heads_are_the_units_of_a_timm_attention_group():
     torch.testing.assert_close(norms[g0][1], expected.detach())
 
 
+@pytest.mark.slow
 def test_zero_heads_are_removed_exactly_and_the_compact_model_loads_back(tmp_path):
     model = _vit()
     x = torch.randn(4, 3, 32, 32)
@@ -125,19 +126,34 @@ def test_scale_norm_and_overridden_forward_keep_heads_whole():
     assert attention.heads_reason(gated) is None
 
 
-def test_gated_attention_loses_heads_exactly():
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"gated": True}, {"qk_norm": True, "norm_layer": torch.nn.LayerNorm}],
+    ids=["gated", "qk_norm"],
+)
+def test_gated_or_qk_normed_attention_loses_heads_exactly(kwargs):
+    """A gate's rows go with their head; a per-head q/k norm does not matter (v is zero)."""
     from timm.layers import Attention
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(Attention(32, num_heads=4, gated=True, qkv_bias=True)).eval()
+    model = torch.nn.Sequential(Attention(32, num_heads=4, qkv_bias=True, **kwargs)).eval()
+    if "qk_norm" in kwargs:
+        with torch.no_grad():  # LayerNorm(0) = its bias: make it non-zero
+            model[0].q_norm.bias.uniform_(-1, 1)
+            model[0].k_norm.bias.uniform_(-1, 1)
     x = torch.randn(2, 5, 32)
     groups = build_groups(model, x[:1], keep_classifier=False)
     (g,) = [g for g in groups if g.attention is not None]
-    assert g.size == 4 and {m.param for m in g.members} >= {"0.gate.weight", "0.gate.bias"}
+    assert g.size == 4
+    if "gated" in kwargs:
+        assert {m.param for m in g.members} >= {"0.gate.weight", "0.gate.bias"}
+    assert "0.qkv" not in groups.excluded
     _zero_heads(groups, model)
     reference = model(x).detach()
     prune_zero_channels(model, groups, x)
-    assert model[0].num_heads == 2 and model[0].gate.out_features == 16
+    assert model[0].num_heads == 2 and model[0].qkv.out_features == 3 * 16
+    if "gated" in kwargs:
+        assert model[0].gate.out_features == 16
     torch.testing.assert_close(model(x), reference, atol=1e-6, rtol=1e-6)
 
 
