@@ -387,7 +387,7 @@ SCHEMA: dict[str, Any] = {
     },
     "prune": {
         "round_to": Param(
-            1,
+            "auto",
             AutoOr(_int(1)),
             help="kept channels per group in multiples of this (or the whole group), chosen by "
             "the budget from the first step. auto: onnxruntime's convolution channel block on "

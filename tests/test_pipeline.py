@@ -529,10 +529,13 @@ def test_bad_input_found_late_leaves_out_as_it_was(lenet, tmp_path):
 
 @pytest.mark.slow
 def test_int8_of_the_bundled_example_end_to_end(tmp_path):
-    """The bundled ResNet-20 on Fashion-MNIST, 4 steps to 2x fewer MACs, then static INT8 of
+    """The bundled ResNet-20 on Fashion-MNIST, 24 steps to 2x fewer MACs, then static INT8 of
     the compact model: 2.5x fewer bytes or better, as accurate as the float compact model.
-    Four steps cost the float model ~20 points, so the accuracy gate is off here (the INT8
-    gate itself: test_cli.py::test_int8_ships_beside_the_float_model_then_is_left_out...)."""
+    24 steps cost the float model ~7 points (91.2 -> 84.3%; INT8 84.0%, 98.8% agreement),
+    so the accuracy gate is off here (the INT8 gate itself:
+    test_cli.py::test_int8_ships_beside_the_float_model_then_is_left_out...). With 4 steps
+    the float model was ~20 points down and its INT8 1.2 points off it: a model that
+    broken is not what INT8 is judged on."""
     import onnx
 
     from compressor import export
@@ -542,7 +545,7 @@ def test_int8_of_the_bundled_example_end_to_end(tmp_path):
     report = compressor.compress(
         str(example / "model.pt"), arch="resnet20", data=str(example / "data.npz"), out=out,
         device="cpu", target_macs=2,
-        overrides=["train.epochs=1", "train.max_steps_per_epoch=4", "export.int8=static",
+        overrides=["train.epochs=1", "train.max_steps_per_epoch=24", "export.int8=static",
                    "gates.max_accuracy_drop=null", "target.seek_accuracy_drop=null"],
     )  # fmt: skip
     assert report["exit_code"] == 0

@@ -13,9 +13,14 @@ from compressor.recipe import list_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion-mnist"
+# Single channels (prune.round_to=1, not the default auto): these checks judge each
+# penalty in 24 steps, and onnxruntime's blocks of 8 cut this ResNet-20's 16-channel layers
+# in halves, which 24 steps do not recover from (group-lasso lost 3.3 points with auto,
+# tl1-group-2bit 5.7). The default, auto, is checked on the README's command
+# (tests/test_targets.py) and measured with the default schedule in the README.
 SHORT = [
     "train.epochs=1", "train.max_steps_per_epoch=24", "train.bn_recalibration_batches=5",
-    "export.verify_samples=32", "gates.max_accuracy_drop=null",
+    "export.verify_samples=32", "gates.max_accuracy_drop=null", "prune.round_to=1",
 ]  # fmt: skip
 # Points of accuracy a recipe may lose on the example at 1.5x fewer MACs in 24 steps (the
 # input model: 91.2% on the example's 1,000 validation images). Binarized activations
