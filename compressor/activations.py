@@ -73,6 +73,8 @@ from compressor.errors import BadInputError
 __all__ = [
     "STE_CHOICES",
     "ActivationSwitch",
+    "SWITCH_ORDERS",
+    "switch_blends",
     "BinaryActivation",
     "ChannelScale",
     "ChannelThreshold",
@@ -707,12 +709,33 @@ def calibrate(
 # --------------------------------------------------------------------------- the switch
 
 
+SWITCH_ORDERS = ("together", "input_first")
+
+
+def switch_blends(t: float, n: int, order: str) -> list[float]:
+    """The blend of each of ``n`` activations (input side first) at switch progress ``t``.
+
+    ``together``: all at ``t``. ``input_first``: one after another, activation
+    ``i`` ramps over ``t`` in ``[i/n, (i+1)/n]`` (``clamp(n t - i, 0, 1)``), so the
+    layers after it train on its quantised output before they are switched
+    themselves (progressive quantisation from the input side, as in Zhuang et
+    al., "Towards Effective Low-bitwidth Convolutional Neural Networks", CVPR 2018).
+    """
+    if order == "together":
+        return [t] * n
+    if order == "input_first":
+        return [min(1.0, max(0.0, n * t - i)) for i in range(n)]
+    raise ValueError(f"switch order {order!r}: one of {', '.join(SWITCH_ORDERS)}")
+
+
 class ActivationSwitch:
-    """From full precision to quantised: every activation outputs ``(1 - t) relu(x) + t sigma(x)``.
+    """From full precision to quantised: every activation outputs ``(1 - t_i) relu(x) + t_i sigma(x)``.
 
     ``t`` rises linearly from 0 to 1 over the first ``fraction`` of the
     ``total_steps`` training steps, then stays 1 (``fraction = 0``: 1 from the
-    start). Call it after every optimizer step
+    start); ``order`` maps it to each activation's ``t_i`` (:func:`switch_blends`;
+    activations in the order the model registers them, which for a sequential
+    network is from the input side). Call it after every optimizer step
     (:meth:`compressor.method.SparseTraining.after_step` does). When ``t``
     reaches 1, ``recalibrate()`` re-estimates the BatchNorm statistics for the
     quantised activations. ``evaluate()`` (the sparse model's accuracy) is
@@ -728,12 +751,15 @@ class ActivationSwitch:
         total_steps: int,
         fraction: float,
         *,
+        order: str = "together",
         evaluate: Callable[[], float] | None = None,
         recalibrate: Callable[[], None] | None = None,
     ):
         self.model = model
         self.modules = list(_activations(model).values())
         self.fraction = fraction
+        self.order = order
+        switch_blends(0.0, 0, order)  # an unknown order fails here, not mid-training
         self.ramp_steps = round(fraction * total_steps)
         self.evaluate, self.recalibrate = evaluate, recalibrate
         self.step = 0
@@ -745,8 +771,9 @@ class ActivationSwitch:
         return 1.0 if self.ramp_steps <= 0 else min(1.0, self.step / self.ramp_steps)
 
     def _apply(self) -> None:
-        for m in self.modules:
-            m.blend = self.t
+        blends = switch_blends(self.t, len(self.modules), self.order)
+        for m, blend in zip(self.modules, blends, strict=True):
+            m.blend = blend
 
     def _record(self) -> None:
         if self.evaluate is not None:

@@ -111,6 +111,7 @@ class Activations:
     skip: tuple[str, ...]
     calibration_batches: int
     switch_fraction: float
+    switch_order: str
 
 
 @dataclass(frozen=True)

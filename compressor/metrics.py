@@ -109,6 +109,22 @@ def channels_kept(groups, tensors) -> tuple[int, int]:
     return total - sum(int(m.sum()) for m in masks), total
 
 
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """``values`` summed over DDP ranks (as they are without DDP)."""
+    sums = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        sums = sums.to(device)
+        torch.distributed.all_reduce(sums)
+    return sums.tolist()
+
+
+def mean_over_ranks(scores: torch.Tensor) -> float:
+    """The mean of per-sample ``scores`` over every DDP rank's samples (nan when none)."""
+    n, total = _sum_over_ranks([float(len(scores)), float(scores.to(torch.float64).sum())])
+    return total / n if n else float("nan")
+
+
 def paired_mean_and_stderr(scores: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """The mean of ``scores`` and the standard error of the mean of ``reference - scores``,
     over samples scored by both (the same images, the same order; summed over DDP ranks).
@@ -121,12 +137,9 @@ def paired_mean_and_stderr(scores: torch.Tensor, reference: torch.Tensor) -> tup
     if scores.shape != reference.shape:
         raise ValueError(f"paired scores differ in shape: {scores.shape} vs {reference.shape}")
     s, d = scores.to(torch.float64), (reference - scores).to(torch.float64)
-    sums = torch.stack([torch.tensor(float(len(s))), s.sum(), d.sum(), (d * d).sum()])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        sums = sums.to(device)
-        torch.distributed.all_reduce(sums)
-    n, s_sum, d_sum, d2_sum = sums.tolist()
+    n, s_sum, d_sum, d2_sum = _sum_over_ranks(
+        [float(len(s)), float(s.sum()), float(d.sum()), float((d * d).sum())]
+    )
     if n == 0:
         return float("nan"), float("nan")
     if n < 2:

@@ -377,7 +377,7 @@ def _baseline_metric(run: Run) -> float:
     if scores is None:
         return run.task.evaluate(run.model, run.val_loader, run.device, run.progress)[0]
     run.baseline_scores = scores
-    return metrics.paired_mean_and_stderr(scores, scores)[0]
+    return metrics.mean_over_ranks(scores)
 
 
 def _prepare_model(run: Run) -> None:
@@ -402,6 +402,7 @@ def _prepare_model(run: Run) -> None:
             activations.calibrate(run.model, batches, run.device, act.calibration_batches)
             run.switch = activations.ActivationSwitch(
                 run.model, cfg.train.epochs * run.steps_per_epoch, act.switch_fraction,
+                order=act.switch_order,
                 evaluate=lambda: _sparse_accuracy(run)[0],
                 recalibrate=lambda: _recalibrate(run),
             )  # fmt: skip
@@ -1100,11 +1101,11 @@ def _sparse_accuracy(run: Run) -> tuple[float, float]:
     return acc, stderr
 
 
-def _seek_reading(run: Run) -> tuple[float, float]:
+def _seek_reading(run: Run) -> method.Reading:
     """What the accuracy seeker reads at a check: the sparse model's score (the task's metric,
     higher is better) and the standard error of its drop."""
     acc, stderr = _sparse_accuracy(run)
-    return run.task.score(acc), stderr
+    return method.Reading(run.task.score(acc), stderr)
 
 
 def _preprocessing(splits, data_cfg, shape) -> dict | None:

@@ -424,6 +424,12 @@ SCHEMA: dict[str, Any] = {
             help="share of training over which the activations go from ReLU to quantised "
             "(0: quantised from the first step)",
         ),
+        "switch_order": Param(
+            "together",
+            Options(("together", "input_first")),
+            help="together: every activation switches at once; input_first: one after "
+            "another from the input side, each over its share of the switch",
+        ),
     },
     "export": {
         "opset": Param(18, _int(13, 23)),

@@ -155,20 +155,26 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
-) -> tuple[float, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy over ``loader`` (summed over DDP ranks)."""
+def _top1_hits(model: nn.Module, loader, device: torch.device, progress: Progress) -> tuple:
+    """One pass over ``loader``: 1.0/0.0 per sample for a right/wrong top-1 prediction (in
+    the loader's order, on the CPU) and the summed cross-entropy. :func:`evaluate` and
+    :func:`top1_per_sample` both read this, so the two cannot count differently."""
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
+    hits, loss_sum = [], 0.0
     for x, y in progress.log_every(loader, "evaluate"):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        total += len(y)
-    stats = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=device)
+        hits.append((out.argmax(1) == y).to(torch.float64).cpu())
+    return (torch.cat(hits) if hits else torch.zeros(0, dtype=torch.float64)), loss_sum
+
+
+def evaluate(
+    model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
+) -> tuple[float, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy over ``loader`` (summed over DDP ranks)."""
+    hits, loss_sum = _top1_hits(model, loader, device, progress)
+    stats = torch.tensor([float(hits.sum()), len(hits), loss_sum], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(stats)
     correct, total, loss_sum = stats.tolist()
@@ -177,19 +183,13 @@ def evaluate(
     return 100.0 * correct / total, loss_sum / total
 
 
-@torch.no_grad()
 def top1_per_sample(
     model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
 ) -> torch.Tensor:
     """100 where the top-1 prediction is right, 0 where not, one value per sample of
     ``loader`` in its order (this rank's share under DDP): their mean is :func:`evaluate`'s
     accuracy."""
-    model.eval()
-    hits = [
-        (model(x.to(device, non_blocking=True)).argmax(1).cpu() == y).to(torch.float64)
-        for x, y in progress.log_every(loader, "evaluate")
-    ]
-    return 100.0 * torch.cat(hits) if hits else torch.zeros(0, dtype=torch.float64)
+    return 100.0 * _top1_hits(model, loader, device, progress)[0]
 
 
 @torch.no_grad()

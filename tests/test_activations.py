@@ -31,6 +31,7 @@ from compressor.activations import (
     mse_best_alpha,
     summarize,
     swap_activations,
+    switch_blends,
 )
 from compressor.checkpoint import save_compact
 from compressor.errors import BadInputError
@@ -638,6 +639,22 @@ def test_switch_fraction_zero_quantises_from_the_start():
     assert model[0].blend == 1
     switch()
     assert switch.trace == []
+
+
+def test_input_first_switches_one_activation_after_another():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU())
+    model = swap_activations(model, bits=1).model
+    first, second = model[1], model[3]
+    switch = ActivationSwitch(model, total_steps=8, fraction=1.0, order="input_first")
+    seen = []
+    for _ in range(8):
+        switch()
+        seen.append((first.blend, second.blend))
+    # the first activation is binary before the second starts to move
+    assert seen == [(0.25, 0), (0.5, 0), (0.75, 0), (1, 0), (1, 0.25), (1, 0.5), (1, 0.75), (1, 1)]
+    assert switch_blends(0.5, 4, "together") == [0.5] * 4
+    with pytest.raises(ValueError, match="input_first"):
+        ActivationSwitch(model, total_steps=8, fraction=1.0, order="backwards")
 
 
 # --------------------------------------------------------------------------- removal, saving

@@ -9,7 +9,7 @@ import torch
 
 from compressor.groups import build_groups
 from compressor.method.budget import BudgetController, Target, cubic_schedule
-from compressor.method.seeker import AccuracySeeker
+from compressor.method.seeker import AccuracySeeker, Reading
 from compressor.method.strength import group_weights, reference_norms
 from compressor.models import resnet20
 from tests.helpers import randomize_bn
@@ -168,7 +168,7 @@ def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
         return snapshots[-1]
 
     seek = AccuracySeeker(
-        budget, stages=3, evaluate=lambda: next(accuracies), baseline_accuracy=90.0,
+        budget, stages=3, evaluate=lambda: Reading(next(accuracies)), baseline_accuracy=90.0,
         max_drop=1.0, snapshot=snapshot, restore=restored.append, patience=0,
     )  # fmt: skip
     norms = _norms(model, groups)
@@ -193,7 +193,7 @@ def test_accuracy_seeker_bisects_after_a_stage_over_budget():
     seek = AccuracySeeker(
         budget,
         stages=6,
-        evaluate=lambda: next(accuracies),
+        evaluate=lambda: Reading(next(accuracies)),
         baseline_accuracy=90.0,
         max_drop=1.0,
         patience=0,
@@ -220,7 +220,7 @@ def test_accuracy_seeker_gives_a_stage_over_budget_time_to_adapt():
     accuracies = iter([90.0, 85.0, 89.5, 80.0, 80.0, 80.0])  # baseline 90, budget 1
     asked = []
     seek = AccuracySeeker(
-        budget, stages=6, evaluate=lambda: next(accuracies), baseline_accuracy=90.0, max_drop=1.0
+        budget, stages=6, evaluate=lambda: Reading(next(accuracies)), baseline_accuracy=90.0, max_drop=1.0
     )
     norms = _norms(model, groups)
     for step in range(1, 61):
@@ -242,7 +242,7 @@ def test_accuracy_seeker_keeps_its_margin_of_standard_errors_below_the_allowance
     budget.reach_step = 60
     # baseline 90, allowance 1, margin 1: drop 0.5 +- 0.3 is within, 0.8 +- 0.3 is not
     # (it would be without the margin), 0.8 +- 0.1 is
-    readings = iter([(89.5, 0.3), (89.2, 0.3), (89.2, 0.1)])
+    readings = iter([Reading(89.5, 0.3), Reading(89.2, 0.3), Reading(89.2, 0.1)])
     seek = AccuracySeeker(
         budget, stages=6, evaluate=lambda: next(readings), baseline_accuracy=90.0,
         max_drop=1.0, patience=0, margin=1.0,
@@ -262,7 +262,7 @@ def test_accuracy_seeker_starts_after_start_step_and_resumes_before_it():
     budget.reach_step = 60
     evaluated, snapshots = [], []
     seek = AccuracySeeker(
-        budget, stages=3, evaluate=lambda: evaluated.append(step) or 90.0, baseline_accuracy=90.0,
+        budget, stages=3, evaluate=lambda: evaluated.append(step) or Reading(90.0), baseline_accuracy=90.0,
         max_drop=1.0, snapshot=lambda: snapshots.append(step), start_step=30,
     )  # fmt: skip
     assert seek.every == 9 and not seek.started and snapshots == [] and seek.factor == 1.0
@@ -270,7 +270,7 @@ def test_accuracy_seeker_starts_after_start_step_and_resumes_before_it():
     for step in range(1, 61):
         if step == 20:  # a resume before the start stays before it
             again = AccuracySeeker(
-                budget, stages=3, evaluate=lambda: 0.0, baseline_accuracy=90.0, max_drop=1.0,
+                budget, stages=3, evaluate=lambda: Reading(0.0), baseline_accuracy=90.0, max_drop=1.0,
                 start_step=30,
             )  # fmt: skip
             again.load_state_dict(seek.state_dict())
@@ -306,7 +306,7 @@ def test_build_starts_the_seeker_once_the_activation_switch_ends():
         switch = Switch(round(recipe.activations.switch_fraction * total))
         seen = []
         hooks = method.SeekHooks(
-            evaluate=lambda switch=switch, seen=seen: seen.append(switch.step) or 100.0,
+            evaluate=lambda switch=switch, seen=seen: seen.append(switch.step) or Reading(100.0),
             baseline_accuracy=100.0, snapshot=dict, restore=lambda state: None,
         )  # fmt: skip
         sparse = method.build(recipe, model, groups, total_steps=total, baseline={}, seek=hooks)

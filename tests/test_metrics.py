@@ -54,3 +54,8 @@ def test_paired_standard_error_of_a_drop_is_that_of_the_per_sample_differences()
     assert metrics.paired_mean_and_stderr(reference, reference) == (90.0, 0.0)
     with pytest.raises(ValueError, match="shape"):
         metrics.paired_mean_and_stderr(scores[:5], reference)
+
+
+def test_mean_over_ranks_is_the_mean_of_the_scores():
+    assert metrics.mean_over_ranks(torch.tensor([100.0, 0.0, 100.0, 100.0])) == 75.0
+    assert math.isnan(metrics.mean_over_ranks(torch.zeros(0)))

@@ -320,3 +320,17 @@ def test_auto_epochs_run_and_are_reported_as_resolved(tmp_path):
     assert report["input"]["epochs"] == 5  # ceil(17 / 4)
     assert [row["epoch"] for row in report["epochs"]] == [1, 2, 3, 4, 5]
     assert report["recipe"]["train"]["epochs"] == "auto"
+
+
+def test_per_sample_hits_are_the_images_evaluate_counts_right():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 3)
+    xs, ys = torch.randn(10, 4, generator=gen), torch.randint(0, 3, (10,), generator=gen)
+    loader = [(xs[:6], ys[:6]), (xs[6:], ys[6:])]
+    hits = train.top1_per_sample(model, loader, torch.device("cpu"))
+    with torch.no_grad():
+        right = model(xs).argmax(1) == ys
+    assert torch.equal(hits, 100.0 * right.to(torch.float64))
+    acc, loss = train.evaluate(model, loader, torch.device("cpu"))
+    assert acc == pytest.approx(float(hits.mean()))
+    assert loss == pytest.approx(float(F.cross_entropy(model(xs), ys)))

@@ -27,7 +27,7 @@ from compressor.errors import BadInputError
 from compressor.groups import ChannelGroups
 from compressor.method.budget import MIN_KEEP_FRACTION, BudgetController, Target
 from compressor.method.group_terms import GROUP_TERMS, group_term
-from compressor.method.seeker import AccuracySeeker
+from compressor.method.seeker import AccuracySeeker, Reading
 from compressor.method.splitting import RVSM
 from compressor.method.strength import (
     Lambdas,
@@ -38,7 +38,7 @@ from compressor.method.strength import (
 )
 from compressor.method.training import SparseTraining
 
-__all__ = ["SeekHooks", "SparseTraining", "Target", "build", "targets_from_recipe"]
+__all__ = ["Reading", "SeekHooks", "SparseTraining", "Target", "build", "targets_from_recipe"]
 
 # The accuracy seeker's stages span at least this share of training: each stage needs
 # steps for the network to adapt before its accuracy check.
@@ -51,7 +51,7 @@ class SeekHooks:
     """What the accuracy seeker needs from the pipeline: the sparse model's accuracy, the
     baseline's, and a way to save and put back the model's state."""
 
-    evaluate: Callable[[], float | tuple[float, float]]  # score, or (score, its drop's stderr)
+    evaluate: Callable[[], Reading]  # the sparse model's score and its drop's stderr
     baseline_accuracy: float
     snapshot: Callable[[], dict]
     restore: Callable[[dict], object]

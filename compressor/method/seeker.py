@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 
 from compressor.method.budget import BudgetController, Target
 
 log = logging.getLogger(__name__)
+
+
+class Reading(NamedTuple):
+    """One check of the sparse model: its score (higher is better) and the standard error of
+    its drop from the input model (0: the task has no per-sample scores)."""
+
+    score: float
+    stderr: float = 0.0
 
 
 class AccuracySeeker:
@@ -34,7 +43,7 @@ class AccuracySeeker:
     reach part of training is over, the last good zero set is frozen, so the
     rest of training recovers accuracy.
 
-    ``evaluate()`` returns the score, or ``(score, stderr)`` with the standard error of
+    ``evaluate()`` returns a :class:`Reading`: the score and the standard error of
     the drop measured on the validation split (paired per sample with the input model,
     :func:`compressor.metrics.paired_mean_and_stderr`). A check within the allowance by
     less than its own noise would often be over it on new data: a stage counts as within
@@ -116,8 +125,7 @@ class AccuracySeeker:
             self._begin()
         if step == self.begin_step or (step - self.begin_step) % self.every or budget.zero is None:
             return
-        reading = self.evaluate()
-        acc, stderr = reading if isinstance(reading, tuple) else (reading, 0.0)
+        acc, stderr = self.evaluate()
         ok = self.baseline_accuracy - acc + self.margin * stderr <= self.max_drop
         reached = budget.reached["macs"]
         self.log.append(
