@@ -1,20 +1,31 @@
-"""Whole attention heads as removable units (timm's ``Attention``).
+"""Whole attention heads as removable units: timm's ``Attention``, torchvision's
+``nn.MultiheadAttention`` (vit_b_16) and Swin's ``ShiftedWindowAttention`` (swin_t).
 
-timm's ``timm.layers.attention.Attention`` computes ``qkv = Linear(dim, 3 * attn_dim)``,
-reshapes it to ``(B, N, 3, num_heads, head_dim)`` and, after the attention products, back to
-``(B, N, attn_dim)`` for ``proj = Linear(attn_dim, dim)``: every reshape reads
-``self.num_heads``, ``self.head_dim`` and ``self.attn_dim``, never the input's width. A head
-``h`` is then rows ``[s*attn_dim + h*head_dim, s*attn_dim + (h+1)*head_dim)`` of ``qkv``
-(``s`` = 0, 1, 2 for q, k, v; weight and bias), the same rows of the optional ``gate``
-Linear, and the same ``head_dim`` input columns of ``proj``. When the head's v rows are
-exactly zero its output ``softmax(q k^T) v`` is exactly zero whatever q and k are (a
-per-head ``q_norm``/``k_norm`` included), so ``proj`` reads zeros there and removing the head
-changes no output. Only a ``norm`` over the whole ``attn_dim`` (timm's ``scale_norm``) mixes
-the heads: then they stay whole.
+A head ``h`` of an attention module is ``head_dim`` rows of each of q, k and v in the packed
+input projection (weight and bias), and the same ``head_dim`` input columns of the output
+projection. When the head's v rows are exactly zero its output ``softmax(q k^T + bias) v`` is
+exactly zero whatever q, k and the bias are (a per-head ``q_norm``/``k_norm``, Swin's relative
+position bias included), so the output projection reads zeros there and removing the head
+changes no output.
 
-Only modules whose forward is timm's own ``Attention.forward`` are trusted (a subclass that
-overrides it might reshape by the input's width); any other module with ``num_heads`` and
-projections stays whole with a reason.
+One :class:`HeadsKind` per supported module says where its heads are (``rows``,
+``columns``), whether they are removable (``reason``) and removes them (``remove``):
+
+* timm's ``timm.layers.attention.Attention`` (``qkv``, optional ``gate``, ``proj``) reshapes by
+  ``self.num_heads``, ``self.head_dim`` and ``self.attn_dim``, never by the input width:
+  removal slices in place and sets ``num_heads``/``attn_dim``. Only modules whose forward is
+  timm's own are trusted; a ``norm`` over the whole ``attn_dim`` (``scale_norm``) mixes the
+  heads: then they stay whole.
+* ``nn.MultiheadAttention`` (packed ``in_proj_weight``/``in_proj_bias``, ``out_proj``) and
+  torchvision's ``ShiftedWindowAttention`` tie the q/k/v width to the input width
+  (``embed_dim``; Swin's functional reshapes by ``C // num_heads``), so heads cannot go in
+  place: the module is replaced by :class:`PrunedMultiheadAttention` /
+  :class:`PrunedShiftedWindowAttention`, which hold ``num_heads`` and ``head_dim`` explicitly,
+  keep the original's parameter names (a compact file has the same keys) and compute the
+  original's function for the kept heads with the same call signature and return type.
+
+Swin V2's attention (``logit_scale``, ``cpb_mlp``) and any other module with ``num_heads`` and
+projections keep their heads whole with a reason.
 """
 
 from __future__ import annotations
@@ -22,13 +33,18 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-MHA_REASON = "nn.MultiheadAttention ties q/k/v width to embed_dim; heads stay whole"
+MHA_REASON = (
+    "nn.MultiheadAttention with separate q/k/v weights, bias_k/bias_v or add_zero_attn: "
+    "heads stay whole"
+)
 ATTENTION_REASON = (
     "attention module whose forward is not known to reshape by num_heads: heads stay whole"
 )
 SCALE_NORM_REASON = "attention output norm (scale_norm) normalises over all heads: heads stay whole"
+SWIN_V2_REASON = "Swin V2 attention (logit_scale, cpb_mlp): heads stay whole (not supported yet)"
 
 
 def _timm_attention() -> type | None:
@@ -37,9 +53,23 @@ def _timm_attention() -> type | None:
     return getattr(mod, "Attention", None) if mod is not None else None
 
 
+def _swin_classes() -> tuple[type | None, type | None]:
+    """torchvision's ``ShiftedWindowAttention`` and its V2 where already imported."""
+    mod = sys.modules.get("torchvision.models.swin_transformer")
+    if mod is None:
+        return None, None
+    return getattr(mod, "ShiftedWindowAttention", None), getattr(
+        mod, "ShiftedWindowAttentionV2", None
+    )
+
+
 def is_attention(module: nn.Module) -> bool:
     """An attention module: ``nn.MultiheadAttention``, or a module with ``num_heads`` and a
-    conv/linear child (timm's, torchvision's Swin attention)."""
+    conv/linear child (timm's, torchvision's Swin attention, compressor's pruned ones).
+
+    The one predicate for "this module computes attention": the groups (whose heads are
+    units, or stay whole) and the cost model (its MACs outside conv/linear children are the
+    attention products) both use it."""
     if isinstance(module, nn.MultiheadAttention):
         return True
     return hasattr(module, "num_heads") and any(
@@ -47,103 +77,679 @@ def is_attention(module: nn.Module) -> bool:
     )
 
 
-def heads_reason(module: nn.Module) -> str | None:
-    """None where the heads of attention ``module`` are removable exactly, else why not."""
-    if isinstance(module, nn.MultiheadAttention):
-        return MHA_REASON
-    cls = _timm_attention()
-    if cls is None or not isinstance(module, cls) or type(module).forward is not cls.forward:
-        return ATTENTION_REASON
-    if not isinstance(getattr(module, "norm", None), nn.Identity):
-        return SCALE_NORM_REASON
-    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    gate = getattr(module, "gate", None)
-    heads, head_dim = int(module.num_heads), int(module.head_dim)
-    attn_dim = heads * head_dim
-    if (
-        not isinstance(qkv, nn.Linear)
-        or not isinstance(proj, nn.Linear)
-        or qkv.out_features != 3 * attn_dim
-        or proj.in_features != attn_dim
-        or int(module.attn_dim) != attn_dim
-        or (gate is not None and (not isinstance(gate, nn.Linear) or gate.out_features != attn_dim))
-    ):
-        return ATTENTION_REASON
-    return None
-
-
-def head_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, head)``: every row of ``qkv`` in order and the head it belongs to."""
-    heads, head_dim = int(module.num_heads), int(module.head_dim)
-    rows = torch.arange(3 * heads * head_dim)
-    return rows, (rows % (heads * head_dim)) // head_dim
-
-
-def head_columns(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(columns, head)``: every ``attn_dim`` position (``proj`` input, ``gate`` row) and its head."""
-    cols = torch.arange(int(module.num_heads) * int(module.head_dim))
-    return cols, cols // int(module.head_dim)
-
-
-@torch.no_grad()
-def remove_heads(module: nn.Module, heads: list[int]) -> None:
-    """Remove ``heads`` from a timm ``Attention`` (at least one head always stays)."""
-    n, head_dim = int(module.num_heads), int(module.head_dim)
+def _keep_index(n: int, head_dim: int, heads: list[int]) -> tuple[list[int], torch.Tensor]:
     drop = set(heads)
     keep = [h for h in range(n) if h not in drop]
     if not keep:
         raise ValueError("an attention module keeps at least one head")
-    if len(keep) == n:
-        return
-    attn_dim = n * head_dim
-    keep_cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep])
-    keep_rows = torch.cat([keep_cols + s * attn_dim for s in range(3)])
-    _slice_rows(module.qkv, keep_rows)
-    if module.gate is not None:
-        _slice_rows(module.gate, keep_cols)
-    proj = module.proj
-    proj.weight = nn.Parameter(
-        proj.weight.index_select(1, keep_cols.to(proj.weight.device)).clone(),
-        requires_grad=proj.weight.requires_grad,
+    cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep])
+    return keep, cols
+
+
+def _slice(param: nn.Parameter, index: torch.Tensor, dim: int = 0) -> nn.Parameter:
+    return nn.Parameter(
+        param.detach().index_select(dim, index.to(param.device)).clone(),
+        requires_grad=param.requires_grad,
     )
-    proj.in_features = len(keep_cols)
-    set_heads(module)
 
 
 def _slice_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    rows = rows.to(linear.weight.device)
-    linear.weight = nn.Parameter(
-        linear.weight.index_select(0, rows).clone(), requires_grad=linear.weight.requires_grad
-    )
+    linear.weight = _slice(linear.weight, rows)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(
-            linear.bias.index_select(0, rows).clone(), requires_grad=linear.bias.requires_grad
-        )
+        linear.bias = _slice(linear.bias, rows)
     linear.out_features = len(rows)
 
 
-def set_heads(module: nn.Module) -> None:
-    """Set ``num_heads`` and ``attn_dim`` from ``qkv``'s rows (``head_dim`` never changes)."""
-    head_dim = int(module.head_dim)
-    rows = int(module.qkv.out_features)
+def _slice_columns(linear: nn.Linear, cols: torch.Tensor) -> None:
+    linear.weight = _slice(linear.weight, cols, 1)
+    linear.in_features = len(cols)
+
+
+class HeadsKind:
+    """The heads of one kind of attention module (subclasses: one per supported kind).
+
+    ``packed`` names the parameters (below the module) whose rows are q, k, v in order,
+    ``root`` the group's root (below the module), ``consumer`` the Linear whose input columns
+    read the heads' outputs, ``layers`` the module's conv/linear children that the group owns
+    (their outputs, except ``consumer``'s, are the heads)."""
+
+    packed: tuple[str, ...] = ()
+    root = ""
+    consumer = ""
+    layers: tuple[str, ...] = ()
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.module.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.module.head_dim)
+
+    def reason(self) -> str | None:
+        """None where the heads are removable exactly, else why not."""
+        raise NotImplementedError
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, head)``: every row of the packed q/k/v projection in order and its head."""
+        attn_dim = self.num_heads * self.head_dim
+        rows = torch.arange(3 * attn_dim)
+        return rows, (rows % attn_dim) // self.head_dim
+
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(columns, head)``: every input column of the output projection and its head."""
+        cols = torch.arange(self.num_heads * self.head_dim)
+        return cols, cols // self.head_dim
+
+    def members(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(param, rows, head)`` for every parameter whose rows belong to the heads."""
+        rows, head = self.rows()
+        out = []
+        for name in self.packed:
+            if _param(self.module, name) is not None:
+                out.append((name, rows, head))
+        return out
+
+    def other_params(self) -> int:
+        """Parameters one head holds outside the conv/linear layers of the cost model."""
+        return 0
+
+    def remove(self, heads: list[int]) -> nn.Module:
+        """Remove ``heads`` (at least one stays); the module to put in the original's place."""
+        raise NotImplementedError
+
+    def sync(self) -> nn.Module | None:
+        """After a compact file's shapes are restored: the module with its saved number of
+        heads, where the packed projection is narrower than built (else None)."""
+        return None
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr, None)
+
+
+class TimmHeads(HeadsKind):
+    packed = ("qkv.weight", "qkv.bias")
+    root = "qkv"
+    consumer = "proj"
+    layers = ("qkv", "gate", "proj")
+
+    @staticmethod
+    def matches(module):
+        cls = _timm_attention()
+        return cls is not None and isinstance(module, cls)
+
+    def reason(self):
+        module, cls = self.module, _timm_attention()
+        if type(module).forward is not cls.forward:
+            return ATTENTION_REASON
+        if not isinstance(getattr(module, "norm", None), nn.Identity):
+            return SCALE_NORM_REASON
+        qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+        gate = getattr(module, "gate", None)
+        attn_dim = self.num_heads * self.head_dim
+        if (
+            not isinstance(qkv, nn.Linear)
+            or not isinstance(proj, nn.Linear)
+            or qkv.out_features != 3 * attn_dim
+            or proj.in_features != attn_dim
+            or int(module.attn_dim) != attn_dim
+            or (
+                gate is not None
+                and (not isinstance(gate, nn.Linear) or gate.out_features != attn_dim)
+            )
+        ):
+            return ATTENTION_REASON
+        return None
+
+    def members(self):
+        out = super().members()
+        if self.module.gate is not None:
+            cols, head = self.columns()
+            out += [
+                (f"gate.{p}", cols, head)
+                for p in ("weight", "bias")
+                if getattr(self.module.gate, p) is not None
+            ]
+        return out
+
+    @torch.no_grad()
+    def remove(self, heads):
+        module = self.module
+        n, head_dim = self.num_heads, self.head_dim
+        keep, cols = _keep_index(n, head_dim, heads)
+        if len(keep) < n:
+            attn_dim = n * head_dim
+            _slice_rows(module.qkv, torch.cat([cols + s * attn_dim for s in range(3)]))
+            if module.gate is not None:
+                _slice_rows(module.gate, cols)
+            _slice_columns(module.proj, cols)
+            self._set_heads()
+        return module
+
+    def _set_heads(self) -> None:
+        """``num_heads`` and ``attn_dim`` from ``qkv``'s rows (``head_dim`` never changes)."""
+        module, head_dim = self.module, self.head_dim
+        rows = int(module.qkv.out_features)
+        if rows % (3 * head_dim) or rows == 0:
+            raise ValueError(f"qkv has {rows} rows, not a multiple of 3 x head_dim ({head_dim})")
+        module.num_heads = rows // (3 * head_dim)
+        module.attn_dim = module.num_heads * head_dim
+
+    def sync(self):
+        module = self.module
+        if type(module).forward is not _timm_attention().forward:
+            return None
+        qkv = getattr(module, "qkv", None)
+        if isinstance(qkv, nn.Linear) and qkv.out_features != 3 * int(module.attn_dim):
+            self._set_heads()
+            return module
+        return None
+
+
+def _heads_from_rows(rows: int, head_dim: int, what: str) -> int:
     if rows % (3 * head_dim) or rows == 0:
-        raise ValueError(f"qkv has {rows} rows, not a multiple of 3 x head_dim ({head_dim})")
-    module.num_heads = rows // (3 * head_dim)
-    module.attn_dim = module.num_heads * head_dim
+        raise ValueError(f"{what} has {rows} rows, not a multiple of 3 x head_dim ({head_dim})")
+    return rows // (3 * head_dim)
+
+
+class MultiheadAttentionHeads(HeadsKind):
+    """``nn.MultiheadAttention`` with packed q/k/v (and :class:`PrunedMultiheadAttention`)."""
+
+    packed = ("in_proj_weight", "in_proj_bias")
+    root = "in_proj_weight"
+    consumer = "out_proj"
+    layers = ("out_proj",)
+
+    @staticmethod
+    def matches(module):
+        return isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
+
+    def reason(self):
+        m = self.module
+        if isinstance(m, PrunedMultiheadAttention):
+            return None
+        if (
+            type(m).forward is not nn.MultiheadAttention.forward
+            or not m._qkv_same_embed_dim
+            or m.in_proj_weight is None
+            or m.bias_k is not None
+            or m.bias_v is not None
+            or m.add_zero_attn
+            or m.num_heads * m.head_dim != m.embed_dim
+            or not isinstance(m.out_proj, nn.Linear)
+        ):
+            return MHA_REASON
+        return None
+
+    def other_params(self):
+        per_row = self.module.in_proj_weight.shape[1] + (self.module.in_proj_bias is not None)
+        return 3 * self.head_dim * per_row
+
+    @torch.no_grad()
+    def remove(self, heads):
+        m = self.module
+        n, head_dim = self.num_heads, self.head_dim
+        keep, cols = _keep_index(n, head_dim, heads)
+        if len(keep) < n:
+            rows = torch.cat([cols + s * n * head_dim for s in range(3)])
+            m.in_proj_weight = _slice(m.in_proj_weight, rows)
+            if m.in_proj_bias is not None:
+                m.in_proj_bias = _slice(m.in_proj_bias, rows)
+            _slice_columns(m.out_proj, cols)
+        if isinstance(m, PrunedMultiheadAttention):
+            m.num_heads = len(keep)
+            return m
+        return PrunedMultiheadAttention.adopt(m, len(keep))
+
+    def sync(self):
+        m = self.module
+        if self.reason() is not None:  # structure only: the shapes it checks do not change
+            return None
+        rows = int(m.in_proj_weight.shape[0])
+        if rows == 3 * self.num_heads * self.head_dim:
+            return None
+        heads = _heads_from_rows(rows, self.head_dim, "in_proj_weight")
+        if isinstance(m, PrunedMultiheadAttention):
+            m.num_heads = heads
+            return m
+        return PrunedMultiheadAttention.adopt(m, heads)
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (packed q/k/v, ``kdim == vdim == embed_dim``) with heads
+    removed: ``num_heads`` heads of ``head_dim`` each, the original's ``embed_dim`` in and out.
+
+    The parameters keep ``nn.MultiheadAttention``'s names (``in_proj_weight`` of
+    ``3 * num_heads * head_dim`` rows, ``in_proj_bias``, ``out_proj`` reading
+    ``num_heads * head_dim`` columns), and ``forward`` has its signature and returns
+    ``(output, weights)``. The output is the original's for the kept heads (a removed head
+    output exactly zero). The weights, where asked for, are those of the kept heads (averaged
+    over them by default). ``attn_mask``, ``key_padding_mask`` and ``is_causal`` are not
+    supported (torchvision's ViT passes none)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = False,
+    ):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * num_heads * head_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * num_heads * head_dim)) if bias else None
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @classmethod
+    def adopt(cls, mha: nn.Module, num_heads: int) -> PrunedMultiheadAttention:
+        """A module holding ``mha``'s own parameters and ``out_proj`` (already sliced to
+        ``num_heads`` heads), with its ``head_dim``, dropout and layout."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.embed_dim, new.num_heads, new.head_dim = (
+            int(mha.embed_dim),
+            int(num_heads),
+            int(mha.head_dim),
+        )
+        new.dropout, new.batch_first = float(mha.dropout), bool(mha.batch_first)
+        new.in_proj_weight = mha.in_proj_weight
+        new.in_proj_bias = mha.in_proj_bias
+        new.out_proj = mha.out_proj
+        new.train(mha.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"batch_first={self.batch_first}"
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise NotImplementedError(
+                "PrunedMultiheadAttention (nn.MultiheadAttention with heads removed by "
+                "compressor) does not support key_padding_mask, attn_mask or is_causal"
+            )
+        self_attention = query is key and key is value
+        unbatched = query.dim() == 2
+        if unbatched:
+            dim = 0 if self.batch_first else 1
+            query, key, value = query.unsqueeze(dim), key.unsqueeze(dim), value.unsqueeze(dim)
+        if not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if self_attention:
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        else:
+            wq, wk, wv = w.chunk(3)
+            bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
+            q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        batch, length, source = q.shape[0], q.shape[1], k.shape[1]
+        heads, head_dim = self.num_heads, self.head_dim
+        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)
+        k = k.reshape(batch, source, heads, head_dim).transpose(1, 2)
+        v = v.reshape(batch, source, heads, head_dim).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            attn = torch.softmax((q * head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+            out = F.dropout(attn, p=dropout, training=self.training) @ v
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+            if unbatched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1 if not self.batch_first else 0)
+        return out, weights
+
+
+class SwinHeads(HeadsKind):
+    """torchvision's ``ShiftedWindowAttention`` (V1; and :class:`PrunedShiftedWindowAttention`)."""
+
+    packed = ("qkv.weight", "qkv.bias")
+    root = "qkv"
+    consumer = "proj"
+    layers = ("qkv", "proj")
+
+    @staticmethod
+    def matches(module):
+        v1, v2 = _swin_classes()
+        return isinstance(module, PrunedShiftedWindowAttention) or (
+            v1 is not None and isinstance(module, v1)
+        )
+
+    @property
+    def head_dim(self):
+        if isinstance(self.module, PrunedShiftedWindowAttention):
+            return int(self.module.head_dim)
+        return int(self.module.qkv.in_features) // int(self.module.num_heads)
+
+    def _trusted(self) -> str | None:
+        """Why the forward is not known to reshape as :class:`PrunedShiftedWindowAttention`'s."""
+        m = self.module
+        if isinstance(m, PrunedShiftedWindowAttention):
+            return None
+        v1, v2 = _swin_classes()
+        if v2 is not None and isinstance(m, v2):
+            return SWIN_V2_REASON
+        if (
+            type(m).forward is not v1.forward
+            or type(m).get_relative_position_bias is not v1.get_relative_position_bias
+            or not isinstance(getattr(m, "qkv", None), nn.Linear)
+            or not isinstance(getattr(m, "proj", None), nn.Linear)
+            or not isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter)
+        ):
+            return ATTENTION_REASON
+        return None
+
+    def reason(self):
+        why = self._trusted()
+        if why is not None or isinstance(self.module, PrunedShiftedWindowAttention):
+            return why
+        m = self.module
+        dim, n = int(m.qkv.in_features), int(m.num_heads)
+        table = m.relative_position_bias_table
+        if (
+            dim % n
+            or m.qkv.out_features != 3 * dim
+            or m.proj.in_features != dim
+            or table.dim() != 2
+            or table.shape[1] != n
+        ):
+            return ATTENTION_REASON
+        return None
+
+    def other_params(self):
+        return int(self.module.relative_position_bias_table.shape[0])
+
+    @torch.no_grad()
+    def remove(self, heads):
+        m = self.module
+        n, head_dim = self.num_heads, self.head_dim
+        keep, cols = _keep_index(n, head_dim, heads)
+        if len(keep) < n:
+            _slice_rows(m.qkv, torch.cat([cols + s * n * head_dim for s in range(3)]))
+            _slice_columns(m.proj, cols)
+            m.relative_position_bias_table = _slice(
+                m.relative_position_bias_table, torch.tensor(keep), 1
+            )
+        if isinstance(m, PrunedShiftedWindowAttention):
+            m.num_heads = len(keep)
+            return m
+        return PrunedShiftedWindowAttention.adopt(m, len(keep), head_dim)
+
+    def sync(self):
+        m = self.module
+        if self._trusted() is not None:
+            return None
+        rows = int(m.qkv.out_features)
+        if rows == 3 * self.num_heads * self.head_dim:
+            return None
+        heads = _heads_from_rows(rows, self.head_dim, "qkv")
+        table = m.relative_position_bias_table
+        if table.shape[1] != heads:
+            raise ValueError(
+                f"relative_position_bias_table has {table.shape[1]} heads, qkv {heads}"
+            )
+        if isinstance(m, PrunedShiftedWindowAttention):
+            m.num_heads = heads
+            return m
+        return PrunedShiftedWindowAttention.adopt(m, heads, self.head_dim)
+
+
+class PrunedShiftedWindowAttention(nn.Module):
+    """torchvision's ``ShiftedWindowAttention`` (Swin V1) with heads removed: ``num_heads``
+    heads of ``head_dim`` each (the original's ``dim // num_heads``), the original's ``dim``
+    in and out. Same parameter and buffer names (``qkv``, ``proj``,
+    ``relative_position_bias_table`` with one column per kept head,
+    ``relative_position_index``) and the same forward, reshaping by ``num_heads`` and
+    ``head_dim`` instead of the input width."""
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: list[int],
+        shift_size: list[int],
+        num_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
+        span = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(span, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        coords = torch.stack(
+            torch.meshgrid(
+                torch.arange(window_size[0]), torch.arange(window_size[1]), indexing="ij"
+            )
+        ).flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+        relative[:, :, 0] += window_size[0] - 1
+        relative[:, :, 1] += window_size[1] - 1
+        relative[:, :, 0] *= 2 * window_size[1] - 1
+        self.register_buffer("relative_position_index", relative.sum(-1).flatten())
+
+    @classmethod
+    def adopt(cls, swin: nn.Module, num_heads: int, head_dim: int) -> PrunedShiftedWindowAttention:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.window_size, new.shift_size = list(swin.window_size), list(swin.shift_size)
+        new.num_heads, new.head_dim = int(num_heads), int(head_dim)
+        new.attention_dropout, new.dropout = float(swin.attention_dropout), float(swin.dropout)
+        new.qkv, new.proj = swin.qkv, swin.proj
+        new.relative_position_bias_table = swin.relative_position_bias_table
+        new.register_buffer("relative_position_index", swin.relative_position_index)
+        new.train(swin.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"window_size={self.window_size}, shift_size={self.shift_size}"
+        )
+
+    def get_relative_position_bias(self) -> torch.Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _shifted_window_attention(
+            x,
+            self.qkv.weight,
+            self.proj.weight,
+            self.get_relative_position_bias(),
+            self.window_size,
+            self.num_heads,
+            self.head_dim,
+            list(self.shift_size),
+            attention_dropout=self.attention_dropout,
+            dropout=self.dropout,
+            qkv_bias=self.qkv.bias,
+            proj_bias=self.proj.bias,
+            training=self.training,
+        )
+
+
+def _shifted_window_attention(
+    input: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    proj_weight: torch.Tensor,
+    relative_position_bias: torch.Tensor,
+    window_size: list[int],
+    num_heads: int,
+    head_dim: int,
+    shift_size: list[int],
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    qkv_bias: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` (V1, no ``logit_scale``), the heads'
+    reshapes by ``num_heads`` and ``head_dim`` rather than the input width ``C``."""
+    B, H, W, C = input.shape
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_H, pad_W, _ = x.shape
+    if window_size[0] >= pad_H:
+        shift_size[0] = 0
+    if window_size[1] >= pad_W:
+        shift_size[1] = 0
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+    x = x.view(
+        B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C
+    )
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
+
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * head_dim**-0.5
+    attn = q.matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+
+    if sum(shift_size) > 0:
+        attn_mask = x.new_zeros((pad_H, pad_W))
+        h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+        w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+        count = 0
+        for h in h_slices:
+            for w in w_slices:
+                attn_mask[h[0] : h[1], w[0] : w[1]] = count
+                count += 1
+        attn_mask = attn_mask.view(
+            pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1]
+        )
+        attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(
+            num_windows, window_size[0] * window_size[1]
+        )
+        attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, (-100.0)).masked_fill(attn_mask == 0, 0.0)
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), num_heads * head_dim)
+    x = F.linear(x, proj_weight, proj_bias)
+    x = F.dropout(x, p=dropout, training=training)
+    C = x.shape[-1]
+    x = x.view(
+        B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C
+    )
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinHeads)
+
+
+def heads_kind(module: nn.Module) -> HeadsKind | None:
+    """The :class:`HeadsKind` of attention ``module``, or None for an unknown kind."""
+    for kind in KINDS:
+        if kind.matches(module):
+            return kind(module)
+    return None
+
+
+def heads_reason(module: nn.Module) -> str | None:
+    """None where the heads of attention ``module`` are removable exactly, else why not."""
+    kind = heads_kind(module)
+    if kind is None:
+        return MHA_REASON if isinstance(module, nn.MultiheadAttention) else ATTENTION_REASON
+    return kind.reason()
+
+
+def _kind(module: nn.Module) -> HeadsKind:
+    kind = heads_kind(module)
+    if kind is None or kind.reason() is not None:
+        raise ValueError(f"{type(module).__name__}: heads are not removable")
+    return kind
+
+
+def head_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, head)``: every row of the packed q/k/v projection in order and its head."""
+    return _kind(module).rows()
+
+
+def head_columns(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(columns, head)``: every input column of the output projection and its head."""
+    return _kind(module).columns()
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if owner._modules.get(child) is not new:
+        setattr(owner, child, new)
+
+
+def remove_heads(model: nn.Module, name: str, heads: list[int]) -> nn.Module:
+    """Remove ``heads`` from attention module ``name`` of ``model`` (at least one head always
+    stays); where the module cannot lose heads in place it is replaced by a compressor one.
+    Returns the module now at ``name``."""
+    new = _kind(model.get_submodule(name)).remove(list(heads))
+    _replace(model, name, new)
+    return new
 
 
 def sync_heads(model: nn.Module) -> list[str]:
-    """After a compact model's Linear sizes are restored, give every timm ``Attention`` whose
-    ``qkv`` is narrower than built its ``num_heads`` and ``attn_dim`` (names returned)."""
-    cls = _timm_attention()
-    if cls is None:
-        return []
+    """After a compact model's parameter shapes are restored, give every attention module
+    whose packed q/k/v projection is narrower than built its saved number of heads (timm:
+    ``num_heads``/``attn_dim``; ``nn.MultiheadAttention`` and Swin: replaced by the compressor
+    module). Decided from tensor shapes alone; the names of the changed modules returned."""
     changed = []
-    for name, module in model.named_modules():
-        if not isinstance(module, cls) or type(module).forward is not cls.forward:
+    for name, module in list(model.named_modules()):
+        kind = heads_kind(module)
+        if kind is None:
             continue
-        qkv = getattr(module, "qkv", None)
-        if isinstance(qkv, nn.Linear) and qkv.out_features != 3 * int(module.attn_dim):
-            set_heads(module)
+        new = kind.sync()
+        if new is not None:
+            _replace(model, name, new)
             changed.append(name)
     return changed

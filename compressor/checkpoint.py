@@ -1420,9 +1420,11 @@ def _load_compact(path: Path, meta: dict, arch: str) -> nn.Module:
 
 
 def _sync_heads(model: nn.Module, path: Path) -> None:
-    """Give every timm attention whose ``qkv`` was saved narrower its number of heads:
-    ``qkv`` rows / (3 x ``head_dim``), ``head_dim`` being the architecture's own (a removed
-    head takes all its rows). Read from the restored sizes: the metadata names no code."""
+    """Give every attention module whose packed q/k/v projection (timm's and Swin's ``qkv``,
+    ``nn.MultiheadAttention``'s ``in_proj_weight``) was saved narrower its number of heads:
+    rows / (3 x ``head_dim``), ``head_dim`` being the architecture's own (a removed head takes
+    all its rows); ``nn.MultiheadAttention`` and Swin's attention become compressor's pruned
+    modules. Read from the restored sizes: the metadata names no code."""
     from compressor.attention import sync_heads
 
     try:

@@ -110,11 +110,14 @@ class ChannelGroup:
     unit: then ``root_unit[c]`` is the unit of root channel ``c`` and ``size``
     counts units. Slices' ``channel`` tensors always index units.
 
-    A group of attention heads (``attention`` names the module, ``root`` its ``qkv``) has
-    one unit per head: its q, k and v rows of ``qkv`` (and of ``gate``), weights and biases,
-    and its ``head_dim`` input columns of ``proj`` (compressor/attention.py).
+    A group of attention heads (``attention`` names the module, ``root`` its packed q/k/v
+    projection: ``qkv`` or ``in_proj_weight``) has one unit per head: its q, k and v rows
+    of that projection (and of ``gate``), weights and biases, and its ``head_dim`` input
+    columns of the output projection (compressor/attention.py).
     ``other_macs`` are the MACs one unit costs outside conv/linear layers (a head's
-    attention products), which removing it saves too.
+    attention products, and projections applied functionally), which removing it saves too;
+    ``other_params`` likewise its parameters outside conv/linear layers (``in_proj_weight``
+    rows, a relative position bias column).
     """
 
     root: str
@@ -126,6 +129,7 @@ class ChannelGroup:
     norm_params: frozenset[str] | None = None  # members that measure a unit (None: all)
     attention: str | None = None  # the attention module whose heads are the units
     other_macs: float = 0.0  # MACs per unit outside conv/linear layers
+    other_params: float = 0.0  # parameters per unit outside conv/linear layers
 
     @property
     def norm_members(self) -> tuple[Slice, ...]:
@@ -343,8 +347,9 @@ class ChannelGroups:
             macs -= info.macs * (1.0 - fraction)
             params -= info.params * (1.0 - fraction)
         for group, mask in zip(self.groups, zero_masks, strict=True):
-            if group.other_macs:
+            if group.other_macs or group.other_params:
                 macs -= group.other_macs * float(mask.sum())
+                params -= group.other_params * float(mask.sum())
         return macs, params
 
     def _saved_per_unit(self, cost: str) -> list[float]:
@@ -364,8 +369,7 @@ class ChannelGroups:
             for consumer in group.consumers:
                 info = self.layers[consumer.module]
                 saved += getattr(info, cost) * len(consumer.index) / info.in_channels / group.size
-            if cost == "macs":
-                saved += group.other_macs
+            saved += group.other_macs if cost == "macs" else group.other_params
             out.append(saved)
         return out
 
@@ -406,12 +410,14 @@ def layer_costs(
 ) -> tuple[dict[str, LayerInfo], int]:
     """Per conv/linear layer MACs (from ``torch.utils.flop_counter``) and the model's total MACs.
 
-    ``other``, where given, is filled with the MACs of every attention module (``num_heads``)
-    spent outside its conv/linear children: its attention products.
+    ``other``, where given, is filled with the MACs of every attention module
+    (:func:`compressor.attention.is_attention`) spent outside its conv/linear children's own
+    forward calls: its attention products, and the projections it applies functionally
+    (``nn.MultiheadAttention``'s and Swin's call ``F.linear`` on their weights).
     """
     from compressor.metrics import count_macs_per_module
 
-    attention = tuple(n for n, m in model.named_modules() if n and hasattr(m, "num_heads"))
+    attention = tuple(n for n, m in model.named_modules() if n and _attention.is_attention(m))
     per_module, total = count_macs_per_module(model, example_input, also=attention)
     if other is not None:
         for name in attention:
@@ -493,16 +499,20 @@ def build_groups(
     whole_attention, head_modules = _attention_layers(model)
     excluded: dict[str, str] = {**whole_attention, **_stream_reasons(dg, name_of)}
     kept = {name_of[m] for m in ignored}
-    head_layers = [
-        f"{name}.{child}"
-        for name in head_modules
-        for child in ("qkv", "gate", "proj")
-        if isinstance(getattr(model.get_submodule(name), child, None), nn.Module)
-    ]
+    head_layers, consumers_of_heads = [], set()
+    for name in head_modules:
+        kind = _attention.heads_kind(model.get_submodule(name))
+        consumers_of_heads.add(f"{name}.{kind.consumer}")
+        head_layers += [
+            f"{name}.{child}"
+            for child in kind.layers
+            if isinstance(getattr(kind.module, child, None), nn.Module)
+        ]
     for layer in head_layers:  # heads are their units; proj's outputs keep their own reason
-        if not layer.endswith(".proj"):
+        if layer not in consumers_of_heads:
             excluded.pop(layer, None)
-    ignored += [model.get_submodule(n) for n in {*excluded, *head_layers}]
+    # the attention modules too: Torch-Pruning would prune nn.MultiheadAttention by embed_dim
+    ignored += [model.get_submodule(n) for n in {*excluded, *head_layers, *head_modules}]
 
     groups: list[ChannelGroup] = []
     for tp_group in dg.get_all_groups(ignored_layers=ignored):
@@ -666,27 +676,22 @@ def _attention_layers(model: nn.Module) -> tuple[dict[str, str], list[str]]:
 
 
 def _head_group(model: nn.Module, name: str, other_macs: int) -> ChannelGroup:
-    """The group whose units are the heads of attention module ``name``."""
-    module = model.get_submodule(name)
-    heads = int(module.num_heads)
-    rows, row_head = _attention.head_rows(module)
-    cols, col_head = _attention.head_columns(module)
-    members = [Slice(f"{name}.qkv.weight", rows, row_head)]
-    if module.qkv.bias is not None:
-        members.append(Slice(f"{name}.qkv.bias", rows, row_head))
-    if module.gate is not None:
-        members.append(Slice(f"{name}.gate.weight", cols, col_head))
-        if module.gate.bias is not None:
-            members.append(Slice(f"{name}.gate.bias", cols, col_head))
+    """The group whose units are the heads of attention module ``name`` (the module's
+    :class:`compressor.attention.HeadsKind` says where they are)."""
+    kind = _attention.heads_kind(model.get_submodule(name))
+    heads = kind.num_heads
+    members = [Slice(f"{name}.{param}", rows, head) for param, rows, head in kind.members()]
+    cols, col_head = kind.columns()
     per_unit = sum(len(m.index) * _row_numel(model, m.param) for m in members) // heads
     return ChannelGroup(
-        f"{name}.qkv",
+        f"{name}.{kind.root}",
         heads,
         tuple(members),
-        (Consumer(f"{name}.proj", cols, col_head),),
+        (Consumer(f"{name}.{kind.consumer}", cols, col_head),),
         per_unit,
         attention=name,
         other_macs=other_macs / heads,
+        other_params=kind.other_params(),
     )
 
 

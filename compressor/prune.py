@@ -139,7 +139,7 @@ def prune_zero_channels(
     removed: dict[str, list[int]] = {}
     for group in groups:
         if group.attention is not None and plan[group.root]:
-            remove_heads(model.get_submodule(group.attention), plan[group.root])
+            remove_heads(model, group.attention, plan[group.root])
             removed[group.root] = plan[group.root]
     if any(plan[g.root] for g in groups if g.attention is None):
         with traceable():

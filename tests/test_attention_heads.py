@@ -1,5 +1,6 @@
-"""Whole attention heads of timm Vision Transformers as removable units: zero half of each
-block's heads, remove them, and check parity, shapes, MACs, the compact round trip and ONNX."""
+"""Whole attention heads as removable units (timm's ViTs, torchvision's vit_b_16 and swin_t):
+zero half of each block's heads, remove them, and check parity, shapes, MACs, the compact
+round trip and ONNX."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torchvision
 import compressor
 from compressor import attention, export
 from compressor import checkpoint as ckpt
-from compressor.groups import MHA_REASON, build_groups
+from compressor.groups import build_groups
 from compressor.metrics import count_macs, count_params
 from compressor.prune import prune_zero_channels
 
@@ -157,8 +158,162 @@ def test_gated_or_qk_normed_attention_loses_heads_exactly(kwargs):
     torch.testing.assert_close(model(x), reference, atol=1e-6, rtol=1e-6)
 
 
-def test_multihead_attention_stays_whole_with_the_reason():
-    model = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=10).eval()
-    groups = build_groups(model, torch.randn(1, 3, 32, 32))
-    assert groups.excluded["encoder.layers.encoder_layer_0.self_attention"] == MHA_REASON
-    assert all(g.attention is None for g in groups)
+# torchvision: tiny configurations of vit_b_16's and swin_t's classes
+TV_VIT = dict(
+    image_size=32,
+    patch_size=16,
+    num_layers=2,
+    num_heads=4,
+    hidden_dim=32,
+    mlp_dim=64,
+    num_classes=10,
+)
+TV_SWIN = dict(
+    patch_size=[4, 4],
+    embed_dim=16,
+    depths=[2, 2],
+    num_heads=[2, 4],
+    window_size=[4, 4],
+    num_classes=10,
+)
+TV_ARCH = {
+    "vit": "torchvision.models:VisionTransformer",
+    "swin": "torchvision.models.swin_transformer:SwinTransformer",
+}
+
+
+def _torchvision(kind):
+    torch.manual_seed(0)
+    if kind == "vit":
+        return torchvision.models.VisionTransformer(**TV_VIT).eval()
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(**TV_SWIN).eval()
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if attention.is_attention(m)]
+
+
+def _prune_torchvision_heads(kind):
+    model = _torchvision(kind)
+    x = torch.randn(3, 3, 32, 32)
+    groups = build_groups(model, x[:1])
+    heads = [g for g in groups if g.attention is not None]
+    assert len(heads) == (2 if kind == "vit" else 4)
+    _zero_heads(groups, model)
+    predicted, predicted_params = groups.estimate_cost(
+        groups.zero_masks(dict(model.named_parameters()))
+    )
+    macs0, params0 = count_macs(model, x[:1]), count_params(model)
+    reference = model(x).detach()
+    result = prune_zero_channels(model, groups, x)
+    assert result.relative_diff <= 1e-6
+    torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+    macs, params = count_macs(model, x[:1]), count_params(model)
+    assert macs < macs0 and params < params0
+    assert macs == pytest.approx(predicted, rel=1e-6)  # projections and attention products
+    assert params == pytest.approx(predicted_params, rel=1e-2)
+    return model, x, groups
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_torchvision_heads_are_units_removed_exactly_and_load_back(kind, tmp_path):
+    model, x, groups = _prune_torchvision_heads(kind)
+    modules = _attention_modules(model)
+    if kind == "vit":
+        for g in groups:
+            if g.attention is not None:  # q, k, v rows of the packed in_proj (weight, bias)
+                assert g.root == f"{g.attention}.in_proj_weight" and g.size == 4
+                assert g.weights_per_channel == 3 * 8 * (32 + 1) == g.other_params
+                assert [c.module for c in g.consumers] == [f"{g.attention}.out_proj"]
+        for a in modules:
+            assert isinstance(a, attention.PrunedMultiheadAttention)
+            assert (a.num_heads, a.head_dim) == (2, 8)
+            assert a.in_proj_weight.shape == (3 * 16, 32) and a.out_proj.in_features == 16
+        assert not any(r == attention.MHA_REASON for r in groups.excluded.values())
+    else:
+        for a in modules:
+            assert isinstance(a, attention.PrunedShiftedWindowAttention)
+            assert a.head_dim == 8 and a.relative_position_bias_table.shape[1] == a.num_heads
+        assert [a.num_heads for a in modules] == [1, 1, 2, 2]
+        assert attention.ATTENTION_REASON not in groups.excluded.values()
+    # the pruned model's heads are units again
+    again = build_groups(model, x[:1])
+    assert sorted(g.size for g in again if g.attention) == sorted(a.num_heads for a in modules)
+
+    path = tmp_path / "model.safetensors"
+    kwargs = TV_VIT if kind == "vit" else TV_SWIN
+    ckpt.save_compact(model, path, arch=TV_ARCH[kind], build_kwargs=kwargs)
+    loaded = compressor.load(path, trust_checkpoint=True)
+    assert [(type(a), a.num_heads) for a in _attention_modules(loaded)] == [
+        (type(a), a.num_heads) for a in modules
+    ]
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["vit", pytest.param("swin", marks=pytest.mark.slow)],  # swin: ~12 s to export
+)
+def test_torchvision_pruned_heads_export_to_onnx(kind, tmp_path):
+    model, x, _ = _prune_torchvision_heads(kind)
+    path = tmp_path / "pruned.onnx"
+    export.export_onnx(model, x[:1], path)
+    export.check_onnx(path)
+    ort = export.verify_onnx(model, path, x)
+    assert ort["relative_max_abs"] <= 1e-4 and ort["top1_agreement"] == 1.0
+
+
+def _mha_pair(batch_first=True, bias=True):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(
+        16, 4, batch_first=batch_first, bias=bias, dtype=torch.float64
+    ).eval()
+    with torch.no_grad():  # heads 1 and 3 output zero: v rows zero
+        for h in (1, 3):
+            mha.in_proj_weight[32 + 4 * h : 32 + 4 * (h + 1)] = 0
+            if bias:
+                mha.in_proj_bias[32 + 4 * h : 32 + 4 * (h + 1)] = 0
+    pruned = attention.heads_kind(__import__("copy").deepcopy(mha)).remove([1, 3])
+    assert isinstance(pruned, attention.PrunedMultiheadAttention) and pruned.num_heads == 2
+    return mha, pruned
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pruned_multihead_attention_computes_the_original(batch_first, bias):
+    mha, pruned = _mha_pair(batch_first, bias)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    y = torch.randn(2, 7, 16, dtype=torch.float64)
+    if not batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    for q, k, v in [(x, x, x), (x, y, y)]:  # self- and cross-attention
+        out, weights = pruned(q, k, v, need_weights=False)
+        assert weights is None
+        torch.testing.assert_close(out, mha(q, k, v, need_weights=False)[0])
+        out, weights = pruned(q, k, v)  # the weights of the kept heads
+        torch.testing.assert_close(out, mha(q, k, v)[0])
+        full = mha(q, k, v, average_attn_weights=False)[1]
+        kept = pruned(q, k, v, average_attn_weights=False)[1]
+        torch.testing.assert_close(kept, full[:, [0, 2]])
+        torch.testing.assert_close(weights, kept.mean(1))
+    unbatched = x[:, 0] if batch_first else x[0]
+    torch.testing.assert_close(
+        pruned(unbatched, unbatched, unbatched)[0], mha(unbatched, unbatched, unbatched)[0]
+    )
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        pruned(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+
+
+def test_unsupported_torchvision_attention_keeps_heads_whole():
+    from torchvision.models.swin_transformer import ShiftedWindowAttentionV2
+
+    v2 = ShiftedWindowAttentionV2(16, [4, 4], [0, 0], num_heads=2)
+    assert attention.heads_reason(v2) == attention.SWIN_V2_REASON
+    separate = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
+    assert attention.heads_reason(separate) == attention.MHA_REASON
+    assert attention.heads_reason(torch.nn.MultiheadAttention(16, 4, add_bias_kv=True)) == (
+        attention.MHA_REASON
+    )
+    assert attention.heads_reason(torch.nn.MultiheadAttention(16, 4)) is None

@@ -2,8 +2,8 @@
 prune, and check output parity, cost reduction, one training step and ONNX parity.
 
 Transformers keep their LayerNorm-normalised streams whole (the reasons are in
-``groups.excluded``), so only their MLP hidden units and, in timm's ViTs, whole attention
-heads go (torchvision's ``nn.MultiheadAttention`` and Swin attention keep their heads): there
+``groups.excluded``), so only their MLP hidden units and whole attention heads go (timm's
+ViTs, torchvision's ``nn.MultiheadAttention`` in vit_b_16 and Swin's window attention): there
 the check is that MACs fall, by exactly what the cost model predicted, instead of a fixed
 bound."""
 
@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from compressor import export
+from compressor.attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
 from compressor.groups import (
     ATTENTION_REASON,
     MHA_REASON,
@@ -153,10 +154,16 @@ def test_exact_removal_torchvision(name, tmp_path):
         bound=bound,
     )
     reasons = set(groups.excluded.values())
-    if name == "vit_b_16":
-        assert MHA_REASON in reasons and LAYER_NORM in reasons
-    if name == "swin_t":
-        assert ATTENTION_REASON in reasons and LAYER_NORM in reasons
+    if name in ("vit_b_16", "swin_t"):  # the heads are units; the normalised stream is whole
+        assert LAYER_NORM in reasons
+        assert MHA_REASON not in reasons and ATTENTION_REASON not in reasons
+        assert sum(g.attention is not None for g in groups) == 12
+        pruned = PrunedMultiheadAttention if name == "vit_b_16" else PrunedShiftedWindowAttention
+        attention = [m for m in model.modules() if isinstance(m, pruned)]
+        assert len(attention) == 12 and all(
+            m.num_heads < 12 if name == "vit_b_16" else m.num_heads * m.head_dim < m.qkv.in_features
+            for m in attention
+        )
     if name == "shufflenet_v2_x1_0":
         assert reasons == {SHUFFLE_REASON}
 
