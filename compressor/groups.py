@@ -167,7 +167,8 @@ class LayerInfo:
     out_channels: int
     groups: int
     macs: int
-    params: int
+    params: int  # weight and bias
+    bias: int = 0  # of params: one per output channel, whatever the inputs kept
 
     @property
     def depthwise(self) -> bool:
@@ -335,8 +336,8 @@ class ChannelGroups:
     def estimate_cost(self, zero_masks: Sequence[torch.Tensor]) -> tuple[float, float]:
         """MACs and params of the model once the masked channels are removed.
 
-        Exact for conv and linear layers (their MACs are in*out*k*k*H*W/groups) and for
-        the attention products of removed heads; other ops keep their cost
+        Exact for conv and linear layers (their MACs are in*out*k*k*H*W/groups; a bias
+        shrinks with the outputs only) and for the attention products of removed heads; other ops keep their cost
         (``torch.utils.flop_counter`` does not count them).
         BatchNorm parameters are ignored (a rounding error on any real CNN).
         """
@@ -345,7 +346,7 @@ class ChannelGroups:
             info = self.layers[name]
             fraction = keep_out * keep_in
             macs -= info.macs * (1.0 - fraction)
-            params -= info.params * (1.0 - fraction)
+            params -= (info.params - info.bias) * (1.0 - fraction) + info.bias * (1.0 - keep_out)
         for group, mask in zip(self.groups, zero_masks, strict=True):
             if group.other_macs or group.other_params:
                 macs -= group.other_macs * float(mask.sum())
@@ -439,8 +440,9 @@ def layer_costs(
         else:
             continue
         params = sum(p.numel() for p in module.parameters(recurse=False))
+        bias = module.bias.numel() if module.bias is not None else 0
         layers[name] = LayerInfo(
-            name, _dim_name(module), in_ch, out_ch, groups, per_module.get(name, 0), params
+            name, _dim_name(module), in_ch, out_ch, groups, per_module.get(name, 0), params, bias
         )
     return layers, total
 
