@@ -77,6 +77,15 @@ def is_attention(module: nn.Module) -> bool:
     )
 
 
+def _empty_like(cls: type, source: nn.Module) -> nn.Module:
+    """An instance of ``cls`` with no parameters yet, in ``source``'s train/eval mode: the
+    pruned modules take over the tensors of the module they replace."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.train(source.training)
+    return new
+
+
 def _keep_index(n: int, head_dim: int, heads: list[int]) -> tuple[list[int], torch.Tensor]:
     drop = set(heads)
     keep = [h for h in range(n) if h not in drop]
@@ -238,10 +247,7 @@ class TimmHeads(HeadsKind):
     def _set_heads(self) -> None:
         """``num_heads`` and ``attn_dim`` from ``qkv``'s rows (``head_dim`` never changes)."""
         module, head_dim = self.module, self.head_dim
-        rows = int(module.qkv.out_features)
-        if rows % (3 * head_dim) or rows == 0:
-            raise ValueError(f"qkv has {rows} rows, not a multiple of 3 x head_dim ({head_dim})")
-        module.num_heads = rows // (3 * head_dim)
+        module.num_heads = _heads_from_rows(int(module.qkv.out_features), head_dim, "qkv")
         module.attn_dim = module.num_heads * head_dim
 
     def sync(self):
@@ -358,18 +364,12 @@ class PrunedMultiheadAttention(nn.Module):
     def adopt(cls, mha: nn.Module, num_heads: int) -> PrunedMultiheadAttention:
         """A module holding ``mha``'s own parameters and ``out_proj`` (already sliced to
         ``num_heads`` heads), with its ``head_dim``, dropout and layout."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.embed_dim, new.num_heads, new.head_dim = (
-            int(mha.embed_dim),
-            int(num_heads),
-            int(mha.head_dim),
-        )
+        new = _empty_like(cls, mha)
+        new.embed_dim, new.num_heads = int(mha.embed_dim), int(num_heads)
+        new.head_dim = int(mha.head_dim)
         new.dropout, new.batch_first = float(mha.dropout), bool(mha.batch_first)
-        new.in_proj_weight = mha.in_proj_weight
-        new.in_proj_bias = mha.in_proj_bias
+        new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
         new.out_proj = mha.out_proj
-        new.train(mha.training)
         return new
 
     def extra_repr(self) -> str:
@@ -569,15 +569,13 @@ class PrunedShiftedWindowAttention(nn.Module):
 
     @classmethod
     def adopt(cls, swin: nn.Module, num_heads: int, head_dim: int) -> PrunedShiftedWindowAttention:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
+        new = _empty_like(cls, swin)
         new.window_size, new.shift_size = list(swin.window_size), list(swin.shift_size)
         new.num_heads, new.head_dim = int(num_heads), int(head_dim)
         new.attention_dropout, new.dropout = float(swin.attention_dropout), float(swin.dropout)
         new.qkv, new.proj = swin.qkv, swin.proj
         new.relative_position_bias_table = swin.relative_position_bias_table
         new.register_buffer("relative_position_index", swin.relative_position_index)
-        new.train(swin.training)
         return new
 
     def extra_repr(self) -> str:
