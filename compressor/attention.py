@@ -86,13 +86,18 @@ def _empty_like(cls: type, source: nn.Module) -> nn.Module:
     return new
 
 
-def _keep_index(n: int, head_dim: int, heads: list[int]) -> tuple[list[int], torch.Tensor]:
+def _keep_index(
+    n: int, head_dim: int, heads: list[int]
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The heads of ``n`` that stay when ``heads`` go, their positions in the attention width
+    (the output projection's columns) and their q, k and v rows of the packed projection."""
     drop = set(heads)
     keep = [h for h in range(n) if h not in drop]
     if not keep:
         raise ValueError("an attention module keeps at least one head")
     cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep])
-    return keep, cols
+    rows = torch.cat([cols + s * n * head_dim for s in range(3)])
+    return keep, cols, rows
 
 
 def _slice(param: nn.Parameter, index: torch.Tensor, dim: int = 0) -> nn.Parameter:
@@ -234,10 +239,9 @@ class TimmHeads(HeadsKind):
     def remove(self, heads):
         module = self.module
         n, head_dim = self.num_heads, self.head_dim
-        keep, cols = _keep_index(n, head_dim, heads)
+        keep, cols, rows = _keep_index(n, head_dim, heads)
         if len(keep) < n:
-            attn_dim = n * head_dim
-            _slice_rows(module.qkv, torch.cat([cols + s * attn_dim for s in range(3)]))
+            _slice_rows(module.qkv, rows)
             if module.gate is not None:
                 _slice_rows(module.gate, cols)
             _slice_columns(module.proj, cols)
@@ -304,9 +308,8 @@ class MultiheadAttentionHeads(HeadsKind):
     def remove(self, heads):
         m = self.module
         n, head_dim = self.num_heads, self.head_dim
-        keep, cols = _keep_index(n, head_dim, heads)
+        keep, cols, rows = _keep_index(n, head_dim, heads)
         if len(keep) < n:
-            rows = torch.cat([cols + s * n * head_dim for s in range(3)])
             m.in_proj_weight = _slice(m.in_proj_weight, rows)
             if m.in_proj_bias is not None:
                 m.in_proj_bias = _slice(m.in_proj_bias, rows)
@@ -495,9 +498,9 @@ class SwinHeads(HeadsKind):
     def remove(self, heads):
         m = self.module
         n, head_dim = self.num_heads, self.head_dim
-        keep, cols = _keep_index(n, head_dim, heads)
+        keep, cols, rows = _keep_index(n, head_dim, heads)
         if len(keep) < n:
-            _slice_rows(m.qkv, torch.cat([cols + s * n * head_dim for s in range(3)]))
+            _slice_rows(m.qkv, rows)
             _slice_columns(m.proj, cols)
             m.relative_position_bias_table = _slice(
                 m.relative_position_bias_table, torch.tensor(keep), 1
