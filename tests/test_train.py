@@ -329,8 +329,8 @@ def test_per_sample_hits_are_the_images_evaluate_counts_right():
     loader = [(xs[:6], ys[:6]), (xs[6:], ys[6:])]
     hits = train.top1_per_sample(model, loader, torch.device("cpu"))
     with torch.no_grad():
-        right = model(xs).argmax(1) == ys
-    assert torch.equal(hits, 100.0 * right.to(torch.float64))
+        outputs = model(xs)
+    assert torch.equal(hits, 100.0 * (outputs.argmax(1) == ys).to(torch.float64))
     acc, loss = train.evaluate(model, loader, torch.device("cpu"))
     assert acc == pytest.approx(float(hits.mean()))
-    assert loss == pytest.approx(float(F.cross_entropy(model(xs), ys)))
+    assert loss == pytest.approx(float(F.cross_entropy(outputs, ys)))
