@@ -205,8 +205,12 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     assert report["recipe"]["target"]["latency"] == pytest.approx(asked)
     assert entry["kind"] == "latency" and entry["batch"] == 8
     assert entry["asked_ms"] == pytest.approx(asked)
-    assert entry["predicted_ms"] <= asked  # the budget met the model's prediction
-    assert report["reduction"]["macs_x"] > 1.1  # channels were removed for it
+    # The run answers to its own calibration, whose baseline can time well away from the
+    # first run's on a shared machine: that calibration asked for a cut, and the budget
+    # removed channels until its prediction met the asked latency.
+    assert entry["model"]["base_ms"] > asked
+    assert entry["predicted_ms"] <= asked
+    assert report["reduction"]["macs_x"] > 1.0
     assert entry["reached_ms"] == report["latency_ms"]["compressed"]["batch_8"]
     assert entry["baseline_ms"] == report["latency_ms"]["baseline"]["batch_8"]
     gate = {g["name"]: g for g in report["gates"]}["target_latency"]
