@@ -133,18 +133,8 @@ def build(
     target; otherwise ``lambda / beta`` alone does. Raises ``BadInputError``
     (exit 2) when a target is beyond what removing channels can reach.
     """
-    pen, spl, tcfg, tgt = recipe.penalty, recipe.splitting, recipe.train, recipe.target
-    rvsm = RVSM(
-        model,
-        groups,
-        individual_kind=pen.individual.kind,
-        alpha=pen.individual.alpha,
-        beta=spl.beta,
-        beta_growth=spl.beta_growth,
-        beta_every=spl.beta_every,
-        prox_every=spl.prox_every,
-        fused=spl.fused,
-    )
+    pen, tgt = recipe.penalty, recipe.target
+    rvsm = _splitting(recipe, model, groups)
     targets = targets_from_recipe(tgt, baseline, latency)
     weighting = resolve_group_weighting(
         pen.group.weighting,
@@ -152,24 +142,8 @@ def build(
         raw_lambda=pen.group.lam is not None,
     )
     weights = group_weights(groups, weighting)
-    lambdas = Lambdas.from_recipe(
-        pen,
-        model=model,
-        groups=groups,
-        individual_names=rvsm.individual_names,
-        weights=weights,
-        budget=pull_budget(
-            lr=tcfg.lr,
-            momentum=tcfg.momentum,
-            schedule=tcfg.schedule,
-            total_steps=total_steps,
-            optimizer=tcfg.optimizer,
-        ),
-    )
+    lambdas = _lambdas(recipe, model, groups, rvsm, weights, total_steps)
     scale = weights * reference_norms(groups, dict(model.named_parameters()))
-    seeking = (
-        not targets and seek is not None and tgt.seek_accuracy_drop is not None and len(groups) > 0
-    )
     budget = seeker = None
     if targets:
         budget = BudgetController(
@@ -184,34 +158,9 @@ def build(
         )
         if budget.unreachable:
             raise BadInputError(unreachable_message(budget, baseline))
-    elif seeking:
-        # With binarized activations the stages start once the activation switch ends
-        # (t = 1; compressor.activations.ActivationSwitch, same step count), so every
-        # check judges the quantised model; they span the reach share of what is left.
-        act = recipe.activations
-        start = round(act.switch_fraction * total_steps) if act.binarize else 0
-        reach = max(tgt.reach_fraction, SEEK_MIN_FRACTION)
-        budget = BudgetController(
-            [Target("macs", 1.0 + 1e-9, 1.0)],
-            groups,
-            scale,
-            total_steps=total_steps,
-            reach_fraction=(start + reach * (total_steps - start)) / total_steps,
-            balance=tgt.balance,
-            round_to=round_to,
-            schedule="immediate",
-        )
-        seeker = AccuracySeeker(
-            budget,
-            stages=SEEK_STAGES,
-            evaluate=seek.evaluate,
-            baseline_accuracy=seek.baseline_accuracy,
-            max_drop=tgt.seek_accuracy_drop,
-            snapshot=seek.snapshot,
-            restore=seek.restore,
-            start_step=start,
-            margin=tgt.seek_margin,
-        )
+    elif seek is not None and tgt.seek_accuracy_drop is not None and len(groups) > 0:
+        seeker = _seeker(recipe, groups, scale, seek, total_steps=total_steps, round_to=round_to)
+        budget = seeker.budget
     term = GROUP_TERMS[pen.group.kind]
     term_params = {name: getattr(pen.group, name) for name in term.parameters}
     method = SparseTraining(
@@ -228,3 +177,73 @@ def build(
     with torch.no_grad():
         method.prox(0)  # u0 = prox(w0)
     return method
+
+
+def _splitting(recipe, model: nn.Module, groups: ChannelGroups) -> RVSM:
+    """The RVSM state (``u``, ``beta`` and its growth) the recipe's penalty and splitting name."""
+    pen, spl = recipe.penalty, recipe.splitting
+    return RVSM(
+        model,
+        groups,
+        individual_kind=pen.individual.kind,
+        alpha=pen.individual.alpha,
+        beta=spl.beta,
+        beta_growth=spl.beta_growth,
+        beta_every=spl.beta_every,
+        prox_every=spl.prox_every,
+        fused=spl.fused,
+    )
+
+
+def _lambdas(recipe, model, groups, rvsm: RVSM, weights, total_steps: int) -> Lambdas:
+    """``lambda`` of the individual and group terms, from the recipe's strengths and the pull
+    the training schedule can exert (:func:`~compressor.method.strength.pull_budget`)."""
+    tcfg = recipe.train
+    return Lambdas.from_recipe(
+        recipe.penalty,
+        model=model,
+        groups=groups,
+        individual_names=rvsm.individual_names,
+        weights=weights,
+        budget=pull_budget(
+            lr=tcfg.lr,
+            momentum=tcfg.momentum,
+            schedule=tcfg.schedule,
+            total_steps=total_steps,
+            optimizer=tcfg.optimizer,
+        ),
+    )
+
+
+def _seeker(
+    recipe, groups, scale, seek: SeekHooks, *, total_steps: int, round_to: int
+) -> AccuracySeeker:
+    """The accuracy seeker and the MACs budget it sets (no target given, an allowance given).
+
+    With binarized activations the stages start once the activation switch ends (t = 1;
+    :class:`compressor.activations.ActivationSwitch`, same step count), so every check
+    judges the quantised model; they span the reach share of what is left."""
+    tgt, act = recipe.target, recipe.activations
+    start = round(act.switch_fraction * total_steps) if act.binarize else 0
+    reach = max(tgt.reach_fraction, SEEK_MIN_FRACTION)
+    budget = BudgetController(
+        [Target("macs", 1.0 + 1e-9, 1.0)],
+        groups,
+        scale,
+        total_steps=total_steps,
+        reach_fraction=(start + reach * (total_steps - start)) / total_steps,
+        balance=tgt.balance,
+        round_to=round_to,
+        schedule="immediate",
+    )
+    return AccuracySeeker(
+        budget,
+        stages=SEEK_STAGES,
+        evaluate=seek.evaluate,
+        baseline_accuracy=seek.baseline_accuracy,
+        max_drop=tgt.seek_accuracy_drop,
+        snapshot=seek.snapshot,
+        restore=seek.restore,
+        start_step=start,
+        margin=tgt.seek_margin,
+    )
