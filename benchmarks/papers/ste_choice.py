@@ -111,10 +111,19 @@ def train_one(
     batch: int,
     lr: float,
     seed: int,
+    schedule: str = "constant",
 ) -> dict:
-    """Adam on cross-entropy; the data order depends on ``seed`` only (same for every run)."""
+    """Adam on cross-entropy; the data order depends on ``seed`` only (same for every run).
+    ``schedule``: ``constant`` lr, or ``cosine`` (decayed to 0 over every step of the run,
+    one step per batch)."""
     x, y = train
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    total = epochs * (x.shape[0] // batch)
+    decay = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        if schedule == "cosine"
+        else None
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     losses, epoch_means = [], []
     diverged = False
@@ -131,6 +140,8 @@ def train_one(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if decay is not None:
+                decay.step()
             epoch_losses.append(loss.item())
         losses.extend(epoch_losses)
         epoch_means.append(sum(epoch_losses) / max(1, len(epoch_losses)))
@@ -164,6 +175,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default 2")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (every run)")
+    p.add_argument(
+        "--schedule", choices=("constant", "cosine"), default="constant",
+        help="learning rate over the run: constant, or cosine decay to 0 (every run)",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
         "--quantize-first", action="store_true", help="also quantise the first activation"
@@ -202,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_size": test[0].shape[0],
         "epochs": epochs,
         "batch": args.batch,
-        "optimizer": f"Adam(lr={args.lr}), constant lr, no weight decay",
+        "optimizer": f"Adam(lr={args.lr}), {args.schedule} lr, no weight decay",
         "models": models,
         "bits": bits_list,
         "stes": stes,
@@ -220,8 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.perf_counter()
                 model, swap = build(model_name, bits, ste, seed, args.quantize_first)
                 res = train_one(
-                    model, train, epochs=epochs, batch=args.batch, lr=args.lr, seed=seed
-                )
+                    model, train, epochs=epochs, batch=args.batch, lr=args.lr, seed=seed,
+                    schedule=args.schedule,
+                )  # fmt: skip
                 acc, test_loss = evaluate(model, *test)
                 alphas = {
                     n: round(p.item(), 4)
