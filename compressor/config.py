@@ -83,6 +83,7 @@ class Target:
     balance: float
     seek_accuracy_drop: float | None
     seek_margin: float  # standard errors of the measured drop kept below seek_accuracy_drop
+    seek_rollback: str  # model | channels: what an over-budget check puts back
 
 
 @dataclass(frozen=True)

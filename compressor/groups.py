@@ -276,6 +276,23 @@ class ChannelGroups:
                     index = member.index.to(t.device)
                     t.index_copy_(0, index, t.index_select(0, index) * f)
 
+    def copy_units_(
+        self,
+        dst: Mapping[str, torch.Tensor],
+        src: Mapping[str, torch.Tensor],
+        masks: Sequence[torch.Tensor],
+    ) -> None:
+        """Copy every member slice of the units where ``masks[g]`` is True from ``src`` into
+        ``dst``, in place (the accuracy seeker's rollback of the channels it zeroed)."""
+        for group, mask in zip(self.groups, masks, strict=True):
+            if not bool(mask.any()):
+                continue
+            for member in group.members:
+                t = dst[member.param]
+                chosen = mask.to(member.channel.device).index_select(0, member.channel)
+                rows = member.index[chosen].to(t.device)
+                t.index_copy_(0, rows, src[member.param].to(t.device).index_select(0, rows))
+
     def row_factor_index(self, rows: Mapping[str, int]) -> torch.Tensor:
         """Where each row's shrink factor sits in ``cat(factors + [1])``, for tensors ``rows``.
 

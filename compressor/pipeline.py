@@ -427,7 +427,7 @@ def _build_method(run: Run, resume_state: dict | None):
             evaluate=lambda: _seek_reading(run),
             baseline_accuracy=run.task.score(run.baseline["accuracy"]),
             snapshot=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
-            restore=model.load_state_dict,
+            restore=lambda saved, units=None: _rollback(run, saved, units),
         )
     run.sparse = method.build(
         cfg, model, run.groups, total_steps=total_steps, baseline=run.baseline, seek=seek,
@@ -1075,6 +1075,16 @@ def _recalibrate(run: Run) -> None:
         run.model, run.train_loader, run.device, run.recipe.train.bn_recalibration_batches,
         task=run.task,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def _rollback(run: Run, saved: dict, units: list[torch.Tensor] | None) -> None:
+    """Put the model back to the seeker's ``saved`` state: all of it (``units`` None), or
+    only the slices of the channel groups' ``units`` (``target.seek_rollback: channels``)."""
+    if units is None:
+        run.model.load_state_dict(saved)
+    else:
+        run.groups.copy_units_(dict(run.model.named_parameters()), saved, units)
 
 
 def _sparse_accuracy(run: Run) -> tuple[float, float]:

@@ -384,6 +384,13 @@ SCHEMA: dict[str, Any] = {
             "counts as within when drop + seek_margin * stderr <= seek_accuracy_drop "
             "(0: the measured drop alone; tasks without per-sample scores have none)",
         ),
+        "seek_rollback": Param(
+            "model",
+            Options(("model", "channels")),
+            help="what the seeker puts back after a check over the allowance: model (every "
+            "weight as at the last check within it) or channels (only the slices of the "
+            "channels zeroed since; the rest keeps its training)",
+        ),
     },
     "prune": {
         "round_to": Param(

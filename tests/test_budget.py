@@ -185,6 +185,45 @@ def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
     assert all(torch.equal(a, b) for a, b in zip(budget.zero, seek.last_good, strict=True))
 
 
+def test_accuracy_seeker_channel_rollback_names_only_the_units_zeroed_since_the_good_check():
+    """``rollback="channels"``: an over-budget check puts back the saved slices of the units
+    the failed stage zeroed, not those the last good stage already had."""
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    accuracies = iter([90.0, 80.0, 89.5])  # baseline 90, budget 1: ok, over, ok (bisected)
+    restored = []
+    seek = AccuracySeeker(
+        budget, stages=3, evaluate=lambda: Reading(next(accuracies)), baseline_accuracy=90.0,
+        max_drop=1.0, snapshot=lambda: "saved", patience=0, rollback="channels",
+        restore=lambda saved, units: restored.append((saved, [u.clone() for u in units])),
+    )  # fmt: skip
+    norms = _norms(model, groups)
+    zero_at_fail = good = None
+    for step in range(1, 61):
+        if len(seek.log) == 1:  # between the good check and the failing one
+            zero_at_fail = [z.clone() for z in budget.zero]
+            good = [g.clone() for g in seek.last_good]
+        seek.check(step)
+        if budget.frozen:
+            break
+        budget.thresholds(step, norms)
+    assert [row["within"] for row in seek.log] == [True, False, True]
+    ((saved, units),) = restored
+    assert saved == "saved"
+    expect = [z & ~g for z, g in zip(zero_at_fail, good, strict=True)]
+    assert any(bool(u.any()) for u in units) and any(bool(g.any()) for g in good)
+    assert all(torch.equal(u, e) for u, e in zip(units, expect, strict=True))
+
+
+def test_accuracy_seeker_refuses_an_unknown_rollback():
+    _, _, budget = _seeking()
+    with pytest.raises(ValueError, match="rollback"):
+        AccuracySeeker(
+            budget, stages=3, evaluate=lambda: Reading(90.0), baseline_accuracy=90.0,
+            max_drop=1.0, rollback="weights",
+        )  # fmt: skip
+
+
 def test_accuracy_seeker_bisects_after_a_stage_over_budget():
     model, groups, budget = _seeking()
     budget.reach_step = 60

@@ -153,3 +153,25 @@ def test_norms_and_scale_on_views_and_gathers_match_by_hand():
     torch.testing.assert_close(tensors["v"], v)
     masks = groups.zero_masks(tensors)
     assert masks[0].tolist() == [False, True, False] and masks[1].tolist() == [False, False]
+
+
+def test_copy_units_puts_back_exactly_the_chosen_units_slices():
+    """The seeker's channel rollback: the chosen units' member slices come from the saved
+    state, every other entry keeps its current value."""
+    model = resnet20(in_channels=1)
+    groups = build_groups(model, torch.randn(1, 1, 28, 28))
+    saved = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    now = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: t.clone() for n, t in now.items()}
+    masks = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
+    masks[0][[1, 3]] = True
+    masks[5][0] = True
+    groups.copy_units_(now, saved, masks)
+    chosen = {n: torch.zeros(t.shape[0], dtype=torch.bool) for n, t in now.items()}
+    for group, mask in zip(groups, masks, strict=True):
+        for member in group.members:
+            chosen[member.param][member.index[mask[member.channel]]] = True
+    assert sum(int(c.sum()) for c in chosen.values()) > 0
+    for name, rows in chosen.items():
+        torch.testing.assert_close(now[name][rows], saved[name][rows], rtol=0, atol=0)
+        torch.testing.assert_close(now[name][~rows], before[name][~rows], rtol=0, atol=0)

@@ -208,19 +208,28 @@ def ste_setup() -> str:
         ]
     c = files[0]["config"]
     lines += [
-        f"- Fashion-MNIST: {c['train_size']} training images (seeded subset, seed "
-        f"{c['train_subset_seed']}), the full {c['test_size']}-image test set; "
-        f"normalised with mean {c['normalisation']['mean']}, std {c['normalisation']['std']}",
-        f"- {c['epochs']} epochs, batch {c['batch']}, {c['optimizer']}; a seed fixes the "
-        f"initial weights and the data order, identical across STEs; first activation "
+        f"- Fashion-MNIST: seeded training subsets (seed {c['train_subset_seed']}; the whole "
+        f"training set where the budget says 60000), the full {c['test_size']}-image test "
+        f"set; normalised with mean {c['normalisation']['mean']}, std "
+        f"{c['normalisation']['std']}",
+        "- budgets (the `budget` column below): "
+        + "; ".join(sorted({f"**{_budget(d['config'])}**" for d in files})),
+        f"- batch {c['batch']}, no weight decay; a seed fixes the initial weights and the data "
+        f"order, identical across STEs and within a budget; first activation "
         f"{c['first_activation']}; 2-bit step alpha initialised at {c['quantized_alpha_init']} "
         f"and learned",
     ]
     return "\n".join(lines)
 
 
+def _budget(config: dict) -> str:
+    """The training budget a file's runs share: images, epochs and optimiser."""
+    optimizer = config["optimizer"].replace(", no weight decay", "")
+    return f"{config['train_size']} images x {config['epochs']} epochs, {optimizer}"
+
+
 def _ste_runs() -> list[dict]:
-    return [r for d in _ste_files() for r in d["runs"]]
+    return [dict(r, budget=_budget(d["config"])) for d in _ste_files() for r in d["runs"]]
 
 
 def ste_summary() -> str:
@@ -230,13 +239,13 @@ def ste_summary() -> str:
     stes = ["clipped_relu", "relu", "identity"]
     groups: dict[tuple, dict[str, list]] = {}
     for r in runs:
-        key = (r["model"], r["bits"])
+        key = (r["budget"], r["model"], r["bits"])
         groups.setdefault(key, {}).setdefault(r["ste"] or "full precision", []).append(r)
     rows = [
-        "| model | activation | " + " | ".join(stes) + " | full-precision reference |",
-        "|---|---|---|---|---|---|",
+        "| budget | model | activation | " + " | ".join(stes) + " | full-precision reference |",
+        "|---|---|---|---|---|---|---|",
     ]
-    fp = {m: g.get("full precision", []) for (m, b), g in groups.items() if b is None}
+    fp = {(u, m): g.get("full precision", []) for (u, m, b), g in groups.items() if b is None}
 
     def cell(rs: list[dict]) -> str:
         if not rs:
@@ -248,13 +257,13 @@ def ste_summary() -> str:
             acc += f" ({min(accs):.1f}–{max(accs):.1f}, n={len(rs)})"
         return f"{acc}; loss {sum(loss) / len(loss):.3f}"
 
-    for (model, bits), g in groups.items():
+    for (budget, model, bits), g in groups.items():
         if bits is None:
             continue
         rows.append(
-            f"| {model} | {bits}-bit | "
+            f"| {budget} | {model} | {bits}-bit | "
             + " | ".join(cell(g.get(s, [])) for s in stes)
-            + f" | {cell(fp.get(model, []))} |"
+            + f" | {cell(fp.get((budget, model), []))} |"
         )
     rows.append(
         "\nCells: mean test accuracy over seeds (range, number of seeds), and the mean "
@@ -268,14 +277,14 @@ def ste_table() -> str:
     if not runs:
         return "_ste_choice.json not found._"
     rows = [
-        "| model | activation | STE | seed | test accuracy | train loss (last epoch) "
+        "| budget | model | activation | STE | seed | test accuracy | train loss (last epoch) "
         "| train loss (last 50 steps) | diverged | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         act = "full precision" if r["bits"] is None else f"{r['bits']}-bit"
         rows.append(
-            f"| {r['model']} | {act} | {r['ste'] or '–'} | {r['seed']} "
+            f"| {r['budget']} | {r['model']} | {act} | {r['ste'] or '–'} | {r['seed']} "
             f"| {100 * r['test_accuracy']:.2f}% | {_f(r['train_loss_last_epoch'], '.4f')} "
             f"| {_f(r['train_loss_last_50_steps'], '.4f')} | {'yes' if r['diverged'] else 'no'} "
             f"| {r['seconds']:.0f} |"

@@ -54,7 +54,7 @@ class SeekHooks:
     evaluate: Callable[[], Reading]  # the sparse model's score and its drop's stderr
     baseline_accuracy: float
     snapshot: Callable[[], dict]
-    restore: Callable[[dict], object]
+    restore: Callable[..., object]  # (saved) or, rollback "channels", (saved, unit masks)
 
 
 def targets_from_recipe(target, baseline: dict, latency=None) -> list[Target]:
@@ -246,4 +246,5 @@ def _seeker(
         restore=seek.restore,
         start_step=start,
         margin=tgt.seek_margin,
+        rollback=tgt.seek_rollback,
     )

@@ -16,6 +16,8 @@ from compressor.method.budget import BudgetController, Target
 
 log = logging.getLogger(__name__)
 
+ROLLBACKS = ("model", "channels")
+
 
 class Reading(NamedTuple):
     """One check of the sparse model: its score (higher is better) and the standard error of
@@ -43,6 +45,13 @@ class AccuracySeeker:
     reach part of training is over, the last good zero set is frozen, so the
     rest of training recovers accuracy.
 
+    ``rollback`` says what going back to the last state within budget means:
+    ``"model"`` restores the whole saved state (every weight as it was at that check);
+    ``"channels"`` calls ``restore(saved, units)`` with the units zeroed since that check
+    and puts back only their slices, so the rest of the network keeps what it learned
+    since (with a quantised model most of that is adapting to the quantised activations,
+    which a whole-model rollback throws away).
+
     ``evaluate()`` returns a :class:`Reading`: the score and the standard error of
     the drop measured on the validation split (paired per sample with the input model,
     :func:`compressor.metrics.paired_mean_and_stderr`). A check within the allowance by
@@ -61,8 +70,11 @@ class AccuracySeeker:
     def __init__(
         self, budget: BudgetController, *, stages, evaluate, baseline_accuracy, max_drop,
         growth=1.3, min_growth=1.05, snapshot=None, restore=None, patience=1, start_step=0,
-        margin=0.0,
+        margin=0.0, rollback="model",
     ):  # fmt: skip
+        if rollback not in ROLLBACKS:
+            raise ValueError(f"rollback must be one of {ROLLBACKS}, not {rollback!r}")
+        self.rollback = rollback
         self.budget = budget
         self.snapshot, self.restore = snapshot, restore
         self.saved = None
@@ -150,9 +162,14 @@ class AccuracySeeker:
                 return
             budget.freeze()
         else:
-            if self.restore is not None and self.saved is not None:
-                self.restore(self.saved)  # the channels zeroed since then come back
             masks = self.last_good or [torch.zeros_like(m) for m in budget.zero]
+            if self.restore is not None and self.saved is not None:
+                if self.rollback == "channels":  # the units zeroed since the last good check
+                    self.restore(
+                        self.saved, [z & ~g for z, g in zip(budget.zero, masks, strict=True)]
+                    )
+                else:
+                    self.restore(self.saved)  # the channels zeroed since then come back
             self.growth = math.sqrt(self.growth)
             if steps_left and self.growth >= self.min_growth:
                 self._ask(min(self.good_factor * self.growth, self.ceiling))
