@@ -125,12 +125,14 @@ class HeadsKind:
     ``packed`` names the parameters (below the module) whose rows are q, k, v in order,
     ``root`` the group's root (below the module), ``consumer`` the Linear whose input columns
     read the heads' outputs, ``layers`` the module's conv/linear children that the group owns
-    (their outputs, except ``consumer``'s, are the heads)."""
+    (their outputs, except ``consumer``'s, are the heads), ``pruned`` the compressor module that
+    replaces one whose forward cannot lose heads in place (None: heads go in place)."""
 
     packed: tuple[str, ...] = ()
     root = ""
     consumer = ""
     layers: tuple[str, ...] = ()
+    pruned: type[nn.Module] | None = None
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -175,9 +177,38 @@ class HeadsKind:
         """Parameters one head holds outside the conv/linear layers of the cost model."""
         return 0
 
+    @torch.no_grad()
     def remove(self, heads: list[int]) -> nn.Module:
-        """Remove ``heads`` (at least one stays); the module to put in the original's place."""
-        raise NotImplementedError
+        """Remove ``heads`` (at least one stays); the module to put in the original's place.
+
+        Every kind loses the same things: the heads' q, k and v rows of the packed projection
+        and their input columns of ``consumer``; a kind adds what else is per head
+        (:meth:`_slice_extra`) and says which module holds the kept heads
+        (:meth:`_replacement`)."""
+        head_dim = self.head_dim
+        keep, cols, rows = _keep_index(self.num_heads, head_dim, heads)
+        if len(keep) < self.num_heads:
+            self._slice_packed(rows)
+            _slice_columns(self.module.get_submodule(self.consumer), cols)
+            self._slice_extra(keep, cols, rows)
+        return self._replacement(len(keep), head_dim)
+
+    def _slice_packed(self, rows: torch.Tensor) -> None:
+        """Keep ``rows`` of the packed q/k/v projection (by default the Linear ``root``)."""
+        _slice_rows(self.module.get_submodule(self.root), rows)
+
+    def _slice_extra(self, keep: list[int], cols: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep the kept heads' share of what else the kind holds per head (default: nothing).
+        ``keep`` are the kept heads, ``cols`` their positions in the attention width, ``rows``
+        their packed q/k/v rows."""
+
+    def _replacement(self, num_heads: int, head_dim: int) -> nn.Module:
+        """The module that holds the ``num_heads`` kept heads: a :attr:`pruned` module (the
+        original's tensors adopted, or the pruned module itself with its count updated)."""
+        if isinstance(self.module, self.pruned):
+            self.module.num_heads = num_heads
+            return self.module
+        return self.pruned.adopt(self.module, num_heads, head_dim)
 
     def sync(self) -> nn.Module | None:
         """After a compact file's shapes are restored: the module with its saved number of
@@ -235,18 +266,14 @@ class TimmHeads(HeadsKind):
             ]
         return out
 
-    @torch.no_grad()
-    def remove(self, heads):
-        module = self.module
-        n, head_dim = self.num_heads, self.head_dim
-        keep, cols, rows = _keep_index(n, head_dim, heads)
-        if len(keep) < n:
-            _slice_rows(module.qkv, rows)
-            if module.gate is not None:
-                _slice_rows(module.gate, cols)
-            _slice_columns(module.proj, cols)
-            self._set_heads()
-        return module
+    def _slice_extra(self, keep, cols, rows):
+        if self.module.gate is not None:  # one gate row per attention-width position
+            _slice_rows(self.module.gate, cols)
+
+    def _replacement(self, num_heads, head_dim):
+        """The module itself: timm's forward reshapes by ``num_heads`` and ``attn_dim``."""
+        self._set_heads()
+        return self.module
 
     def _set_heads(self) -> None:
         """``num_heads`` and ``attn_dim`` from ``qkv``'s rows (``head_dim`` never changes)."""
@@ -269,68 +296,6 @@ def _heads_from_rows(rows: int, head_dim: int, what: str) -> int:
     if rows % (3 * head_dim) or rows == 0:
         raise ValueError(f"{what} has {rows} rows, not a multiple of 3 x head_dim ({head_dim})")
     return rows // (3 * head_dim)
-
-
-class MultiheadAttentionHeads(HeadsKind):
-    """``nn.MultiheadAttention`` with packed q/k/v (and :class:`PrunedMultiheadAttention`)."""
-
-    packed = ("in_proj_weight", "in_proj_bias")
-    root = "in_proj_weight"
-    consumer = "out_proj"
-    layers = ("out_proj",)
-
-    @staticmethod
-    def matches(module):
-        return isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
-
-    def reason(self):
-        m = self.module
-        if isinstance(m, PrunedMultiheadAttention):
-            return None
-        if (
-            type(m).forward is not nn.MultiheadAttention.forward
-            or not m._qkv_same_embed_dim
-            or m.in_proj_weight is None
-            or m.bias_k is not None
-            or m.bias_v is not None
-            or m.add_zero_attn
-            or m.num_heads * m.head_dim != m.embed_dim
-            or not isinstance(m.out_proj, nn.Linear)
-        ):
-            return MHA_REASON
-        return None
-
-    def other_params(self):
-        per_row = self.module.in_proj_weight.shape[1] + (self.module.in_proj_bias is not None)
-        return 3 * self.head_dim * per_row
-
-    @torch.no_grad()
-    def remove(self, heads):
-        m = self.module
-        n, head_dim = self.num_heads, self.head_dim
-        keep, cols, rows = _keep_index(n, head_dim, heads)
-        if len(keep) < n:
-            m.in_proj_weight = _slice(m.in_proj_weight, rows)
-            if m.in_proj_bias is not None:
-                m.in_proj_bias = _slice(m.in_proj_bias, rows)
-            _slice_columns(m.out_proj, cols)
-        if isinstance(m, PrunedMultiheadAttention):
-            m.num_heads = len(keep)
-            return m
-        return PrunedMultiheadAttention.adopt(m, len(keep))
-
-    def sync(self):
-        m = self.module
-        if self.reason() is not None:  # structure only: the shapes it checks do not change
-            return None
-        rows = int(m.in_proj_weight.shape[0])
-        if rows == 3 * self.num_heads * self.head_dim:
-            return None
-        heads = _heads_from_rows(rows, self.head_dim, "in_proj_weight")
-        if isinstance(m, PrunedMultiheadAttention):
-            m.num_heads = heads
-            return m
-        return PrunedMultiheadAttention.adopt(m, heads)
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -364,12 +329,12 @@ class PrunedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     @classmethod
-    def adopt(cls, mha: nn.Module, num_heads: int) -> PrunedMultiheadAttention:
+    def adopt(cls, mha: nn.Module, num_heads: int, head_dim: int) -> PrunedMultiheadAttention:
         """A module holding ``mha``'s own parameters and ``out_proj`` (already sliced to
-        ``num_heads`` heads), with its ``head_dim``, dropout and layout."""
+        ``num_heads`` heads of ``head_dim``), with its dropout and layout."""
         new = _empty_like(cls, mha)
         new.embed_dim, new.num_heads = int(mha.embed_dim), int(num_heads)
-        new.head_dim = int(mha.head_dim)
+        new.head_dim = int(head_dim)
         new.dropout, new.batch_first = float(mha.dropout), bool(mha.batch_first)
         new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
         new.out_proj = mha.out_proj
@@ -435,98 +400,55 @@ class PrunedMultiheadAttention(nn.Module):
         return out, weights
 
 
-class SwinHeads(HeadsKind):
-    """torchvision's ``ShiftedWindowAttention`` (V1; and :class:`PrunedShiftedWindowAttention`)."""
+class MultiheadAttentionHeads(HeadsKind):
+    """``nn.MultiheadAttention`` with packed q/k/v (and :class:`PrunedMultiheadAttention`)."""
 
-    packed = ("qkv.weight", "qkv.bias")
-    root = "qkv"
-    consumer = "proj"
-    layers = ("qkv", "proj")
+    packed = ("in_proj_weight", "in_proj_bias")
+    root = "in_proj_weight"
+    consumer = "out_proj"
+    layers = ("out_proj",)
+    pruned = PrunedMultiheadAttention
 
     @staticmethod
     def matches(module):
-        v1, v2 = _swin_classes()
-        return isinstance(module, PrunedShiftedWindowAttention) or (
-            v1 is not None and isinstance(module, v1)
-        )
-
-    @property
-    def head_dim(self):
-        if isinstance(self.module, PrunedShiftedWindowAttention):
-            return int(self.module.head_dim)
-        return int(self.module.qkv.in_features) // int(self.module.num_heads)
-
-    def _trusted(self) -> str | None:
-        """Why the forward is not known to reshape as :class:`PrunedShiftedWindowAttention`'s."""
-        m = self.module
-        if isinstance(m, PrunedShiftedWindowAttention):
-            return None
-        v1, v2 = _swin_classes()
-        if v2 is not None and isinstance(m, v2):
-            return SWIN_V2_REASON
-        if (
-            type(m).forward is not v1.forward
-            or type(m).get_relative_position_bias is not v1.get_relative_position_bias
-            or not isinstance(getattr(m, "qkv", None), nn.Linear)
-            or not isinstance(getattr(m, "proj", None), nn.Linear)
-            or not isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter)
-        ):
-            return ATTENTION_REASON
-        return None
+        return isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
 
     def reason(self):
-        why = self._trusted()
-        if why is not None or isinstance(self.module, PrunedShiftedWindowAttention):
-            return why
         m = self.module
-        dim, n = int(m.qkv.in_features), int(m.num_heads)
-        table = m.relative_position_bias_table
+        if isinstance(m, PrunedMultiheadAttention):
+            return None
         if (
-            dim % n
-            or m.qkv.out_features != 3 * dim
-            or m.proj.in_features != dim
-            or table.dim() != 2
-            or table.shape[1] != n
+            type(m).forward is not nn.MultiheadAttention.forward
+            or not m._qkv_same_embed_dim
+            or m.in_proj_weight is None
+            or m.bias_k is not None
+            or m.bias_v is not None
+            or m.add_zero_attn
+            or m.num_heads * m.head_dim != m.embed_dim
+            or not isinstance(m.out_proj, nn.Linear)
         ):
-            return ATTENTION_REASON
+            return MHA_REASON
         return None
 
     def other_params(self):
-        return int(self.module.relative_position_bias_table.shape[0])
+        per_row = self.module.in_proj_weight.shape[1] + (self.module.in_proj_bias is not None)
+        return 3 * self.head_dim * per_row
 
-    @torch.no_grad()
-    def remove(self, heads):
+    def _slice_packed(self, rows):
         m = self.module
-        n, head_dim = self.num_heads, self.head_dim
-        keep, cols, rows = _keep_index(n, head_dim, heads)
-        if len(keep) < n:
-            _slice_rows(m.qkv, rows)
-            _slice_columns(m.proj, cols)
-            m.relative_position_bias_table = _slice(
-                m.relative_position_bias_table, torch.tensor(keep), 1
-            )
-        if isinstance(m, PrunedShiftedWindowAttention):
-            m.num_heads = len(keep)
-            return m
-        return PrunedShiftedWindowAttention.adopt(m, len(keep), head_dim)
+        m.in_proj_weight = _slice(m.in_proj_weight, rows)
+        if m.in_proj_bias is not None:
+            m.in_proj_bias = _slice(m.in_proj_bias, rows)
 
     def sync(self):
         m = self.module
-        if self._trusted() is not None:
+        if self.reason() is not None:  # structure only: the shapes it checks do not change
             return None
-        rows = int(m.qkv.out_features)
+        rows = int(m.in_proj_weight.shape[0])
         if rows == 3 * self.num_heads * self.head_dim:
             return None
-        heads = _heads_from_rows(rows, self.head_dim, "qkv")
-        table = m.relative_position_bias_table
-        if table.shape[1] != heads:
-            raise ValueError(
-                f"relative_position_bias_table has {table.shape[1]} heads, qkv {heads}"
-            )
-        if isinstance(m, PrunedShiftedWindowAttention):
-            m.num_heads = heads
-            return m
-        return PrunedShiftedWindowAttention.adopt(m, heads, self.head_dim)
+        heads = _heads_from_rows(rows, self.head_dim, "in_proj_weight")
+        return self._replacement(heads, self.head_dim)
 
 
 class PrunedShiftedWindowAttention(nn.Module):
@@ -685,6 +607,88 @@ def _shifted_window_attention(
     if sum(shift_size) > 0:
         x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
     return x[:, :H, :W, :].contiguous()
+
+
+class SwinHeads(HeadsKind):
+    """torchvision's ``ShiftedWindowAttention`` (V1; and :class:`PrunedShiftedWindowAttention`)."""
+
+    packed = ("qkv.weight", "qkv.bias")
+    root = "qkv"
+    consumer = "proj"
+    layers = ("qkv", "proj")
+    pruned = PrunedShiftedWindowAttention
+
+    @staticmethod
+    def matches(module):
+        v1, v2 = _swin_classes()
+        return isinstance(module, PrunedShiftedWindowAttention) or (
+            v1 is not None and isinstance(module, v1)
+        )
+
+    @property
+    def head_dim(self):
+        if isinstance(self.module, PrunedShiftedWindowAttention):
+            return int(self.module.head_dim)
+        return int(self.module.qkv.in_features) // int(self.module.num_heads)
+
+    def _trusted(self) -> str | None:
+        """Why the forward is not known to reshape as :class:`PrunedShiftedWindowAttention`'s."""
+        m = self.module
+        if isinstance(m, PrunedShiftedWindowAttention):
+            return None
+        v1, v2 = _swin_classes()
+        if v2 is not None and isinstance(m, v2):
+            return SWIN_V2_REASON
+        if (
+            type(m).forward is not v1.forward
+            or type(m).get_relative_position_bias is not v1.get_relative_position_bias
+            or not isinstance(getattr(m, "qkv", None), nn.Linear)
+            or not isinstance(getattr(m, "proj", None), nn.Linear)
+            or not isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter)
+        ):
+            return ATTENTION_REASON
+        return None
+
+    def reason(self):
+        why = self._trusted()
+        if why is not None or isinstance(self.module, PrunedShiftedWindowAttention):
+            return why
+        m = self.module
+        dim, n = int(m.qkv.in_features), int(m.num_heads)
+        table = m.relative_position_bias_table
+        if (
+            dim % n
+            or m.qkv.out_features != 3 * dim
+            or m.proj.in_features != dim
+            or table.dim() != 2
+            or table.shape[1] != n
+        ):
+            return ATTENTION_REASON
+        return None
+
+    def other_params(self):
+        return int(self.module.relative_position_bias_table.shape[0])
+
+    def _slice_extra(self, keep, cols, rows):
+        m = self.module  # one bias table column per head
+        m.relative_position_bias_table = _slice(
+            m.relative_position_bias_table, torch.tensor(keep), 1
+        )
+
+    def sync(self):
+        m = self.module
+        if self._trusted() is not None:
+            return None
+        rows = int(m.qkv.out_features)
+        if rows == 3 * self.num_heads * self.head_dim:
+            return None
+        heads = _heads_from_rows(rows, self.head_dim, "qkv")
+        table = m.relative_position_bias_table
+        if table.shape[1] != heads:
+            raise ValueError(
+                f"relative_position_bias_table has {table.shape[1]} heads, qkv {heads}"
+            )
+        return self._replacement(heads, self.head_dim)
 
 
 KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinHeads)
