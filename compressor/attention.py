@@ -1,5 +1,6 @@
 """Whole attention heads as removable units: timm's ``Attention``, torchvision's
-``nn.MultiheadAttention`` (vit_b_16) and Swin's ``ShiftedWindowAttention`` (swin_t).
+``nn.MultiheadAttention`` (vit_b_16) and Swin's ``ShiftedWindowAttention`` (swin_t) and
+``ShiftedWindowAttentionV2`` (swin_v2_t).
 
 A head ``h`` of an attention module is ``head_dim`` rows of each of q, k and v in the packed
 input projection (weight and bias), and the same ``head_dim`` input columns of the output
@@ -17,19 +18,22 @@ One :class:`HeadsKind` per supported module says where its heads are (``rows``,
   timm's own are trusted; a ``norm`` over the whole ``attn_dim`` (``scale_norm``) mixes the
   heads: then they stay whole.
 * ``nn.MultiheadAttention`` (packed ``in_proj_weight``/``in_proj_bias``, ``out_proj``) and
-  torchvision's ``ShiftedWindowAttention`` tie the q/k/v width to the input width
-  (``embed_dim``; Swin's functional reshapes by ``C // num_heads``), so heads cannot go in
-  place: the module is replaced by :class:`PrunedMultiheadAttention` /
-  :class:`PrunedShiftedWindowAttention`, which hold ``num_heads`` and ``head_dim`` explicitly,
-  keep the original's parameter names (a compact file has the same keys) and compute the
-  original's function for the kept heads with the same call signature and return type.
+  torchvision's ``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2`` tie the q/k/v
+  width to the input width (``embed_dim``; Swin's functional reshapes by ``C // num_heads``),
+  so heads cannot go in place: the module is replaced by :class:`PrunedMultiheadAttention` /
+  :class:`PrunedShiftedWindowAttention` / :class:`PrunedShiftedWindowAttentionV2`, which hold
+  ``num_heads`` and ``head_dim`` explicitly, keep the original's parameter names (a compact
+  file has the same keys) and compute the original's function for the kept heads with the
+  same call signature and return type. Swin V2's per-head parts (``logit_scale``, the last
+  row of ``cpb_mlp`` per head) go with their head.
 
-Swin V2's attention (``logit_scale``, ``cpb_mlp``) and any other module with ``num_heads`` and
-projections keep their heads whole with a reason.
+Any other module with ``num_heads`` and projections (a subclass overriding a trusted
+forward included) keeps its heads whole with a reason.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -44,7 +48,6 @@ ATTENTION_REASON = (
     "attention module whose forward is not known to reshape by num_heads: heads stay whole"
 )
 SCALE_NORM_REASON = "attention output norm (scale_norm) normalises over all heads: heads stay whole"
-SWIN_V2_REASON = "Swin V2 attention (logit_scale, cpb_mlp): heads stay whole (not supported yet)"
 
 
 def _timm_attention() -> type | None:
@@ -163,6 +166,17 @@ class HeadsKind:
         """``(columns, head)``: every input column of the output projection and its head."""
         cols = torch.arange(self.num_heads * self.head_dim)
         return cols, cols // self.head_dim
+
+    def present_layers(self) -> list[str]:
+        """The names in ``layers`` that this module has (timm's ``gate`` is optional)."""
+        present = []
+        for name in self.layers:
+            try:
+                self.module.get_submodule(name)
+            except AttributeError:
+                continue
+            present.append(name)
+        return present
 
     def members(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(param, rows, head)`` for every parameter whose rows belong to the heads."""
@@ -478,9 +492,7 @@ class PrunedShiftedWindowAttention(nn.Module):
         self.attention_dropout, self.dropout = attention_dropout, dropout
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
-        span = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(span, num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.define_relative_position_bias_table()
         coords = torch.stack(
             torch.meshgrid(
                 torch.arange(window_size[0]), torch.arange(window_size[1]), indexing="ij"
@@ -492,16 +504,27 @@ class PrunedShiftedWindowAttention(nn.Module):
         relative[:, :, 0] *= 2 * window_size[1] - 1
         self.register_buffer("relative_position_index", relative.sum(-1).flatten())
 
+    def define_relative_position_bias_table(self) -> None:
+        """The learned bias table: one column per head over the window's relative positions."""
+        span = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(span, self.num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
     @classmethod
     def adopt(cls, swin: nn.Module, num_heads: int, head_dim: int) -> PrunedShiftedWindowAttention:
+        """A module holding ``swin``'s own tensors (already sliced to ``num_heads`` heads of
+        ``head_dim``), with its windows, shifts and dropout."""
         new = _empty_like(cls, swin)
         new.window_size, new.shift_size = list(swin.window_size), list(swin.shift_size)
         new.num_heads, new.head_dim = int(num_heads), int(head_dim)
         new.attention_dropout, new.dropout = float(swin.attention_dropout), float(swin.dropout)
         new.qkv, new.proj = swin.qkv, swin.proj
-        new.relative_position_bias_table = swin.relative_position_bias_table
+        new._adopt_position_bias(swin)
         new.register_buffer("relative_position_index", swin.relative_position_index)
         return new
+
+    def _adopt_position_bias(self, swin: nn.Module) -> None:
+        self.relative_position_bias_table = swin.relative_position_bias_table
 
     def extra_repr(self) -> str:
         return (
@@ -510,9 +533,9 @@ class PrunedShiftedWindowAttention(nn.Module):
         )
 
     def get_relative_position_bias(self) -> torch.Tensor:
-        n = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index]
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return _window_bias(
+            self.relative_position_bias_table, self.relative_position_index, self.window_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _shifted_window_attention(
@@ -532,6 +555,94 @@ class PrunedShiftedWindowAttention(nn.Module):
         )
 
 
+class PrunedShiftedWindowAttentionV2(PrunedShiftedWindowAttention):
+    """torchvision's ``ShiftedWindowAttentionV2`` (Swin V2) with heads removed, as
+    :class:`PrunedShiftedWindowAttention` is V1's. Same parameter and buffer names: ``qkv``,
+    ``proj``, ``logit_scale`` (one per kept head), ``cpb_mlp`` (the continuous position bias
+    MLP, its last Linear one output per kept head), ``relative_coords_table`` and
+    ``relative_position_index``. Same forward: cosine attention scaled per head, the bias
+    ``16 sigmoid(cpb_mlp(...))``, and the k third of ``qkv``'s bias read as zero."""
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: list[int],
+        shift_size: list[int],
+        num_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__(
+            dim,
+            window_size,
+            shift_size,
+            num_heads,
+            head_dim,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attention_dropout=attention_dropout,
+            dropout=dropout,
+        )
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
+        if qkv_bias:
+            with torch.no_grad():
+                length = self.qkv.bias.numel() // 3
+                self.qkv.bias[length : 2 * length].zero_()
+
+    def define_relative_position_bias_table(self) -> None:
+        """The input of ``cpb_mlp``: every relative position in the window, log-spaced
+        (torchvision's ``relative_coords_table``; no learned table)."""
+        coords = [torch.arange(-(size - 1), size, dtype=torch.float32) for size in self.window_size]
+        table = torch.stack(torch.meshgrid(coords, indexing="ij"))
+        table = table.permute(1, 2, 0).contiguous().unsqueeze(0)
+        table[:, :, :, 0] /= self.window_size[0] - 1
+        table[:, :, :, 1] /= self.window_size[1] - 1
+        table *= 8
+        table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / 3.0
+        self.register_buffer("relative_coords_table", table)
+
+    def _adopt_position_bias(self, swin: nn.Module) -> None:
+        self.logit_scale, self.cpb_mlp = swin.logit_scale, swin.cpb_mlp
+        self.register_buffer("relative_coords_table", swin.relative_coords_table)
+
+    def get_relative_position_bias(self) -> torch.Tensor:
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = _window_bias(table, self.relative_position_index, self.window_size)
+        return 16 * torch.sigmoid(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _shifted_window_attention(
+            x,
+            self.qkv.weight,
+            self.proj.weight,
+            self.get_relative_position_bias(),
+            self.window_size,
+            self.num_heads,
+            self.head_dim,
+            list(self.shift_size),
+            attention_dropout=self.attention_dropout,
+            dropout=self.dropout,
+            qkv_bias=self.qkv.bias,
+            proj_bias=self.proj.bias,
+            logit_scale=self.logit_scale,
+            training=self.training,
+        )
+
+
+def _window_bias(table: torch.Tensor, index: torch.Tensor, window_size: list[int]) -> torch.Tensor:
+    """The per-head bias of every (query, key) pair of a window, ``(1, heads, n, n)``, from a
+    ``(relative positions, heads)`` table (torchvision's ``_get_relative_position_bias``)."""
+    n = window_size[0] * window_size[1]
+    return table[index].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
 def _shifted_window_attention(
     input: torch.Tensor,
     qkv_weight: torch.Tensor,
@@ -545,9 +656,10 @@ def _shifted_window_attention(
     dropout: float = 0.0,
     qkv_bias: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
     training: bool = True,
 ) -> torch.Tensor:
-    """torchvision's ``shifted_window_attention`` (V1, no ``logit_scale``), the heads'
+    """torchvision's ``shifted_window_attention`` (V1; V2 with ``logit_scale``), the heads'
     reshapes by ``num_heads`` and ``head_dim`` rather than the input width ``C``."""
     B, H, W, C = input.shape
     pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
@@ -566,11 +678,19 @@ def _shifted_window_attention(
     )
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
 
+    if logit_scale is not None and qkv_bias is not None:  # V2: the k bias reads as zero
+        qkv_bias = qkv_bias.clone()
+        length = qkv_bias.numel() // 3
+        qkv_bias[length : 2 * length].zero_()
     qkv = F.linear(x, qkv_weight, qkv_bias)
     qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    q = q * head_dim**-0.5
-    attn = q.matmul(k.transpose(-2, -1))
+    if logit_scale is not None:  # V2: cosine attention, each head scaled by its own logit
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        q = q * head_dim**-0.5
+        attn = q.matmul(k.transpose(-2, -1))
     attn = attn + relative_position_bias
 
     if sum(shift_size) > 0:
@@ -610,58 +730,68 @@ def _shifted_window_attention(
 
 
 class SwinHeads(HeadsKind):
-    """torchvision's ``ShiftedWindowAttention`` (V1; and :class:`PrunedShiftedWindowAttention`)."""
+    """torchvision's ``ShiftedWindowAttention`` (V1; and :class:`PrunedShiftedWindowAttention`).
+
+    A head is its q, k, v rows of ``qkv``, its input columns of ``proj`` and its column of
+    the relative position bias table."""
 
     packed = ("qkv.weight", "qkv.bias")
     root = "qkv"
     consumer = "proj"
     layers = ("qkv", "proj")
     pruned = PrunedShiftedWindowAttention
+    version = 0  # V1: its index in _swin_classes()
 
-    @staticmethod
-    def matches(module):
-        v1, v2 = _swin_classes()
-        return isinstance(module, PrunedShiftedWindowAttention) or (
-            v1 is not None and isinstance(module, v1)
+    @classmethod
+    def matches(cls, module):
+        original = _swin_classes()[cls.version]
+        return isinstance(module, cls.pruned) or (
+            original is not None and isinstance(module, original)
         )
 
     @property
     def head_dim(self):
-        if isinstance(self.module, PrunedShiftedWindowAttention):
+        if isinstance(self.module, self.pruned):
             return int(self.module.head_dim)
         return int(self.module.qkv.in_features) // int(self.module.num_heads)
 
     def _trusted(self) -> str | None:
-        """Why the forward is not known to reshape as :class:`PrunedShiftedWindowAttention`'s."""
+        """Why the forward is not known to reshape as the :attr:`pruned` module's."""
         m = self.module
-        if isinstance(m, PrunedShiftedWindowAttention):
+        if isinstance(m, self.pruned):
             return None
-        v1, v2 = _swin_classes()
-        if v2 is not None and isinstance(m, v2):
-            return SWIN_V2_REASON
+        original = _swin_classes()[self.version]
         if (
-            type(m).forward is not v1.forward
-            or type(m).get_relative_position_bias is not v1.get_relative_position_bias
+            type(m).forward is not original.forward
+            or type(m).get_relative_position_bias is not original.get_relative_position_bias
             or not isinstance(getattr(m, "qkv", None), nn.Linear)
             or not isinstance(getattr(m, "proj", None), nn.Linear)
-            or not isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter)
+            or not self._has_position_bias()
         ):
             return ATTENTION_REASON
         return None
 
+    def _has_position_bias(self) -> bool:
+        """The module holds its per-head position bias where torchvision's forward reads it."""
+        return isinstance(getattr(self.module, "relative_position_bias_table", None), nn.Parameter)
+
+    def _head_counts(self) -> dict[str, int]:
+        """How many heads each per-head tensor outside ``qkv`` and ``proj`` holds (by name;
+        0 where its shape is not one torchvision's forward reads per head)."""
+        table = self.module.relative_position_bias_table
+        return {"relative_position_bias_table": int(table.shape[1]) if table.dim() == 2 else 0}
+
     def reason(self):
         why = self._trusted()
-        if why is not None or isinstance(self.module, PrunedShiftedWindowAttention):
+        if why is not None or isinstance(self.module, self.pruned):
             return why
         m = self.module
         dim, n = int(m.qkv.in_features), int(m.num_heads)
-        table = m.relative_position_bias_table
         if (
             dim % n
             or m.qkv.out_features != 3 * dim
             or m.proj.in_features != dim
-            or table.dim() != 2
-            or table.shape[1] != n
+            or any(count != n for count in self._head_counts().values())
         ):
             return ATTENTION_REASON
         return None
@@ -676,22 +806,74 @@ class SwinHeads(HeadsKind):
         )
 
     def sync(self):
-        m = self.module
         if self._trusted() is not None:
             return None
-        rows = int(m.qkv.out_features)
+        rows = int(self.module.qkv.weight.shape[0])
         if rows == 3 * self.num_heads * self.head_dim:
             return None
         heads = _heads_from_rows(rows, self.head_dim, "qkv")
-        table = m.relative_position_bias_table
-        if table.shape[1] != heads:
-            raise ValueError(
-                f"relative_position_bias_table has {table.shape[1]} heads, qkv {heads}"
-            )
+        for name, count in self._head_counts().items():
+            if count != heads:
+                raise ValueError(f"{name} has {count} heads, qkv {heads}")
         return self._replacement(heads, self.head_dim)
 
 
-KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinHeads)
+CPB_OUT = "cpb_mlp.2"  # Swin V2's last position-bias Linear: one output per head
+
+
+class SwinV2Heads(SwinHeads):
+    """torchvision's ``ShiftedWindowAttentionV2`` (V2; and
+    :class:`PrunedShiftedWindowAttentionV2`).
+
+    A head is its q, k, v rows of ``qkv``, its input columns of ``proj``, its ``logit_scale``
+    and its output row of ``cpb_mlp``'s last Linear (the position bias MLP's hidden layer is
+    shared by all heads and stays). Cosine attention normalises q and k within each head, and
+    the k third of ``qkv``'s bias that the forward reads as zero is still the k third once
+    heads go, so a head whose v rows are zero outputs zero and the kept heads compute what
+    they did."""
+
+    layers = ("qkv", "proj", CPB_OUT)
+    pruned = PrunedShiftedWindowAttentionV2
+    version = 1  # V2: its index in _swin_classes()
+
+    def _has_position_bias(self):
+        cpb = getattr(self.module, "cpb_mlp", None)
+        return (
+            isinstance(getattr(self.module, "logit_scale", None), nn.Parameter)
+            and isinstance(cpb, nn.Sequential)
+            and len(cpb) == 3
+            and isinstance(cpb[2], nn.Linear)
+        )
+
+    def _head_counts(self):
+        scale = self.module.logit_scale
+        return {
+            "logit_scale": int(scale.shape[0]) if scale.shape[1:] == (1, 1) else 0,
+            f"{CPB_OUT}.weight": int(self.module.get_submodule(CPB_OUT).weight.shape[0]),
+        }
+
+    def members(self):
+        heads = torch.arange(self.num_heads)
+        cpb = self.module.get_submodule(CPB_OUT)
+        return super().members() + [
+            (f"{CPB_OUT}.{p}", heads, heads)
+            for p in ("weight", "bias")
+            if getattr(cpb, p) is not None
+        ]
+
+    def other_params(self):
+        """Its ``logit_scale``; its ``cpb_mlp`` row is a Linear layer's, which the cost model
+        counts."""
+        return 1
+
+    def _slice_extra(self, keep, cols, rows):
+        index = torch.tensor(keep)
+        self.module.logit_scale = _slice(self.module.logit_scale, index)
+        _slice_rows(self.module.get_submodule(CPB_OUT), index)
+
+
+# the first kind that matches: Swin V2's classes subclass V1's
+KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinV2Heads, SwinHeads)
 
 
 def heads_kind(module: nn.Module) -> HeadsKind | None:
