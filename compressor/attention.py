@@ -320,9 +320,20 @@ class PrunedMultiheadAttention(nn.Module):
     ``3 * num_heads * head_dim`` rows, ``in_proj_bias``, ``out_proj`` reading
     ``num_heads * head_dim`` columns), and ``forward`` has its signature and returns
     ``(output, weights)``. The output is the original's for the kept heads (a removed head
-    output exactly zero). The weights, where asked for, are those of the kept heads (averaged
-    over them by default). ``attn_mask``, ``key_padding_mask`` and ``is_causal`` are not
-    supported (torchvision's ViT passes none)."""
+    output exactly zero), masks included, with ``nn.MultiheadAttention``'s semantics: a bool
+    mask is True where attention is not allowed, a float mask is added to the logits;
+    ``key_padding_mask`` is ``(N, S)``, ``attn_mask`` ``(L, S)`` or ``(N * heads, L, S)`` with
+    one slice per head of the ORIGINAL module (the slices of the removed heads are dropped),
+    and ``is_causal`` is the hint that ``attn_mask`` is causal (it needs ``attn_mask``).
+
+    ``kept_heads`` are the original's heads this module computes, in order, and
+    ``original_heads`` how many the original had. A module loaded from a compact file does not
+    know them (None): a 3-D ``attn_mask`` is then refused, as it cannot be matched to heads.
+
+    The weights, where asked for, are those of the kept heads only. With
+    ``average_attn_weights`` (the default) they are averaged over the KEPT heads: the original
+    averages over all its heads, the removed ones too, so its average differs; per head
+    (``average_attn_weights=False``) they are the original's weights of the kept heads."""
 
     def __init__(
         self,
@@ -341,6 +352,8 @@ class PrunedMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * num_heads * head_dim)) if bias else None
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
+        self.kept_heads: tuple[int, ...] | None = tuple(range(num_heads))
+        self.original_heads: int | None = num_heads
 
     @classmethod
     def adopt(cls, mha: nn.Module, num_heads: int, head_dim: int) -> PrunedMultiheadAttention:
@@ -352,6 +365,7 @@ class PrunedMultiheadAttention(nn.Module):
         new.dropout, new.batch_first = float(mha.dropout), bool(mha.batch_first)
         new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
         new.out_proj = mha.out_proj
+        new.kept_heads = new.original_heads = None  # the caller knows them, where anyone does
         return new
 
     def extra_repr(self) -> str:
@@ -359,6 +373,60 @@ class PrunedMultiheadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"batch_first={self.batch_first}"
         )
+
+    def _logit_mask(
+        self,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        q: torch.Tensor,
+        source: int,
+    ) -> torch.Tensor | None:
+        """What to add to the kept heads' logits ``(batch, heads, length, source)``, broadcast:
+        ``attn_mask`` (a 3-D one's slices of the kept heads) plus ``key_padding_mask``."""
+        batch, length = q.shape[0], q.shape[2]
+        attn_mask = _float_mask(attn_mask, "attn_mask", q.dtype)
+        padding = _float_mask(key_padding_mask, "key_padding_mask", q.dtype)
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                if attn_mask.shape != (length, source):
+                    raise RuntimeError(
+                        f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should "
+                        f"be {(length, source)}."
+                    )
+                attn_mask = attn_mask.view(1, 1, length, source)
+            elif attn_mask.dim() == 3:
+                attn_mask = self._kept_slices(attn_mask, batch, length, source)
+            else:
+                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+        if padding is not None:
+            if padding.shape != (batch, source):
+                raise RuntimeError(
+                    f"key_padding_mask has shape {tuple(padding.shape)}, expected {(batch, source)}"
+                )
+            padding = padding.view(batch, 1, 1, source)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        return attn_mask
+
+    def _kept_slices(
+        self, attn_mask: torch.Tensor, batch: int, length: int, source: int
+    ) -> torch.Tensor:
+        """A 3-D ``attn_mask`` of the original's heads ``(batch * original_heads, L, S)`` as
+        ``(batch, kept heads, L, S)``."""
+        if self.kept_heads is None or self.original_heads is None:
+            raise RuntimeError(
+                "a 3-D attn_mask has one slice per head of the original nn.MultiheadAttention, "
+                "but this PrunedMultiheadAttention does not know which of those heads it kept "
+                "(it was loaded from a compact file); pass a 2-D (L, S) attn_mask, or use the "
+                "model as pruned in this process"
+            )
+        expected = (batch * self.original_heads, length, source)
+        if attn_mask.shape != expected:
+            raise RuntimeError(
+                f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                f"{expected} (one slice per head of the original module)."
+            )
+        kept = torch.tensor(self.kept_heads, device=attn_mask.device)
+        return attn_mask.view(batch, self.original_heads, length, source).index_select(1, kept)
 
     def forward(
         self,
@@ -371,16 +439,13 @@ class PrunedMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise NotImplementedError(
-                "PrunedMultiheadAttention (nn.MultiheadAttention with heads removed by "
-                "compressor) does not support key_padding_mask, attn_mask or is_causal"
-            )
         self_attention = query is key and key is value
         unbatched = query.dim() == 2
         if unbatched:
             dim = 0 if self.batch_first else 1
             query, key, value = query.unsqueeze(dim), key.unsqueeze(dim), value.unsqueeze(dim)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         w, b = self.in_proj_weight, self.in_proj_bias
@@ -395,16 +460,26 @@ class PrunedMultiheadAttention(nn.Module):
         q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)
         k = k.reshape(batch, source, heads, head_dim).transpose(1, 2)
         v = v.reshape(batch, source, heads, head_dim).transpose(1, 2)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)"
+            )
+        # as nn.MultiheadAttention: the hint alone decides where nothing else is merged in
+        causal = is_causal and key_padding_mask is None and not need_weights
+        mask = None if causal else self._logit_mask(attn_mask, key_padding_mask, q, source)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            attn = torch.softmax((q * head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+            logits = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+            attn = torch.softmax(logits if mask is None else logits + mask, dim=-1)
             out = F.dropout(attn, p=dropout, training=self.training) @ v
             weights = attn.mean(dim=1) if average_attn_weights else attn
             if unbatched:
                 weights = weights.squeeze(0)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
+            )
         out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not self.batch_first:
@@ -412,6 +487,15 @@ class PrunedMultiheadAttention(nn.Module):
         if unbatched:
             out = out.squeeze(1 if not self.batch_first else 0)
         return out, weights
+
+
+def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """``mask`` as logits to add: a bool mask's True (not allowed) as -inf, a float one as is."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise RuntimeError(f"only bool and floating types of {name} are supported")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
 class MultiheadAttentionHeads(HeadsKind):
@@ -448,6 +532,22 @@ class MultiheadAttentionHeads(HeadsKind):
         per_row = self.module.in_proj_weight.shape[1] + (self.module.in_proj_bias is not None)
         return 3 * self.head_dim * per_row
 
+    def remove(self, heads):
+        """As :meth:`HeadsKind.remove`, and the pruned module learns which of the original's
+        heads it keeps (a 3-D ``attn_mask`` has one slice per original head)."""
+        m = self.module
+        if isinstance(m, PrunedMultiheadAttention):
+            kept, original = m.kept_heads, m.original_heads
+        else:
+            kept, original = tuple(range(self.num_heads)), self.num_heads
+        new = super().remove(heads)
+        drop = set(heads)
+        new.kept_heads = (
+            None if kept is None else tuple(h for i, h in enumerate(kept) if i not in drop)
+        )
+        new.original_heads = original
+        return new
+
     def _slice_packed(self, rows):
         m = self.module
         m.in_proj_weight = _slice(m.in_proj_weight, rows)
@@ -462,7 +562,9 @@ class MultiheadAttentionHeads(HeadsKind):
         if rows == 3 * self.num_heads * self.head_dim:
             return None
         heads = _heads_from_rows(rows, self.head_dim, "in_proj_weight")
-        return self._replacement(heads, self.head_dim)
+        new = self._replacement(heads, self.head_dim)
+        new.kept_heads = new.original_heads = None  # a compact file holds shapes only
+        return new
 
 
 class PrunedShiftedWindowAttention(nn.Module):

@@ -336,8 +336,103 @@ def test_pruned_multihead_attention_computes_the_original(batch_first, bias):
     torch.testing.assert_close(
         pruned(unbatched, unbatched, unbatched)[0], mha(unbatched, unbatched, unbatched)[0]
     )
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        pruned(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+
+
+def _masks(batch, length, source, heads=4):
+    """Every mask kind ``nn.MultiheadAttention`` takes (name -> forward keyword arguments):
+    random bool and float masks that leave each query its first key (no all-masked row)."""
+    torch.manual_seed(1)
+
+    def bool_mask(*shape):
+        mask = torch.rand(*shape) < 0.4
+        mask[..., 0] = False
+        return mask
+
+    def float_mask(*shape):
+        return torch.randn(*shape, dtype=torch.float64).masked_fill(bool_mask(*shape), -1e9)
+
+    causal = torch.ones(length, source, dtype=torch.bool).triu(1)
+    return {
+        "bool 2-D": {"attn_mask": bool_mask(length, source)},
+        "float 2-D": {"attn_mask": float_mask(length, source)},
+        "bool 3-D": {"attn_mask": bool_mask(batch * heads, length, source)},
+        "float 3-D": {"attn_mask": float_mask(batch * heads, length, source)},
+        "bool padding": {"key_padding_mask": bool_mask(batch, source)},
+        "float padding": {"key_padding_mask": float_mask(batch, source)},
+        "3-D and padding": {
+            "attn_mask": float_mask(batch * heads, length, source),
+            "key_padding_mask": float_mask(batch, source),
+        },
+        "causal": {"attn_mask": causal, "is_causal": True},
+        "causal and padding": {
+            "attn_mask": causal,
+            "is_causal": True,
+            "key_padding_mask": bool_mask(batch, source),
+        },
+    }
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruned_multihead_attention_applies_masks_as_the_original(batch_first):
+    """Every mask kind gives the original's output (a 3-D mask's slices of the kept heads);
+    the per-head weights are the original's for the kept heads."""
+    mha, pruned = _mha_pair(batch_first)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for name, masks in _masks(batch=2, length=5, source=5).items():
+        for need_weights in (False, True):
+            expected = mha(x, x, x, need_weights=need_weights, **masks)[0]
+            out = pruned(x, x, x, need_weights=need_weights, **masks)[0]
+            torch.testing.assert_close(out, expected, msg=f"{name}, need_weights={need_weights}")
+        full = mha(x, x, x, average_attn_weights=False, **masks)[1]
+        kept = pruned(x, x, x, average_attn_weights=False, **masks)[1]
+        torch.testing.assert_close(kept, full[:, [0, 2]], msg=name)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)  # a hint needs its mask, as torch's
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        pruned(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        mha(x, x, x, is_causal=True)
+    unbatched = x[0] if batch_first else x[:, 0]  # (L, E), masks (S,) and (heads, L, S)
+    for masks in [
+        {"key_padding_mask": torch.tensor([False, True, False, False, True])},
+        {"attn_mask": torch.rand(4, 5, 5, dtype=torch.float64)},
+        {"attn_mask": causal, "is_causal": True},
+    ]:
+        torch.testing.assert_close(
+            pruned(unbatched, unbatched, unbatched, **masks)[0],
+            mha(unbatched, unbatched, unbatched, **masks)[0],
+        )
+
+
+def test_heads_removed_twice_keep_the_original_heads_3d_mask_slices():
+    mha, pruned = _mha_pair()  # kept heads 0 and 2
+    pruned = attention.heads_kind(pruned).remove([0])  # head 0 goes too: head 2 stays
+    assert (pruned.kept_heads, pruned.original_heads) == ((2,), 4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.randn(2 * 4, 5, 5, dtype=torch.float64)
+    full = mha(x, x, x, attn_mask=mask, average_attn_weights=False)[1]
+    kept = pruned(x, x, x, attn_mask=mask, average_attn_weights=False)[1]
+    torch.testing.assert_close(kept, full[:, [2]])
+
+
+def test_a_loaded_pruned_multihead_attention_refuses_3d_masks_it_cannot_match():
+    """A compact file holds shapes, not which original heads stayed: a 2-D mask still works,
+    a 3-D one (one slice per original head) is refused with the way out."""
+    mha, pruned = _mha_pair()
+    model = torch.nn.Sequential(__import__("copy").deepcopy(mha))
+    for name, tensor in pruned.named_parameters():  # the saved shapes, as a compact file's
+        owner, _, attr = name.rpartition(".")
+        setattr(model[0].get_submodule(owner), attr, tensor)
+    assert attention.sync_heads(model) == ["0"]  # then the heads, as loading one does
+    loaded = model[0]
+    assert loaded.num_heads == 2 and loaded.kept_heads is None
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.rand(5, 5) < 0.3
+    mask[:, 0] = False
+    torch.testing.assert_close(loaded(x, x, x, attn_mask=mask)[0], mha(x, x, x, attn_mask=mask)[0])
+    with pytest.raises(RuntimeError, match="does not know which of those heads it kept"):
+        loaded(x, x, x, attn_mask=torch.zeros(2 * 4, 5, 5, dtype=torch.float64))
 
 
 def test_swin_v2_heads_go_exactly_with_their_scales_biases_and_k_bias_in_float64():
