@@ -1,5 +1,6 @@
 """Whole attention heads as removable units: timm's ``Attention``, torchvision's
-``nn.MultiheadAttention`` (vit_b_16) and Swin's ``ShiftedWindowAttention`` (swin_t).
+``nn.MultiheadAttention`` (vit_b_16) and Swin's ``ShiftedWindowAttention`` (swin_t) and
+``ShiftedWindowAttentionV2`` (swin_v2_t).
 
 A head ``h`` of an attention module is ``head_dim`` rows of each of q, k and v in the packed
 input projection (weight and bias), and the same ``head_dim`` input columns of the output
@@ -17,19 +18,22 @@ One :class:`HeadsKind` per supported module says where its heads are (``rows``,
   timm's own are trusted; a ``norm`` over the whole ``attn_dim`` (``scale_norm``) mixes the
   heads: then they stay whole.
 * ``nn.MultiheadAttention`` (packed ``in_proj_weight``/``in_proj_bias``, ``out_proj``) and
-  torchvision's ``ShiftedWindowAttention`` tie the q/k/v width to the input width
-  (``embed_dim``; Swin's functional reshapes by ``C // num_heads``), so heads cannot go in
-  place: the module is replaced by :class:`PrunedMultiheadAttention` /
-  :class:`PrunedShiftedWindowAttention`, which hold ``num_heads`` and ``head_dim`` explicitly,
-  keep the original's parameter names (a compact file has the same keys) and compute the
-  original's function for the kept heads with the same call signature and return type.
+  torchvision's ``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2`` tie the q/k/v
+  width to the input width (``embed_dim``; Swin's functional reshapes by ``C // num_heads``),
+  so heads cannot go in place: the module is replaced by :class:`PrunedMultiheadAttention` /
+  :class:`PrunedShiftedWindowAttention` / :class:`PrunedShiftedWindowAttentionV2`, which hold
+  ``num_heads`` and ``head_dim`` explicitly, keep the original's parameter names (a compact
+  file has the same keys) and compute the original's function for the kept heads with the
+  same call signature and return type. Swin V2's per-head parts (``logit_scale``, the last
+  row of ``cpb_mlp`` per head) go with their head.
 
-Swin V2's attention (``logit_scale``, ``cpb_mlp``) and any other module with ``num_heads`` and
-projections keep their heads whole with a reason.
+Any other module with ``num_heads`` and projections (a subclass overriding a trusted
+forward included) keeps its heads whole with a reason.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -44,7 +48,6 @@ ATTENTION_REASON = (
     "attention module whose forward is not known to reshape by num_heads: heads stay whole"
 )
 SCALE_NORM_REASON = "attention output norm (scale_norm) normalises over all heads: heads stay whole"
-SWIN_V2_REASON = "Swin V2 attention (logit_scale, cpb_mlp): heads stay whole (not supported yet)"
 
 
 def _timm_attention() -> type | None:
@@ -125,12 +128,14 @@ class HeadsKind:
     ``packed`` names the parameters (below the module) whose rows are q, k, v in order,
     ``root`` the group's root (below the module), ``consumer`` the Linear whose input columns
     read the heads' outputs, ``layers`` the module's conv/linear children that the group owns
-    (their outputs, except ``consumer``'s, are the heads)."""
+    (their outputs, except ``consumer``'s, are the heads), ``pruned`` the compressor module that
+    replaces one whose forward cannot lose heads in place (None: heads go in place)."""
 
     packed: tuple[str, ...] = ()
     root = ""
     consumer = ""
     layers: tuple[str, ...] = ()
+    pruned: type[nn.Module] | None = None
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -162,6 +167,17 @@ class HeadsKind:
         cols = torch.arange(self.num_heads * self.head_dim)
         return cols, cols // self.head_dim
 
+    def present_layers(self) -> list[str]:
+        """The names in ``layers`` that this module has (timm's ``gate`` is optional)."""
+        present = []
+        for name in self.layers:
+            try:
+                self.module.get_submodule(name)
+            except AttributeError:
+                continue
+            present.append(name)
+        return present
+
     def members(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(param, rows, head)`` for every parameter whose rows belong to the heads."""
         rows, head = self.rows()
@@ -175,9 +191,38 @@ class HeadsKind:
         """Parameters one head holds outside the conv/linear layers of the cost model."""
         return 0
 
+    @torch.no_grad()
     def remove(self, heads: list[int]) -> nn.Module:
-        """Remove ``heads`` (at least one stays); the module to put in the original's place."""
-        raise NotImplementedError
+        """Remove ``heads`` (at least one stays); the module to put in the original's place.
+
+        Every kind loses the same things: the heads' q, k and v rows of the packed projection
+        and their input columns of ``consumer``; a kind adds what else is per head
+        (:meth:`_slice_extra`) and says which module holds the kept heads
+        (:meth:`_replacement`)."""
+        head_dim = self.head_dim
+        keep, cols, rows = _keep_index(self.num_heads, head_dim, heads)
+        if len(keep) < self.num_heads:
+            self._slice_packed(rows)
+            _slice_columns(self.module.get_submodule(self.consumer), cols)
+            self._slice_extra(keep, cols, rows)
+        return self._replacement(len(keep), head_dim)
+
+    def _slice_packed(self, rows: torch.Tensor) -> None:
+        """Keep ``rows`` of the packed q/k/v projection (by default the Linear ``root``)."""
+        _slice_rows(self.module.get_submodule(self.root), rows)
+
+    def _slice_extra(self, keep: list[int], cols: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep the kept heads' share of what else the kind holds per head (default: nothing).
+        ``keep`` are the kept heads, ``cols`` their positions in the attention width, ``rows``
+        their packed q/k/v rows."""
+
+    def _replacement(self, num_heads: int, head_dim: int) -> nn.Module:
+        """The module that holds the ``num_heads`` kept heads: a :attr:`pruned` module (the
+        original's tensors adopted, or the pruned module itself with its count updated)."""
+        if isinstance(self.module, self.pruned):
+            self.module.num_heads = num_heads
+            return self.module
+        return self.pruned.adopt(self.module, num_heads, head_dim)
 
     def sync(self) -> nn.Module | None:
         """After a compact file's shapes are restored: the module with its saved number of
@@ -235,18 +280,14 @@ class TimmHeads(HeadsKind):
             ]
         return out
 
-    @torch.no_grad()
-    def remove(self, heads):
-        module = self.module
-        n, head_dim = self.num_heads, self.head_dim
-        keep, cols, rows = _keep_index(n, head_dim, heads)
-        if len(keep) < n:
-            _slice_rows(module.qkv, rows)
-            if module.gate is not None:
-                _slice_rows(module.gate, cols)
-            _slice_columns(module.proj, cols)
-            self._set_heads()
-        return module
+    def _slice_extra(self, keep, cols, rows):
+        if self.module.gate is not None:  # one gate row per attention-width position
+            _slice_rows(self.module.gate, cols)
+
+    def _replacement(self, num_heads, head_dim):
+        """The module itself: timm's forward reshapes by ``num_heads`` and ``attn_dim``."""
+        self._set_heads()
+        return self.module
 
     def _set_heads(self) -> None:
         """``num_heads`` and ``attn_dim`` from ``qkv``'s rows (``head_dim`` never changes)."""
@@ -271,6 +312,192 @@ def _heads_from_rows(rows: int, head_dim: int, what: str) -> int:
     return rows // (3 * head_dim)
 
 
+class PrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (packed q/k/v, ``kdim == vdim == embed_dim``) with heads
+    removed: ``num_heads`` heads of ``head_dim`` each, the original's ``embed_dim`` in and out.
+
+    The parameters keep ``nn.MultiheadAttention``'s names (``in_proj_weight`` of
+    ``3 * num_heads * head_dim`` rows, ``in_proj_bias``, ``out_proj`` reading
+    ``num_heads * head_dim`` columns), and ``forward`` has its signature and returns
+    ``(output, weights)``. The output is the original's for the kept heads (a removed head
+    output exactly zero), masks included, with ``nn.MultiheadAttention``'s semantics: a bool
+    mask is True where attention is not allowed, a float mask is added to the logits;
+    ``key_padding_mask`` is ``(N, S)``, ``attn_mask`` ``(L, S)`` or ``(N * heads, L, S)`` with
+    one slice per head of the ORIGINAL module (the slices of the removed heads are dropped),
+    and ``is_causal`` is the hint that ``attn_mask`` is causal (it needs ``attn_mask``).
+
+    ``kept_heads`` are the original's heads this module computes, in order, and
+    ``original_heads`` how many the original had. A module loaded from a compact file does not
+    know them (None): a 3-D ``attn_mask`` is then refused, as it cannot be matched to heads.
+
+    The weights, where asked for, are those of the kept heads only. With
+    ``average_attn_weights`` (the default) they are averaged over the KEPT heads: the original
+    averages over all its heads, the removed ones too, so its average differs; per head
+    (``average_attn_weights=False``) they are the original's weights of the kept heads."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = False,
+    ):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * num_heads * head_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * num_heads * head_dim)) if bias else None
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        self.kept_heads: tuple[int, ...] | None = tuple(range(num_heads))
+        self.original_heads: int | None = num_heads
+
+    @classmethod
+    def adopt(cls, mha: nn.Module, num_heads: int, head_dim: int) -> PrunedMultiheadAttention:
+        """A module holding ``mha``'s own parameters and ``out_proj`` (already sliced to
+        ``num_heads`` heads of ``head_dim``), with its dropout and layout."""
+        new = _empty_like(cls, mha)
+        new.embed_dim, new.num_heads = int(mha.embed_dim), int(num_heads)
+        new.head_dim = int(head_dim)
+        new.dropout, new.batch_first = float(mha.dropout), bool(mha.batch_first)
+        new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+        new.out_proj = mha.out_proj
+        new.kept_heads = new.original_heads = None  # the caller knows them, where anyone does
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"batch_first={self.batch_first}"
+        )
+
+    def _logit_mask(
+        self,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        q: torch.Tensor,
+        source: int,
+    ) -> torch.Tensor | None:
+        """What to add to the kept heads' logits ``(batch, heads, length, source)``, broadcast:
+        ``attn_mask`` (a 3-D one's slices of the kept heads) plus ``key_padding_mask``."""
+        batch, length = q.shape[0], q.shape[2]
+        attn_mask = _float_mask(attn_mask, "attn_mask", q.dtype)
+        padding = _float_mask(key_padding_mask, "key_padding_mask", q.dtype)
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                if attn_mask.shape != (length, source):
+                    raise RuntimeError(
+                        f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should "
+                        f"be {(length, source)}."
+                    )
+                attn_mask = attn_mask.view(1, 1, length, source)
+            elif attn_mask.dim() == 3:
+                attn_mask = self._kept_slices(attn_mask, batch, length, source)
+            else:
+                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+        if padding is not None:
+            if padding.shape != (batch, source):
+                raise RuntimeError(
+                    f"key_padding_mask has shape {tuple(padding.shape)}, expected {(batch, source)}"
+                )
+            padding = padding.view(batch, 1, 1, source)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        return attn_mask
+
+    def _kept_slices(
+        self, attn_mask: torch.Tensor, batch: int, length: int, source: int
+    ) -> torch.Tensor:
+        """A 3-D ``attn_mask`` of the original's heads ``(batch * original_heads, L, S)`` as
+        ``(batch, kept heads, L, S)``."""
+        if self.kept_heads is None or self.original_heads is None:
+            raise RuntimeError(
+                "a 3-D attn_mask has one slice per head of the original nn.MultiheadAttention, "
+                "but this PrunedMultiheadAttention does not know which of those heads it kept "
+                "(it was loaded from a compact file); pass a 2-D (L, S) attn_mask, or use the "
+                "model as pruned in this process"
+            )
+        expected = (batch * self.original_heads, length, source)
+        if attn_mask.shape != expected:
+            raise RuntimeError(
+                f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                f"{expected} (one slice per head of the original module)."
+            )
+        kept = torch.tensor(self.kept_heads, device=attn_mask.device)
+        return attn_mask.view(batch, self.original_heads, length, source).index_select(1, kept)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self_attention = query is key and key is value
+        unbatched = query.dim() == 2
+        if unbatched:
+            dim = 0 if self.batch_first else 1
+            query, key, value = query.unsqueeze(dim), key.unsqueeze(dim), value.unsqueeze(dim)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if self_attention:
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        else:
+            wq, wk, wv = w.chunk(3)
+            bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
+            q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        batch, length, source = q.shape[0], q.shape[1], k.shape[1]
+        heads, head_dim = self.num_heads, self.head_dim
+        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)
+        k = k.reshape(batch, source, heads, head_dim).transpose(1, 2)
+        v = v.reshape(batch, source, heads, head_dim).transpose(1, 2)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)"
+            )
+        # as nn.MultiheadAttention: the hint alone decides where nothing else is merged in
+        causal = is_causal and key_padding_mask is None and not need_weights
+        mask = None if causal else self._logit_mask(attn_mask, key_padding_mask, q, source)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            logits = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+            attn = torch.softmax(logits if mask is None else logits + mask, dim=-1)
+            out = F.dropout(attn, p=dropout, training=self.training) @ v
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+            if unbatched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
+            )
+        out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1 if not self.batch_first else 0)
+        return out, weights
+
+
+def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """``mask`` as logits to add: a bool mask's True (not allowed) as -inf, a float one as is."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise RuntimeError(f"only bool and floating types of {name} are supported")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
 class MultiheadAttentionHeads(HeadsKind):
     """``nn.MultiheadAttention`` with packed q/k/v (and :class:`PrunedMultiheadAttention`)."""
 
@@ -278,6 +505,7 @@ class MultiheadAttentionHeads(HeadsKind):
     root = "in_proj_weight"
     consumer = "out_proj"
     layers = ("out_proj",)
+    pruned = PrunedMultiheadAttention
 
     @staticmethod
     def matches(module):
@@ -304,20 +532,27 @@ class MultiheadAttentionHeads(HeadsKind):
         per_row = self.module.in_proj_weight.shape[1] + (self.module.in_proj_bias is not None)
         return 3 * self.head_dim * per_row
 
-    @torch.no_grad()
     def remove(self, heads):
+        """As :meth:`HeadsKind.remove`, and the pruned module learns which of the original's
+        heads it keeps (a 3-D ``attn_mask`` has one slice per original head)."""
         m = self.module
-        n, head_dim = self.num_heads, self.head_dim
-        keep, cols, rows = _keep_index(n, head_dim, heads)
-        if len(keep) < n:
-            m.in_proj_weight = _slice(m.in_proj_weight, rows)
-            if m.in_proj_bias is not None:
-                m.in_proj_bias = _slice(m.in_proj_bias, rows)
-            _slice_columns(m.out_proj, cols)
         if isinstance(m, PrunedMultiheadAttention):
-            m.num_heads = len(keep)
-            return m
-        return PrunedMultiheadAttention.adopt(m, len(keep))
+            kept, original = m.kept_heads, m.original_heads
+        else:
+            kept, original = tuple(range(self.num_heads)), self.num_heads
+        new = super().remove(heads)
+        drop = set(heads)
+        new.kept_heads = (
+            None if kept is None else tuple(h for i, h in enumerate(kept) if i not in drop)
+        )
+        new.original_heads = original
+        return new
+
+    def _slice_packed(self, rows):
+        m = self.module
+        m.in_proj_weight = _slice(m.in_proj_weight, rows)
+        if m.in_proj_bias is not None:
+            m.in_proj_bias = _slice(m.in_proj_bias, rows)
 
     def sync(self):
         m = self.module
@@ -327,206 +562,9 @@ class MultiheadAttentionHeads(HeadsKind):
         if rows == 3 * self.num_heads * self.head_dim:
             return None
         heads = _heads_from_rows(rows, self.head_dim, "in_proj_weight")
-        if isinstance(m, PrunedMultiheadAttention):
-            m.num_heads = heads
-            return m
-        return PrunedMultiheadAttention.adopt(m, heads)
-
-
-class PrunedMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` (packed q/k/v, ``kdim == vdim == embed_dim``) with heads
-    removed: ``num_heads`` heads of ``head_dim`` each, the original's ``embed_dim`` in and out.
-
-    The parameters keep ``nn.MultiheadAttention``'s names (``in_proj_weight`` of
-    ``3 * num_heads * head_dim`` rows, ``in_proj_bias``, ``out_proj`` reading
-    ``num_heads * head_dim`` columns), and ``forward`` has its signature and returns
-    ``(output, weights)``. The output is the original's for the kept heads (a removed head
-    output exactly zero). The weights, where asked for, are those of the kept heads (averaged
-    over them by default). ``attn_mask``, ``key_padding_mask`` and ``is_causal`` are not
-    supported (torchvision's ViT passes none)."""
-
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        head_dim: int,
-        *,
-        bias: bool = True,
-        dropout: float = 0.0,
-        batch_first: bool = False,
-    ):
-        super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.dropout, self.batch_first = dropout, batch_first
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * num_heads * head_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * num_heads * head_dim)) if bias else None
-        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    @classmethod
-    def adopt(cls, mha: nn.Module, num_heads: int) -> PrunedMultiheadAttention:
-        """A module holding ``mha``'s own parameters and ``out_proj`` (already sliced to
-        ``num_heads`` heads), with its ``head_dim``, dropout and layout."""
-        new = _empty_like(cls, mha)
-        new.embed_dim, new.num_heads = int(mha.embed_dim), int(num_heads)
-        new.head_dim = int(mha.head_dim)
-        new.dropout, new.batch_first = float(mha.dropout), bool(mha.batch_first)
-        new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
-        new.out_proj = mha.out_proj
+        new = self._replacement(heads, self.head_dim)
+        new.kept_heads = new.original_heads = None  # a compact file holds shapes only
         return new
-
-    def extra_repr(self) -> str:
-        return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-            f"batch_first={self.batch_first}"
-        )
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise NotImplementedError(
-                "PrunedMultiheadAttention (nn.MultiheadAttention with heads removed by "
-                "compressor) does not support key_padding_mask, attn_mask or is_causal"
-            )
-        self_attention = query is key and key is value
-        unbatched = query.dim() == 2
-        if unbatched:
-            dim = 0 if self.batch_first else 1
-            query, key, value = query.unsqueeze(dim), key.unsqueeze(dim), value.unsqueeze(dim)
-        if not self.batch_first:  # (L, B, E) -> (B, L, E)
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        w, b = self.in_proj_weight, self.in_proj_bias
-        if self_attention:
-            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
-        else:
-            wq, wk, wv = w.chunk(3)
-            bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
-            q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
-        batch, length, source = q.shape[0], q.shape[1], k.shape[1]
-        heads, head_dim = self.num_heads, self.head_dim
-        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)
-        k = k.reshape(batch, source, heads, head_dim).transpose(1, 2)
-        v = v.reshape(batch, source, heads, head_dim).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            attn = torch.softmax((q * head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
-            out = F.dropout(attn, p=dropout, training=self.training) @ v
-            weights = attn.mean(dim=1) if average_attn_weights else attn
-            if unbatched:
-                weights = weights.squeeze(0)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        if unbatched:
-            out = out.squeeze(1 if not self.batch_first else 0)
-        return out, weights
-
-
-class SwinHeads(HeadsKind):
-    """torchvision's ``ShiftedWindowAttention`` (V1; and :class:`PrunedShiftedWindowAttention`)."""
-
-    packed = ("qkv.weight", "qkv.bias")
-    root = "qkv"
-    consumer = "proj"
-    layers = ("qkv", "proj")
-
-    @staticmethod
-    def matches(module):
-        v1, v2 = _swin_classes()
-        return isinstance(module, PrunedShiftedWindowAttention) or (
-            v1 is not None and isinstance(module, v1)
-        )
-
-    @property
-    def head_dim(self):
-        if isinstance(self.module, PrunedShiftedWindowAttention):
-            return int(self.module.head_dim)
-        return int(self.module.qkv.in_features) // int(self.module.num_heads)
-
-    def _trusted(self) -> str | None:
-        """Why the forward is not known to reshape as :class:`PrunedShiftedWindowAttention`'s."""
-        m = self.module
-        if isinstance(m, PrunedShiftedWindowAttention):
-            return None
-        v1, v2 = _swin_classes()
-        if v2 is not None and isinstance(m, v2):
-            return SWIN_V2_REASON
-        if (
-            type(m).forward is not v1.forward
-            or type(m).get_relative_position_bias is not v1.get_relative_position_bias
-            or not isinstance(getattr(m, "qkv", None), nn.Linear)
-            or not isinstance(getattr(m, "proj", None), nn.Linear)
-            or not isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter)
-        ):
-            return ATTENTION_REASON
-        return None
-
-    def reason(self):
-        why = self._trusted()
-        if why is not None or isinstance(self.module, PrunedShiftedWindowAttention):
-            return why
-        m = self.module
-        dim, n = int(m.qkv.in_features), int(m.num_heads)
-        table = m.relative_position_bias_table
-        if (
-            dim % n
-            or m.qkv.out_features != 3 * dim
-            or m.proj.in_features != dim
-            or table.dim() != 2
-            or table.shape[1] != n
-        ):
-            return ATTENTION_REASON
-        return None
-
-    def other_params(self):
-        return int(self.module.relative_position_bias_table.shape[0])
-
-    @torch.no_grad()
-    def remove(self, heads):
-        m = self.module
-        n, head_dim = self.num_heads, self.head_dim
-        keep, cols, rows = _keep_index(n, head_dim, heads)
-        if len(keep) < n:
-            _slice_rows(m.qkv, rows)
-            _slice_columns(m.proj, cols)
-            m.relative_position_bias_table = _slice(
-                m.relative_position_bias_table, torch.tensor(keep), 1
-            )
-        if isinstance(m, PrunedShiftedWindowAttention):
-            m.num_heads = len(keep)
-            return m
-        return PrunedShiftedWindowAttention.adopt(m, len(keep), head_dim)
-
-    def sync(self):
-        m = self.module
-        if self._trusted() is not None:
-            return None
-        rows = int(m.qkv.out_features)
-        if rows == 3 * self.num_heads * self.head_dim:
-            return None
-        heads = _heads_from_rows(rows, self.head_dim, "qkv")
-        table = m.relative_position_bias_table
-        if table.shape[1] != heads:
-            raise ValueError(
-                f"relative_position_bias_table has {table.shape[1]} heads, qkv {heads}"
-            )
-        if isinstance(m, PrunedShiftedWindowAttention):
-            m.num_heads = heads
-            return m
-        return PrunedShiftedWindowAttention.adopt(m, heads, self.head_dim)
 
 
 class PrunedShiftedWindowAttention(nn.Module):
@@ -556,9 +594,7 @@ class PrunedShiftedWindowAttention(nn.Module):
         self.attention_dropout, self.dropout = attention_dropout, dropout
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
-        span = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(span, num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.define_relative_position_bias_table()
         coords = torch.stack(
             torch.meshgrid(
                 torch.arange(window_size[0]), torch.arange(window_size[1]), indexing="ij"
@@ -570,16 +606,27 @@ class PrunedShiftedWindowAttention(nn.Module):
         relative[:, :, 0] *= 2 * window_size[1] - 1
         self.register_buffer("relative_position_index", relative.sum(-1).flatten())
 
+    def define_relative_position_bias_table(self) -> None:
+        """The learned bias table: one column per head over the window's relative positions."""
+        span = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(span, self.num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
     @classmethod
     def adopt(cls, swin: nn.Module, num_heads: int, head_dim: int) -> PrunedShiftedWindowAttention:
+        """A module holding ``swin``'s own tensors (already sliced to ``num_heads`` heads of
+        ``head_dim``), with its windows, shifts and dropout."""
         new = _empty_like(cls, swin)
         new.window_size, new.shift_size = list(swin.window_size), list(swin.shift_size)
         new.num_heads, new.head_dim = int(num_heads), int(head_dim)
         new.attention_dropout, new.dropout = float(swin.attention_dropout), float(swin.dropout)
         new.qkv, new.proj = swin.qkv, swin.proj
-        new.relative_position_bias_table = swin.relative_position_bias_table
+        new._adopt_position_bias(swin)
         new.register_buffer("relative_position_index", swin.relative_position_index)
         return new
+
+    def _adopt_position_bias(self, swin: nn.Module) -> None:
+        self.relative_position_bias_table = swin.relative_position_bias_table
 
     def extra_repr(self) -> str:
         return (
@@ -588,9 +635,9 @@ class PrunedShiftedWindowAttention(nn.Module):
         )
 
     def get_relative_position_bias(self) -> torch.Tensor:
-        n = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index]
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return _window_bias(
+            self.relative_position_bias_table, self.relative_position_index, self.window_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _shifted_window_attention(
@@ -610,6 +657,94 @@ class PrunedShiftedWindowAttention(nn.Module):
         )
 
 
+class PrunedShiftedWindowAttentionV2(PrunedShiftedWindowAttention):
+    """torchvision's ``ShiftedWindowAttentionV2`` (Swin V2) with heads removed, as
+    :class:`PrunedShiftedWindowAttention` is V1's. Same parameter and buffer names: ``qkv``,
+    ``proj``, ``logit_scale`` (one per kept head), ``cpb_mlp`` (the continuous position bias
+    MLP, its last Linear one output per kept head), ``relative_coords_table`` and
+    ``relative_position_index``. Same forward: cosine attention scaled per head, the bias
+    ``16 sigmoid(cpb_mlp(...))``, and the k third of ``qkv``'s bias read as zero."""
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: list[int],
+        shift_size: list[int],
+        num_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__(
+            dim,
+            window_size,
+            shift_size,
+            num_heads,
+            head_dim,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attention_dropout=attention_dropout,
+            dropout=dropout,
+        )
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
+        if qkv_bias:
+            with torch.no_grad():
+                length = self.qkv.bias.numel() // 3
+                self.qkv.bias[length : 2 * length].zero_()
+
+    def define_relative_position_bias_table(self) -> None:
+        """The input of ``cpb_mlp``: every relative position in the window, log-spaced
+        (torchvision's ``relative_coords_table``; no learned table)."""
+        coords = [torch.arange(-(size - 1), size, dtype=torch.float32) for size in self.window_size]
+        table = torch.stack(torch.meshgrid(coords, indexing="ij"))
+        table = table.permute(1, 2, 0).contiguous().unsqueeze(0)
+        table[:, :, :, 0] /= self.window_size[0] - 1
+        table[:, :, :, 1] /= self.window_size[1] - 1
+        table *= 8
+        table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / 3.0
+        self.register_buffer("relative_coords_table", table)
+
+    def _adopt_position_bias(self, swin: nn.Module) -> None:
+        self.logit_scale, self.cpb_mlp = swin.logit_scale, swin.cpb_mlp
+        self.register_buffer("relative_coords_table", swin.relative_coords_table)
+
+    def get_relative_position_bias(self) -> torch.Tensor:
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = _window_bias(table, self.relative_position_index, self.window_size)
+        return 16 * torch.sigmoid(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _shifted_window_attention(
+            x,
+            self.qkv.weight,
+            self.proj.weight,
+            self.get_relative_position_bias(),
+            self.window_size,
+            self.num_heads,
+            self.head_dim,
+            list(self.shift_size),
+            attention_dropout=self.attention_dropout,
+            dropout=self.dropout,
+            qkv_bias=self.qkv.bias,
+            proj_bias=self.proj.bias,
+            logit_scale=self.logit_scale,
+            training=self.training,
+        )
+
+
+def _window_bias(table: torch.Tensor, index: torch.Tensor, window_size: list[int]) -> torch.Tensor:
+    """The per-head bias of every (query, key) pair of a window, ``(1, heads, n, n)``, from a
+    ``(relative positions, heads)`` table (torchvision's ``_get_relative_position_bias``)."""
+    n = window_size[0] * window_size[1]
+    return table[index].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
 def _shifted_window_attention(
     input: torch.Tensor,
     qkv_weight: torch.Tensor,
@@ -623,9 +758,10 @@ def _shifted_window_attention(
     dropout: float = 0.0,
     qkv_bias: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
     training: bool = True,
 ) -> torch.Tensor:
-    """torchvision's ``shifted_window_attention`` (V1, no ``logit_scale``), the heads'
+    """torchvision's ``shifted_window_attention`` (V1; V2 with ``logit_scale``), the heads'
     reshapes by ``num_heads`` and ``head_dim`` rather than the input width ``C``."""
     B, H, W, C = input.shape
     pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
@@ -644,11 +780,19 @@ def _shifted_window_attention(
     )
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
 
+    if logit_scale is not None and qkv_bias is not None:  # V2: the k bias reads as zero
+        qkv_bias = qkv_bias.clone()
+        length = qkv_bias.numel() // 3
+        qkv_bias[length : 2 * length].zero_()
     qkv = F.linear(x, qkv_weight, qkv_bias)
     qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    q = q * head_dim**-0.5
-    attn = q.matmul(k.transpose(-2, -1))
+    if logit_scale is not None:  # V2: cosine attention, each head scaled by its own logit
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        q = q * head_dim**-0.5
+        attn = q.matmul(k.transpose(-2, -1))
     attn = attn + relative_position_bias
 
     if sum(shift_size) > 0:
@@ -687,7 +831,151 @@ def _shifted_window_attention(
     return x[:, :H, :W, :].contiguous()
 
 
-KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinHeads)
+class SwinHeads(HeadsKind):
+    """torchvision's ``ShiftedWindowAttention`` (V1; and :class:`PrunedShiftedWindowAttention`).
+
+    A head is its q, k, v rows of ``qkv``, its input columns of ``proj`` and its column of
+    the relative position bias table."""
+
+    packed = ("qkv.weight", "qkv.bias")
+    root = "qkv"
+    consumer = "proj"
+    layers = ("qkv", "proj")
+    pruned = PrunedShiftedWindowAttention
+    version = 0  # V1: its index in _swin_classes()
+
+    @classmethod
+    def matches(cls, module):
+        original = _swin_classes()[cls.version]
+        return isinstance(module, cls.pruned) or (
+            original is not None and isinstance(module, original)
+        )
+
+    @property
+    def head_dim(self):
+        if isinstance(self.module, self.pruned):
+            return int(self.module.head_dim)
+        return int(self.module.qkv.in_features) // int(self.module.num_heads)
+
+    def _trusted(self) -> str | None:
+        """Why the forward is not known to reshape as the :attr:`pruned` module's."""
+        m = self.module
+        if isinstance(m, self.pruned):
+            return None
+        original = _swin_classes()[self.version]
+        if (
+            type(m).forward is not original.forward
+            or type(m).get_relative_position_bias is not original.get_relative_position_bias
+            or not isinstance(getattr(m, "qkv", None), nn.Linear)
+            or not isinstance(getattr(m, "proj", None), nn.Linear)
+            or not self._has_position_bias()
+        ):
+            return ATTENTION_REASON
+        return None
+
+    def _has_position_bias(self) -> bool:
+        """The module holds its per-head position bias where torchvision's forward reads it."""
+        return isinstance(getattr(self.module, "relative_position_bias_table", None), nn.Parameter)
+
+    def _head_counts(self) -> dict[str, int]:
+        """How many heads each per-head tensor outside ``qkv`` and ``proj`` holds (by name;
+        0 where its shape is not one torchvision's forward reads per head)."""
+        table = self.module.relative_position_bias_table
+        return {"relative_position_bias_table": int(table.shape[1]) if table.dim() == 2 else 0}
+
+    def reason(self):
+        why = self._trusted()
+        if why is not None or isinstance(self.module, self.pruned):
+            return why
+        m = self.module
+        dim, n = int(m.qkv.in_features), int(m.num_heads)
+        if (
+            dim % n
+            or m.qkv.out_features != 3 * dim
+            or m.proj.in_features != dim
+            or any(count != n for count in self._head_counts().values())
+        ):
+            return ATTENTION_REASON
+        return None
+
+    def other_params(self):
+        return int(self.module.relative_position_bias_table.shape[0])
+
+    def _slice_extra(self, keep, cols, rows):
+        m = self.module  # one bias table column per head
+        m.relative_position_bias_table = _slice(
+            m.relative_position_bias_table, torch.tensor(keep), 1
+        )
+
+    def sync(self):
+        if self._trusted() is not None:
+            return None
+        rows = int(self.module.qkv.weight.shape[0])
+        if rows == 3 * self.num_heads * self.head_dim:
+            return None
+        heads = _heads_from_rows(rows, self.head_dim, "qkv")
+        for name, count in self._head_counts().items():
+            if count != heads:
+                raise ValueError(f"{name} has {count} heads, qkv {heads}")
+        return self._replacement(heads, self.head_dim)
+
+
+CPB_OUT = "cpb_mlp.2"  # Swin V2's last position-bias Linear: one output per head
+
+
+class SwinV2Heads(SwinHeads):
+    """torchvision's ``ShiftedWindowAttentionV2`` (V2; and
+    :class:`PrunedShiftedWindowAttentionV2`).
+
+    A head is its q, k, v rows of ``qkv``, its input columns of ``proj``, its ``logit_scale``
+    and its output row of ``cpb_mlp``'s last Linear (the position bias MLP's hidden layer is
+    shared by all heads and stays). Cosine attention normalises q and k within each head, and
+    the k third of ``qkv``'s bias that the forward reads as zero is still the k third once
+    heads go, so a head whose v rows are zero outputs zero and the kept heads compute what
+    they did."""
+
+    layers = ("qkv", "proj", CPB_OUT)
+    pruned = PrunedShiftedWindowAttentionV2
+    version = 1  # V2: its index in _swin_classes()
+
+    def _has_position_bias(self):
+        cpb = getattr(self.module, "cpb_mlp", None)
+        return (
+            isinstance(getattr(self.module, "logit_scale", None), nn.Parameter)
+            and isinstance(cpb, nn.Sequential)
+            and len(cpb) == 3
+            and isinstance(cpb[2], nn.Linear)
+        )
+
+    def _head_counts(self):
+        scale = self.module.logit_scale
+        return {
+            "logit_scale": int(scale.shape[0]) if scale.shape[1:] == (1, 1) else 0,
+            f"{CPB_OUT}.weight": int(self.module.get_submodule(CPB_OUT).weight.shape[0]),
+        }
+
+    def members(self):
+        heads = torch.arange(self.num_heads)
+        cpb = self.module.get_submodule(CPB_OUT)
+        return super().members() + [
+            (f"{CPB_OUT}.{p}", heads, heads)
+            for p in ("weight", "bias")
+            if getattr(cpb, p) is not None
+        ]
+
+    def other_params(self):
+        """Its ``logit_scale``; its ``cpb_mlp`` row is a Linear layer's, which the cost model
+        counts."""
+        return 1
+
+    def _slice_extra(self, keep, cols, rows):
+        index = torch.tensor(keep)
+        self.module.logit_scale = _slice(self.module.logit_scale, index)
+        _slice_rows(self.module.get_submodule(CPB_OUT), index)
+
+
+# the first kind that matches: Swin V2's classes subclass V1's
+KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinV2Heads, SwinHeads)
 
 
 def heads_kind(module: nn.Module) -> HeadsKind | None:

@@ -522,11 +522,7 @@ def build_groups(
     for name in head_modules:
         kind = _attention.heads_kind(model.get_submodule(name))
         consumers_of_heads.add(f"{name}.{kind.consumer}")
-        head_layers += [
-            f"{name}.{child}"
-            for child in kind.layers
-            if isinstance(getattr(kind.module, child, None), nn.Module)
-        ]
+        head_layers += [f"{name}.{child}" for child in kind.present_layers()]
     for layer in head_layers:  # heads are their units; proj's outputs keep their own reason
         if layer not in consumers_of_heads:
             excluded.pop(layer, None)

@@ -1,4 +1,5 @@
-"""Whole attention heads as removable units (timm's ViTs, torchvision's vit_b_16 and swin_t):
+"""Whole attention heads as removable units (timm's ViTs, torchvision's vit_b_16, swin_t and
+swin_v2_t):
 zero half of each block's heads, remove them, and check parity, shapes, MACs, the compact
 round trip and ONNX."""
 
@@ -158,7 +159,7 @@ def test_gated_or_qk_normed_attention_loses_heads_exactly(kwargs):
     torch.testing.assert_close(model(x), reference, atol=1e-6, rtol=1e-6)
 
 
-# torchvision: tiny configurations of vit_b_16's and swin_t's classes
+# torchvision: tiny configurations of vit_b_16's, swin_t's and swin_v2_t's classes
 TV_VIT = dict(
     image_size=32,
     patch_size=16,
@@ -179,13 +180,33 @@ TV_SWIN = dict(
 TV_ARCH = {
     "vit": "torchvision.models:VisionTransformer",
     "swin": "torchvision.models.swin_transformer:SwinTransformer",
+    "swin_v2": "tests.test_attention_heads:tiny_swin_v2",
 }
+TV_KWARGS = {"vit": TV_VIT, "swin": TV_SWIN, "swin_v2": {}}
+SWIN_PRUNED = {
+    "swin": attention.PrunedShiftedWindowAttention,
+    "swin_v2": attention.PrunedShiftedWindowAttentionV2,
+}
+
+
+def tiny_swin_v2():
+    """``TV_SWIN`` built from swin_v2_t's classes (V2 attention, blocks and patch merging);
+    importable, so a compact file of it loads back by name."""
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
+
+    return SwinTransformer(**TV_SWIN, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
 
 
 def _torchvision(kind):
     torch.manual_seed(0)
     if kind == "vit":
         return torchvision.models.VisionTransformer(**TV_VIT).eval()
+    if kind == "swin_v2":
+        return tiny_swin_v2().eval()
     from torchvision.models.swin_transformer import SwinTransformer
 
     return SwinTransformer(**TV_SWIN).eval()
@@ -217,7 +238,7 @@ def _prune_torchvision_heads(kind):
     return model, x, groups
 
 
-@pytest.mark.parametrize("kind", ["vit", "swin"])
+@pytest.mark.parametrize("kind", ["vit", "swin", "swin_v2"])
 def test_torchvision_heads_are_units_removed_exactly_and_load_back(kind, tmp_path):
     model, x, groups = _prune_torchvision_heads(kind)
     modules = _attention_modules(model)
@@ -232,10 +253,20 @@ def test_torchvision_heads_are_units_removed_exactly_and_load_back(kind, tmp_pat
             assert (a.num_heads, a.head_dim) == (2, 8)
             assert a.in_proj_weight.shape == (3 * 16, 32) and a.out_proj.in_features == 16
         assert not any(r == attention.MHA_REASON for r in groups.excluded.values())
-    else:
+    elif kind == "swin":
         for a in modules:
-            assert isinstance(a, attention.PrunedShiftedWindowAttention)
+            assert type(a) is attention.PrunedShiftedWindowAttention
             assert a.head_dim == 8 and a.relative_position_bias_table.shape[1] == a.num_heads
+        assert [a.num_heads for a in modules] == [1, 1, 2, 2]
+    else:
+        for g in groups:
+            if g.attention is not None:  # a head: also its row of the position bias MLP's output
+                assert f"{g.attention}.cpb_mlp.2.weight" in {m.param for m in g.members}
+                assert g.other_params == 1  # its logit_scale
+        for a in modules:
+            assert type(a) is attention.PrunedShiftedWindowAttentionV2
+            assert a.head_dim == 8 and a.logit_scale.shape == (a.num_heads, 1, 1)
+            assert a.cpb_mlp[2].weight.shape == (a.num_heads, 512)
         assert [a.num_heads for a in modules] == [1, 1, 2, 2]
         assert attention.ATTENTION_REASON not in groups.excluded.values()
     # the pruned model's heads are units again
@@ -243,8 +274,7 @@ def test_torchvision_heads_are_units_removed_exactly_and_load_back(kind, tmp_pat
     assert sorted(g.size for g in again if g.attention) == sorted(a.num_heads for a in modules)
 
     path = tmp_path / "model.safetensors"
-    kwargs = TV_VIT if kind == "vit" else TV_SWIN
-    ckpt.save_compact(model, path, arch=TV_ARCH[kind], build_kwargs=kwargs)
+    ckpt.save_compact(model, path, arch=TV_ARCH[kind], build_kwargs=TV_KWARGS[kind])
     loaded = compressor.load(path, trust_checkpoint=True)
     assert [(type(a), a.num_heads) for a in _attention_modules(loaded)] == [
         (type(a), a.num_heads) for a in modules
@@ -254,7 +284,11 @@ def test_torchvision_heads_are_units_removed_exactly_and_load_back(kind, tmp_pat
 
 @pytest.mark.parametrize(
     "kind",
-    ["vit", pytest.param("swin", marks=pytest.mark.slow)],  # swin: ~12 s to export
+    [  # Swin: ~12 s to export
+        "vit",
+        pytest.param("swin", marks=pytest.mark.slow),
+        pytest.param("swin_v2", marks=pytest.mark.slow),
+    ],
 )
 def test_torchvision_pruned_heads_export_to_onnx(kind, tmp_path):
     model, x, _ = _prune_torchvision_heads(kind)
@@ -302,15 +336,136 @@ def test_pruned_multihead_attention_computes_the_original(batch_first, bias):
     torch.testing.assert_close(
         pruned(unbatched, unbatched, unbatched)[0], mha(unbatched, unbatched, unbatched)[0]
     )
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        pruned(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+
+
+def _masks(batch, length, source, heads=4):
+    """Every mask kind ``nn.MultiheadAttention`` takes (name -> forward keyword arguments):
+    random bool and float masks that leave each query its first key (no all-masked row)."""
+    torch.manual_seed(1)
+
+    def bool_mask(*shape):
+        mask = torch.rand(*shape) < 0.4
+        mask[..., 0] = False
+        return mask
+
+    def float_mask(*shape):
+        return torch.randn(*shape, dtype=torch.float64).masked_fill(bool_mask(*shape), -1e9)
+
+    causal = torch.ones(length, source, dtype=torch.bool).triu(1)
+    return {
+        "bool 2-D": {"attn_mask": bool_mask(length, source)},
+        "float 2-D": {"attn_mask": float_mask(length, source)},
+        "bool 3-D": {"attn_mask": bool_mask(batch * heads, length, source)},
+        "float 3-D": {"attn_mask": float_mask(batch * heads, length, source)},
+        "bool padding": {"key_padding_mask": bool_mask(batch, source)},
+        "float padding": {"key_padding_mask": float_mask(batch, source)},
+        "3-D and padding": {
+            "attn_mask": float_mask(batch * heads, length, source),
+            "key_padding_mask": float_mask(batch, source),
+        },
+        "causal": {"attn_mask": causal, "is_causal": True},
+        "causal and padding": {
+            "attn_mask": causal,
+            "is_causal": True,
+            "key_padding_mask": bool_mask(batch, source),
+        },
+    }
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruned_multihead_attention_applies_masks_as_the_original(batch_first):
+    """Every mask kind gives the original's output (a 3-D mask's slices of the kept heads);
+    the per-head weights are the original's for the kept heads."""
+    mha, pruned = _mha_pair(batch_first)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for name, masks in _masks(batch=2, length=5, source=5).items():
+        for need_weights in (False, True):
+            expected = mha(x, x, x, need_weights=need_weights, **masks)[0]
+            out = pruned(x, x, x, need_weights=need_weights, **masks)[0]
+            torch.testing.assert_close(out, expected, msg=f"{name}, need_weights={need_weights}")
+        full = mha(x, x, x, average_attn_weights=False, **masks)[1]
+        kept = pruned(x, x, x, average_attn_weights=False, **masks)[1]
+        torch.testing.assert_close(kept, full[:, [0, 2]], msg=name)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)  # a hint needs its mask, as torch's
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        pruned(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        mha(x, x, x, is_causal=True)
+    unbatched = x[0] if batch_first else x[:, 0]  # (L, E), masks (S,) and (heads, L, S)
+    for masks in [
+        {"key_padding_mask": torch.tensor([False, True, False, False, True])},
+        {"attn_mask": torch.rand(4, 5, 5, dtype=torch.float64)},
+        {"attn_mask": causal, "is_causal": True},
+    ]:
+        torch.testing.assert_close(
+            pruned(unbatched, unbatched, unbatched, **masks)[0],
+            mha(unbatched, unbatched, unbatched, **masks)[0],
+        )
+
+
+def test_heads_removed_twice_keep_the_original_heads_3d_mask_slices():
+    mha, pruned = _mha_pair()  # kept heads 0 and 2
+    pruned = attention.heads_kind(pruned).remove([0])  # head 0 goes too: head 2 stays
+    assert (pruned.kept_heads, pruned.original_heads) == ((2,), 4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.randn(2 * 4, 5, 5, dtype=torch.float64)
+    full = mha(x, x, x, attn_mask=mask, average_attn_weights=False)[1]
+    kept = pruned(x, x, x, attn_mask=mask, average_attn_weights=False)[1]
+    torch.testing.assert_close(kept, full[:, [2]])
+
+
+def test_a_loaded_pruned_multihead_attention_refuses_3d_masks_it_cannot_match():
+    """A compact file holds shapes, not which original heads stayed: a 2-D mask still works,
+    a 3-D one (one slice per original head) is refused with the way out."""
+    mha, pruned = _mha_pair()
+    model = torch.nn.Sequential(__import__("copy").deepcopy(mha))
+    for name, tensor in pruned.named_parameters():  # the saved shapes, as a compact file's
+        owner, _, attr = name.rpartition(".")
+        setattr(model[0].get_submodule(owner), attr, tensor)
+    assert attention.sync_heads(model) == ["0"]  # then the heads, as loading one does
+    loaded = model[0]
+    assert loaded.num_heads == 2 and loaded.kept_heads is None
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.rand(5, 5) < 0.3
+    mask[:, 0] = False
+    torch.testing.assert_close(loaded(x, x, x, attn_mask=mask)[0], mha(x, x, x, attn_mask=mask)[0])
+    with pytest.raises(RuntimeError, match="does not know which of those heads it kept"):
+        loaded(x, x, x, attn_mask=torch.zeros(2 * 4, 5, 5, dtype=torch.float64))
+
+
+def test_swin_v2_heads_go_exactly_with_their_scales_biases_and_k_bias_in_float64():
+    """Each kept head keeps its own logit_scale, position-bias row and q/v biases, and still
+    reads its k bias as zero (cosine attention would see a non-zero one): the outputs are the
+    original's to float64 rounding."""
+    model = tiny_swin_v2().double().eval()
+    with torch.no_grad():  # heads that differ: a wrong slice would show
+        for a in _attention_modules(model):
+            a.qkv.bias.uniform_(-1, 1)  # the k third too: the forward reads it as zero
+            a.logit_scale.uniform_(1, 4)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    groups = build_groups(model, x[:1])
+    _zero_heads(groups, model)
+    reference = model(x).detach()
+    prune_zero_channels(model, groups, x)
+    modules = _attention_modules(model)
+    assert [a.num_heads for a in modules] == [1, 1, 2, 2]
+    assert all(type(a) is attention.PrunedShiftedWindowAttentionV2 for a in modules)
+    torch.testing.assert_close(model(x), reference, rtol=1e-12, atol=1e-12)
 
 
 def test_unsupported_torchvision_attention_keeps_heads_whole():
     from torchvision.models.swin_transformer import ShiftedWindowAttentionV2
 
-    v2 = ShiftedWindowAttentionV2(16, [4, 4], [0, 0], num_heads=2)
-    assert attention.heads_reason(v2) == attention.SWIN_V2_REASON
+    class CustomV2(ShiftedWindowAttentionV2):
+        def forward(self, x):  # might reshape by the input's width
+            return super().forward(x)
+
+    assert attention.heads_reason(CustomV2(16, [4, 4], [0, 0], num_heads=2)) == (
+        attention.ATTENTION_REASON
+    )
+    assert attention.heads_reason(ShiftedWindowAttentionV2(16, [4, 4], [0, 0], 2)) is None
     separate = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
     assert attention.heads_reason(separate) == attention.MHA_REASON
     assert attention.heads_reason(torch.nn.MultiheadAttention(16, 4, add_bias_kv=True)) == (
