@@ -21,7 +21,7 @@ The heads' final prediction layers (class logits, box regressions and FCOS's cen
 :func:`prediction_layers`) keep their output channels: their rows are the outputs' layout.
 RetinaNet's and FCOS's head is one module run on every FPN level, so the channel groups tie
 all the FPN's outputs (and P6, which reads P5) together; FCOS's head towers feed GroupNorm,
-which normalises each channel with its group's others, so they stay whole
+which normalises each channel with its norm group's others, so they lose whole norm groups
 (:mod:`compressor.groups`). A checkpoint's classes come from its class-logit rows
 (:mod:`compressor.checkpoint`), for a detector built by name or by the
 user's ``--arch package.module:callable``.
