@@ -626,16 +626,24 @@ def _supports(arch: str, name: str) -> bool:
     # timm: num_classes and in_chans via create_model
 
 
+def _is_detector(model: nn.Module) -> bool:
+    """A torchvision single-stage detector (SSD, SSDlite, RetinaNet, FCOS), built by name or
+    by the user's ``package.module:callable``: its classes are not its last conv's rows."""
+    head = getattr(model, "head", None)
+    return hasattr(model, "transform") and hasattr(head, "classification_head")
+
+
 def _detection_classes(
-    arch: str, sd: Mapping[str, torch.Tensor], num_classes: int | None, path: Path
+    model: nn.Module, sd: Mapping[str, torch.Tensor], num_classes: int | None, path: Path
 ) -> int | None:
     """A torchvision detector's ``num_classes`` (background included) as its checkpoint
     stores it: the first class-logits conv has ``anchors * classes`` rows and the first
     box-regression conv ``anchors * 4`` (SSD, SSDlite, RetinaNet, FCOS). ``num_classes``
-    when the checkpoint does not tell; a different ``num_classes`` raises."""
+    when the checkpoint does not tell; a different ``num_classes`` raises. ``model``: the
+    detector's structure (a probe)."""
     from compressor.detection import prediction_layers
 
-    layers = prediction_layers(_probe(arch))
+    layers = prediction_layers(model)
     cls = next((n for n in layers if n.startswith("head.classification_head.")), None)
     reg = next((n for n in layers if n.startswith("head.regression_head.")), None)
     rows = [sd.get(f"{n}.weight") for n in (cls, reg)]
@@ -663,9 +671,12 @@ def _fit_model(
 
     First the checkpoint must be an ``arch`` at all (keys and shapes, with its own classifier
     outputs and input channels); only then are those sizes compared with what was asked."""
-    if _is_detection(arch):
-        num_classes = _detection_classes(arch, sd, num_classes, path)
     model = _probe(arch, num_classes, in_channels)
+    detector = _is_detector(model)
+    if detector:  # built again with the checkpoint's classes when none were asked
+        found = _detection_classes(model, sd, num_classes, path)
+        if found != num_classes:
+            num_classes, model = found, _probe(arch, found, in_channels)
     model_keys = set(model.state_dict())
     # A wrapper prefix (e.g. Lightning's "model.") that, once stripped, fits exactly.
     if set(sd) != model_keys:
@@ -677,7 +688,7 @@ def _fit_model(
     current: dict[str, int] = {}  # the probe's sizes
     found: dict[str, tuple[int, str]] = {}  # the checkpoint's, and the tensor they come from
     head = _last_classifier(model)
-    if head is not None and _supports(arch, "num_classes"):
+    if head is not None and not detector and _supports(arch, "num_classes"):
         current["num_classes"] = int(head[1].weight.shape[0])
         stored = sd.get(f"{head[0]}.weight")
         if stored is not None and stored.ndim >= 1:
@@ -710,7 +721,11 @@ def _fit_model(
             "the images, or use matching data."
         )
     kwargs = {k: found[k][0] if k in found else v for k, v in current.items()}
-    if _is_detection(arch) and num_classes is not None:
+    if (
+        detector
+        and num_classes is not None
+        and (_is_detection(arch) or _supports(arch, "num_classes"))
+    ):
         kwargs["num_classes"] = num_classes
     if kwargs != current or _is_meta(model):
         model = build_model(arch, **kwargs)

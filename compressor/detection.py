@@ -17,8 +17,14 @@ calls:
   works on it unchanged. Anchors, box decoding and NMS are not in it (they have no
   weights): the exported ``model.onnx`` holds the raw head, and the report says so.
 
-The heads' final prediction layers (class logits and box regressions, :func:`prediction_layers`)
-keep their output channels: their rows are the outputs' layout.
+The heads' final prediction layers (class logits, box regressions and FCOS's centerness,
+:func:`prediction_layers`) keep their output channels: their rows are the outputs' layout.
+RetinaNet's and FCOS's head is one module run on every FPN level, so the channel groups tie
+all the FPN's outputs (and P6, which reads P5) together; FCOS's head towers feed GroupNorm,
+which normalises each channel with its norm group's others, so they lose whole norm groups
+(:mod:`compressor.groups`). A checkpoint's classes come from its class-logit rows
+(:mod:`compressor.checkpoint`), for a detector built by name or by the
+user's ``--arch package.module:callable``.
 
 Data (:func:`load_coco`): ``DIR/train/annotations.json`` and ``DIR/val/annotations.json``
 (COCO format: ``images`` with ``file_name`` relative to that folder, ``annotations`` with
@@ -60,8 +66,9 @@ LAYOUT = (
 INSTALL = "pip install 'compressor[detection]' (torchmetrics and pycocotools)"
 EXPORT_CONTENTS = (
     "raw head outputs per anchor (the head's outputs in name order: SSD's and RetinaNet's box "
-    "regressions then class logits) after the detector's normalisation, resize, backbone and "
-    "head; anchor decoding, score threshold and NMS are not in model.onnx"
+    "regressions then class logits, FCOS's centerness, box regressions, then class logits) "
+    "after the detector's normalisation, resize, backbone and head; anchor decoding, score "
+    "threshold and NMS are not in model.onnx"
 )
 _PREDICTION_NAMES = frozenset({"cls_logits", "bbox_reg", "bbox_ctrness"})
 

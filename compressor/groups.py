@@ -52,7 +52,19 @@ log = logging.getLogger(__name__)
 
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Norms whose statistics mix channels: a zero channel changes the others' output.
-_CHANNEL_MIXING_NORMS = (nn.GroupNorm, nn.LayerNorm)
+_CHANNEL_MIXING_NORMS = (nn.LayerNorm,)
+# GroupNorm mixes the channels of one of its groups only: a whole group (its producers'
+# rows, gamma and beta zero) normalises to exact zeros and leaves the other groups' mean and
+# variance alone, so it is one removable unit (FCOS's head towers). With one group it is a
+# LayerNorm over the channels: nothing to remove.
+
+
+def _mixes_all_channels(module: nn.Module) -> bool:
+    return isinstance(module, _CHANNEL_MIXING_NORMS) or (
+        isinstance(module, nn.GroupNorm) and module.num_groups == 1
+    )
+
+
 NORM_STREAM_REASON = (
     "{kind} normalises over these channels: removing one changes the mean and variance"
 )
@@ -550,7 +562,7 @@ def build_groups(
             mname = name_of[module]
             idx = torch.as_tensor(item.idxs, dtype=torch.long)
             ch = torch.as_tensor(item.root_idxs, dtype=torch.long)
-            if isinstance(module, _CHANNEL_MIXING_NORMS):
+            if _mixes_all_channels(module):
                 reason = NORM_STREAM_REASON.format(kind=type(module).__name__)
                 break
             is_out = dg.is_out_channel_pruning_fn(handler)
@@ -569,6 +581,10 @@ def build_groups(
                         members.append(Slice(f"{mname}.bias", idx, ch))
                 else:
                     consumers.append(Consumer(mname, idx, ch))
+            elif isinstance(module, nn.GroupNorm):
+                if module.affine:
+                    members.append(Slice(f"{mname}.weight", idx, ch))
+                    members.append(Slice(f"{mname}.bias", idx, ch))
             elif isinstance(module, _NORM_LAYERS):
                 if module.affine:
                     members.append(Slice(f"{mname}.weight", idx, ch))
@@ -590,7 +606,9 @@ def build_groups(
             frozenset(
                 m.param
                 for m in members
-                if isinstance(model.get_submodule(m.param.rsplit(".", 1)[0]), _NORM_LAYERS)
+                if isinstance(
+                    model.get_submodule(m.param.rsplit(".", 1)[0]), (*_NORM_LAYERS, nn.GroupNorm)
+                )
             )
             or None
         )
@@ -711,12 +729,12 @@ def _head_group(model: nn.Module, name: str, other_macs: int) -> ChannelGroup:
 
 
 def _stream_reasons(dg, name_of: Mapping[nn.Module, str]) -> dict[str, str]:
-    """Conv/linear layers whose channels a LayerNorm, GroupNorm or channel shuffle couples
-    (layer -> reason).
+    """Conv/linear layers whose channels a LayerNorm (or a one-group GroupNorm) or a channel
+    shuffle couples (layer -> reason).
 
     From each layer's output the coupled ops are followed as Torch-Pruning would, without
     its index bookkeeping: through every op that keeps channels apart (elementwise ops, adds,
-    concats, reshapes, depthwise convs, BatchNorm) both ways, stopping at the layers that mix
+    concats, reshapes, depthwise convs, BatchNorm, GroupNorm) both ways, stopping at the layers that mix
     them (conv, linear, attention). A LayerNorm on the way normalises the channel together
     with the others, so a zero channel changes their output; a shuffle is not traced. Either
     way the whole stream stays whole, and is never handed to Torch-Pruning's group tracing.
@@ -733,7 +751,7 @@ def _stream_reasons(dg, name_of: Mapping[nn.Module, str]) -> dict[str, str]:
                 continue
             seen.add(id(n))
             m = n.module
-            if isinstance(m, _CHANNEL_MIXING_NORMS):
+            if _mixes_all_channels(m):
                 out[name_of[module]] = NORM_STREAM_REASON.format(kind=type(m).__name__)
                 break
             if type(n.grad_fn).__name__ == _ShuffleBarrier.__name__ + "Backward":
@@ -793,7 +811,8 @@ def _grouped_conv(module: nn.Module) -> bool:
 
 
 def _tie_grouped_convs(model, members, consumers, size):
-    """Merge channels that a grouped conv ties (same position in each conv group) into units."""
+    """Merge channels that a grouped conv ties (same position in each conv group), or that a
+    GroupNorm normalises together (one of its groups), into units."""
     parent = list(range(size))
 
     def find(i):
@@ -807,12 +826,16 @@ def _tie_grouped_convs(model, members, consumers, size):
     pairs += [(c.module, c.index, c.channel, "in") for c in consumers]
     for module_name, index, channel, side in pairs:
         module = model.get_submodule(module_name)
-        if not _grouped_conv(module):
+        if isinstance(module, nn.GroupNorm):  # a norm group's channels: one unit
+            position = index // (module.num_channels // module.num_groups)
+        elif _grouped_conv(module):  # the same position in every conv group: one unit
+            width = (module.out_channels if side == "out" else module.in_channels) // module.groups
+            position = index % width
+        else:
             continue
         tied = True
-        width = (module.out_channels if side == "out" else module.in_channels) // module.groups
         first_at: dict[int, int] = {}
-        for pos, ch in zip((index % width).tolist(), channel.tolist(), strict=True):
+        for pos, ch in zip(position.tolist(), channel.tolist(), strict=True):
             if pos in first_at:
                 a, b = find(first_at[pos]), find(ch)
                 if a != b:

@@ -141,6 +141,11 @@ def prune_zero_channels(
         if group.attention is not None and plan[group.root]:
             remove_heads(model, group.attention, plan[group.root])
             removed[group.root] = plan[group.root]
+    # Torch-Pruning removes a GroupNorm's channels but keeps its num_groups; the groups
+    # remove whole norm groups (compressor.groups), so the norm keeps its group width
+    norm_width = {
+        m: m.num_channels // m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)
+    }
     if any(plan[g.root] for g in groups if g.attention is None):
         with traceable():
             dg = tp.DependencyGraph().build_dependency(
@@ -158,6 +163,8 @@ def prune_zero_channels(
                 continue
             tp_group.prune()
             removed[group.root] = idxs
+    for norm, width in norm_width.items():
+        norm.num_groups = norm.num_channels // width
 
     after, _ = _outputs(model, sample_inputs, precise)
     diff = float((after - reference).abs().max()) if after.numel() else 0.0

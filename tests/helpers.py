@@ -45,3 +45,43 @@ def fashion_mnist_dir():
 
     beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
     return beside if beside.is_dir() else Path("/work/shared/data/fashion-mnist")
+
+
+def _small_fpn_backbone(width: int):
+    """Five stride-2 conv-BN-ReLU stages (16 to 64 channels) with a ``width``-channel FPN on
+    the last three and P6/P7: the five levels torchvision's RetinaNet and FCOS expect, at a
+    small fraction of ResNet-50-FPN's cost and tensors."""
+    from collections import OrderedDict
+
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    widths = (3, 16, 24, 32, 48, 64)
+    body = torch.nn.Sequential(
+        OrderedDict(
+            (f"c{i + 1}", Conv2dNormActivation(widths[i], widths[i + 1], stride=2))
+            for i in range(5)
+        )
+    )
+    return BackboneWithFPN(
+        body, {"c3": "0", "c4": "1", "c5": "2"}, list(widths[3:]), width,
+        extra_blocks=LastLevelP6P7(width, width),
+    )  # fmt: skip
+
+
+def small_retinanet(num_classes: int = 3, size: int = 128, width: int = 32):
+    """torchvision's RetinaNet on :func:`_small_fpn_backbone`, images resized to ``size``:
+    the detector a user passes as ``--arch tests.helpers:small_retinanet``."""
+    from torchvision.models.detection import RetinaNet
+
+    return RetinaNet(_small_fpn_backbone(width), num_classes, min_size=size, max_size=size)
+
+
+def small_fcos(num_classes: int = 3, size: int = 128, width: int = 64):
+    """torchvision's FCOS on :func:`_small_fpn_backbone`, images resized to ``size``:
+    ``--arch tests.helpers:small_fcos``. Its head's GroupNorm has 32 groups: ``width`` 64
+    gives each two channels (one channel on P7's single pixel cannot be normalised)."""
+    from torchvision.models.detection import FCOS
+
+    return FCOS(_small_fpn_backbone(width), num_classes, min_size=size, max_size=size)

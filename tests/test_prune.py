@@ -111,3 +111,40 @@ def test_prune_exact_with_binary_activations():
     result = prune_zero_channels(model, groups, x)
     assert result.channels_removed > 0
     torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+
+
+class _GroupNormStack(nn.Module):
+    """conv -> GroupNorm (4 groups of 4 channels) -> ReLU -> conv, FCOS's head tower in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.norm(self.conv1(x))))
+
+
+def test_groupnorm_loses_whole_norm_groups_exactly():
+    model = _GroupNormStack().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 12, 12)
+    groups = build_groups(model, x[:1])
+    (group,) = groups.groups
+    # a unit is one norm group: a lone zero channel would move its group's mean and variance
+    assert group.root == "conv1" and group.size == 4
+    assert group.root_unit.tolist() == [u for u in range(4) for _ in range(4)]
+    zero_fraction_of_groups(groups, model, 0.5)  # 2 of the 4 norm groups
+    predicted, _ = groups.estimate_cost(groups.zero_masks(dict(model.named_parameters())))
+    reference = model(x).detach()
+    result = prune_zero_channels(model, groups, x)
+    assert result.channels_removed == 8 and result.relative_diff <= 1e-6
+    assert (model.conv1.out_channels, model.norm.num_channels, model.norm.num_groups) == (8, 8, 2)
+    assert torch.allclose(model(x), reference, atol=1e-5)
+    assert count_macs(model, x[:1]) == pytest.approx(predicted, rel=1e-6)  # what targets aim by
+    model.norm = nn.GroupNorm(1, model.norm.num_channels)  # one group: a LayerNorm, left whole
+    lone = build_groups(model, x[:1])
+    assert not lone.groups and "GroupNorm normalises" in lone.excluded["conv1"]
