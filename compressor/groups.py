@@ -798,7 +798,8 @@ def _explain_the_rest(result: ChannelGroups, dg, name_of, kept: set[str]) -> Non
         result.excluded[name] = (
             "coupled to a layer kept whole (prune.keep or the classifier)"
             if name in traced
-            else "not traced as a module (its weight is used functionally)"
+            else "not traced as a module from the model's input (its weight is used "
+            "functionally, or it runs on a constant such as a position-bias table)"
         )
 
 
