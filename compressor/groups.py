@@ -507,16 +507,8 @@ def build_groups(
     model_device = next(model.parameters()).device
     example_input = example_input.to(model_device)
     name_of = {m: n for n, m in model.named_modules()}
-    ignored = [m for n, m in model.named_modules() if n and keep and _matches(n, keep)]
-    classifier = find_classifier(model, example_input) if keep_classifier else None
-    if classifier is not None:
-        ignored.append(model.get_submodule(classifier))
-    unknown = [p for p in keep if not any(fnmatch.fnmatchcase(n, p) for n in name_of.values())]
-    if unknown:
-        raise BadInputError(
-            f"prune.keep pattern(s) {unknown} match no module of the model. "
-            f"Module names look like: {[n for n in list(name_of.values())[1:6]]}."
-        )
+    ignored = _kept_modules(model, example_input, keep, keep_classifier, name_of)
+    kept = {name_of[m] for m in ignored}
 
     was_training = model.training
     model.eval()
@@ -524,101 +516,19 @@ def build_groups(
         dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_input, verbose=False
         )
-    # Layers left whole before any group is traced: Torch-Pruning would trace the
-    # LayerNorm-normalised streams as huge groups only for them to be dropped (Swin: minutes),
-    # and fails on a channel shuffle's or an attention's reshapes.
-    whole_attention, head_modules = _attention_layers(model)
-    excluded: dict[str, str] = {**whole_attention, **_stream_reasons(dg, name_of)}
-    kept = {name_of[m] for m in ignored}
-    head_layers, consumers_of_heads = [], set()
-    for name in head_modules:
-        kind = _attention.heads_kind(model.get_submodule(name))
-        consumers_of_heads.add(f"{name}.{kind.consumer}")
-        head_layers += [f"{name}.{child}" for child in kind.present_layers()]
-    for layer in head_layers:  # heads are their units; proj's outputs keep their own reason
-        if layer not in consumers_of_heads:
-            excluded.pop(layer, None)
+    excluded, head_modules, head_layers = _left_whole_before_tracing(model, dg, name_of)
     # the attention modules too: Torch-Pruning would prune nn.MultiheadAttention by embed_dim
     ignored += [model.get_submodule(n) for n in {*excluded, *head_layers, *head_modules}]
 
     groups: list[ChannelGroup] = []
     for tp_group in dg.get_all_groups(ignored_layers=ignored):
-        root_module = tp_group[0].dep.target.module
-        root = name_of[root_module]
-        size = len(tp_group[0].idxs)
-        members: list[Slice] = []
-        consumers: list[Consumer] = []
-        reason = None
-        for item in tp_group:
-            module, handler = item.dep.target.module, item.dep.handler
-            if type(item.dep.target.grad_fn).__name__ == _ShuffleBarrier.__name__ + "Backward":
-                reason = SHUFFLE_REASON
-                break
-            if not isinstance(module, nn.Module):
-                reason = "a bare nn.Parameter is coupled to it"
-                break
-            if module not in name_of:
-                continue  # Torch-Pruning's placeholder for a functional op (add, cat, flatten ...)
-            mname = name_of[module]
-            idx = torch.as_tensor(item.idxs, dtype=torch.long)
-            ch = torch.as_tensor(item.root_idxs, dtype=torch.long)
-            if _mixes_all_channels(module):
-                reason = NORM_STREAM_REASON.format(kind=type(module).__name__)
-                break
-            is_out = dg.is_out_channel_pruning_fn(handler)
-            depthwise = (
-                isinstance(module, nn.modules.conv._ConvNd)
-                and module.groups > 1
-                and module.groups == module.in_channels == module.out_channels
-            )
-            if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-                if isinstance(module, nn.modules.conv._ConvTransposeNd):
-                    reason = f"transposed conv `{mname}` is not supported"
-                    break
-                if is_out or depthwise:
-                    members.append(Slice(f"{mname}.weight", idx, ch))
-                    if module.bias is not None:
-                        members.append(Slice(f"{mname}.bias", idx, ch))
-                else:
-                    consumers.append(Consumer(mname, idx, ch))
-            elif isinstance(module, nn.GroupNorm):
-                if module.affine:
-                    members.append(Slice(f"{mname}.weight", idx, ch))
-                    members.append(Slice(f"{mname}.bias", idx, ch))
-            elif isinstance(module, _NORM_LAYERS):
-                if module.affine:
-                    members.append(Slice(f"{mname}.weight", idx, ch))
-                    members.append(Slice(f"{mname}.bias", idx, ch))
-                elif not module.track_running_stats:
-                    pass
-            elif isinstance(module, nn.PReLU) and module.num_parameters > 1:
-                pass  # prelu(0) = 0: its slope slice is removed, need not be zero
-        if reason is None and not members:
-            reason = "no parameter produces its channels"
+        group, reason = _channel_group(model, tp_group, name_of, dg)
         if reason is not None:
+            root = name_of[tp_group[0].dep.target.module]
             for layer in [root, *_producers(tp_group, name_of, dg)]:
                 excluded.setdefault(layer, reason)
-            continue
-        members, consumers, size, root_unit = _tie_grouped_convs(model, members, consumers, size)
-        # A module listed twice (e.g. root and member) would double count; merge by param.
-        members = _merge_slices(members)
-        norm_params = (
-            frozenset(
-                m.param
-                for m in members
-                if isinstance(
-                    model.get_submodule(m.param.rsplit(".", 1)[0]), (*_NORM_LAYERS, nn.GroupNorm)
-                )
-            )
-            or None
-        )
-        measured = [m for m in members if norm_params is None or m.param in norm_params]
-        per_channel = sum(len(m.index) * _row_numel(model, m.param) for m in measured) // size
-        groups.append(
-            ChannelGroup(
-                root, size, tuple(members), tuple(consumers), per_channel, root_unit, norm_params
-            )
-        )
+        else:
+            groups.append(group)
 
     other_macs: dict[str, int] = {}
     layers, total_macs = layer_costs(model, example_input, other=other_macs)
@@ -631,21 +541,115 @@ def build_groups(
     total_params = sum(p.numel() for p in model.parameters())
     result = ChannelGroups(groups, layers, total_macs, total_params, excluded)
     if check_exactness and groups:
-        inexact = set(_inexact_groups(model, result, example_input))
-        for group in groups:
-            if group.root in inexact:
-                for layer in [group.root, *_member_layers(group, layers)]:
-                    excluded.setdefault(
-                        layer,
-                        "an op on its path maps 0 to non-zero (e.g. sigmoid), "
-                        "removal would not be exact",
-                    )
-        result.groups = [g for g in groups if g.root not in inexact]
+        _drop_inexact_groups(model, result, example_input)
     _explain_the_rest(result, dg, name_of, kept)
     model.train(was_training)
     for layer, why in excluded.items():
         log.info("layer %s is left whole: %s", layer, why)
     return result
+
+
+def _kept_modules(model, example_input, keep, keep_classifier, name_of) -> list[nn.Module]:
+    """The modules whose outputs stay: those ``prune.keep`` names, and the classifier."""
+    ignored = [m for n, m in model.named_modules() if n and keep and _matches(n, keep)]
+    classifier = find_classifier(model, example_input) if keep_classifier else None
+    if classifier is not None:
+        ignored.append(model.get_submodule(classifier))
+    unknown = [p for p in keep if not any(fnmatch.fnmatchcase(n, p) for n in name_of.values())]
+    if unknown:
+        raise BadInputError(
+            f"prune.keep pattern(s) {unknown} match no module of the model. "
+            f"Module names look like: {[n for n in list(name_of.values())[1:6]]}."
+        )
+    return ignored
+
+
+def _left_whole_before_tracing(model, dg, name_of) -> tuple[dict[str, str], list[str], list[str]]:
+    """Layers left whole before any group is traced (layer -> reason), the attention modules
+    whose heads are units, and their layers. Torch-Pruning would trace the LayerNorm-normalised
+    streams as huge groups only for them to be dropped (Swin: minutes), and fails on a channel
+    shuffle's or an attention's reshapes."""
+    whole_attention, head_modules = _attention_layers(model)
+    excluded: dict[str, str] = {**whole_attention, **_stream_reasons(dg, name_of)}
+    head_layers, consumers_of_heads = [], set()
+    for name in head_modules:
+        kind = _attention.heads_kind(model.get_submodule(name))
+        consumers_of_heads.add(f"{name}.{kind.consumer}")
+        head_layers += [f"{name}.{child}" for child in kind.present_layers()]
+    for layer in head_layers:  # heads are their units; proj's outputs keep their own reason
+        if layer not in consumers_of_heads:
+            excluded.pop(layer, None)
+    return excluded, head_modules, head_layers
+
+
+def _channel_group(model, tp_group, name_of, dg) -> tuple[ChannelGroup | None, str | None]:
+    """One Torch-Pruning group as a :class:`ChannelGroup` (its member slices and consumers,
+    units tied by grouped convs and GroupNorm), or why its channels cannot be removed."""
+    root = name_of[tp_group[0].dep.target.module]
+    size = len(tp_group[0].idxs)
+    members: list[Slice] = []
+    consumers: list[Consumer] = []
+    for item in tp_group:
+        module, handler = item.dep.target.module, item.dep.handler
+        if type(item.dep.target.grad_fn).__name__ == _ShuffleBarrier.__name__ + "Backward":
+            return None, SHUFFLE_REASON
+        if not isinstance(module, nn.Module):
+            return None, "a bare nn.Parameter is coupled to it"
+        if module not in name_of:
+            continue  # Torch-Pruning's placeholder for a functional op (add, cat, flatten ...)
+        mname = name_of[module]
+        idx = torch.as_tensor(item.idxs, dtype=torch.long)
+        ch = torch.as_tensor(item.root_idxs, dtype=torch.long)
+        if _mixes_all_channels(module):
+            return None, NORM_STREAM_REASON.format(kind=type(module).__name__)
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                return None, f"transposed conv `{mname}` is not supported"
+            if dg.is_out_channel_pruning_fn(handler) or _depthwise(module):
+                members.append(Slice(f"{mname}.weight", idx, ch))
+                if module.bias is not None:
+                    members.append(Slice(f"{mname}.bias", idx, ch))
+            else:
+                consumers.append(Consumer(mname, idx, ch))
+        elif isinstance(module, (*_NORM_LAYERS, nn.GroupNorm)) and module.affine:
+            members.append(Slice(f"{mname}.weight", idx, ch))
+            members.append(Slice(f"{mname}.bias", idx, ch))
+        # a PReLU's slope slice goes with its channel and need not be zero: prelu(0) = 0
+    if not members:
+        return None, "no parameter produces its channels"
+    members, consumers, size, root_unit = _tie_grouped_convs(model, members, consumers, size)
+    # A module listed twice (e.g. root and member) would double count; merge by param.
+    members = _merge_slices(members)
+    norm_params = (
+        frozenset(
+            m.param
+            for m in members
+            if isinstance(
+                model.get_submodule(m.param.rsplit(".", 1)[0]), (*_NORM_LAYERS, nn.GroupNorm)
+            )
+        )
+        or None
+    )
+    measured = [m for m in members if norm_params is None or m.param in norm_params]
+    per_channel = sum(len(m.index) * _row_numel(model, m.param) for m in measured) // size
+    group = ChannelGroup(
+        root, size, tuple(members), tuple(consumers), per_channel, root_unit, norm_params
+    )
+    return group, None
+
+
+def _drop_inexact_groups(model, result: ChannelGroups, example_input) -> None:
+    """Drop the groups whose consumers read anything but exact zeros once every group is
+    zeroed (a sigmoid or softplus on the channel path), with their reason."""
+    inexact = set(_inexact_groups(model, result, example_input))
+    for group in result.groups:
+        if group.root in inexact:
+            for layer in [group.root, *_member_layers(group, result.layers)]:
+                result.excluded.setdefault(
+                    layer,
+                    "an op on its path maps 0 to non-zero (e.g. sigmoid), removal would not be exact",
+                )
+    result.groups = [g for g in result.groups if g.root not in inexact]
 
 
 class _ShuffleBarrier(torch.autograd.Function):
