@@ -653,8 +653,13 @@ class PrunedShiftedWindowAttention(nn.Module):
             dropout=self.dropout,
             qkv_bias=self.qkv.bias,
             proj_bias=self.proj.bias,
+            logit_scale=self._logit_scale(),
             training=self.training,
         )
+
+    def _logit_scale(self) -> torch.Tensor | None:
+        """Swin V2's per-head cosine-attention scale; V1 has none (scaled dot products)."""
+        return None
 
 
 class PrunedShiftedWindowAttentionV2(PrunedShiftedWindowAttention):
@@ -719,23 +724,8 @@ class PrunedShiftedWindowAttentionV2(PrunedShiftedWindowAttention):
         bias = _window_bias(table, self.relative_position_index, self.window_size)
         return 16 * torch.sigmoid(bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _shifted_window_attention(
-            x,
-            self.qkv.weight,
-            self.proj.weight,
-            self.get_relative_position_bias(),
-            self.window_size,
-            self.num_heads,
-            self.head_dim,
-            list(self.shift_size),
-            attention_dropout=self.attention_dropout,
-            dropout=self.dropout,
-            qkv_bias=self.qkv.bias,
-            proj_bias=self.proj.bias,
-            logit_scale=self.logit_scale,
-            training=self.training,
-        )
+    def _logit_scale(self) -> torch.Tensor:
+        return self.logit_scale
 
 
 def _window_bias(table: torch.Tensor, index: torch.Tensor, window_size: list[int]) -> torch.Tensor:

@@ -180,6 +180,23 @@ def test_map_is_100_for_exact_boxes_and_lower_for_shifted_ones():
     assert np.isnan(loss)  # detectors give no loss in eval mode
 
 
+def _compress_two_steps(tmp_path, checkpoint, arch, data, *, verify_samples, **kwargs) -> dict:
+    """``compress --task detection --target-macs 1.3``, one epoch of two steps: the written
+    report (checked to carry exit 0 and the task's metric, mAP)."""
+    report = compressor.compress(
+        checkpoint, arch=arch, data=str(data), out=tmp_path / "out", task="detection",
+        target_macs=1.3, device="cpu",
+        overrides=["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
+                   "train.bn_recalibration_batches=1", f"export.verify_samples={verify_samples}",
+                   "export.latency_threads=1", "gates.max_accuracy_drop=null"],
+        **kwargs,
+    )  # fmt: skip
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["exit_code"] == written["exit_code"] == EXIT_OK
+    assert written["metric"] == {"name": "map", "higher_is_better": True}
+    return written
+
+
 @pytest.mark.slow
 def test_compress_detection_end_to_end_removes_channels_exactly(tmp_path, one_thread):
     import torchvision
@@ -188,16 +205,9 @@ def test_compress_detection_end_to_end_removes_channels_exactly(tmp_path, one_th
     torch.manual_seed(0)
     model = torchvision.models.get_model(ARCH, weights=None, weights_backbone=None, num_classes=3)
     torch.save(model.state_dict(), tmp_path / "ssd.pt")
-    report = compressor.compress(
-        tmp_path / "ssd.pt", arch=ARCH, num_classes=3, data=str(data), out=tmp_path / "out",
-        task="detection", target_macs=1.3, device="cpu",
-        overrides=["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
-                   "train.bn_recalibration_batches=1", "export.verify_samples=4",
-                   "export.latency_threads=1", "gates.max_accuracy_drop=null"],
-    )  # fmt: skip
-    written = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["exit_code"] == written["exit_code"] == EXIT_OK
-    assert written["metric"] == {"name": "map", "higher_is_better": True}
+    written = _compress_two_steps(
+        tmp_path, tmp_path / "ssd.pt", ARCH, data, verify_samples=4, num_classes=3
+    )
     assert written["input"]["task"] == "detection"
     assert "no distillation" in written["input"]["distillation"]  # the recipe's 0.7 is ignored
     base, comp = written["baseline"], written["compressed"]
@@ -286,16 +296,7 @@ def test_compress_retinanet_and_fcos_end_to_end(kind, tmp_path, one_thread):
     data = make_coco(tmp_path / "coco", n_train=4, n_val=2, size=128)
     torch.manual_seed(0)
     torch.save(build(num_classes=3).state_dict(), tmp_path / "det.pt")
-    report = compressor.compress(
-        tmp_path / "det.pt", arch=arch, data=str(data), out=tmp_path / "out",
-        task="detection", target_macs=1.3, device="cpu",
-        overrides=["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
-                   "train.bn_recalibration_batches=1", "export.verify_samples=2",
-                   "export.latency_threads=1", "gates.max_accuracy_drop=null"],
-    )  # fmt: skip
-    written = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["exit_code"] == written["exit_code"] == EXIT_OK
-    assert written["metric"] == {"name": "map", "higher_is_better": True}
+    written = _compress_two_steps(tmp_path, tmp_path / "det.pt", arch, data, verify_samples=2)
     base, comp = written["baseline"], written["compressed"]
     for value in (base["accuracy"], comp["accuracy"], comp["sparse_accuracy"]):
         assert isinstance(value, float)  # mAP reported before and after (random init: ~0)
