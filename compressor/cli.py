@@ -193,6 +193,16 @@ def _setup_logging(quiet: bool) -> Progress:
     return Progress.for_cli(quiet=quiet, tty=tty, console=console)
 
 
+def _end_process_group() -> None:
+    """Under torchrun: tear the process group down before the process exits (the command owns
+    the process). A gloo group left to the interpreter's exit can abort a rank while its
+    threads are destroyed ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -255,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OTHER
     finally:
         progress.close()  # a bar left showing by an error
+        _end_process_group()
     code = int(report.get("exit_code", 0))
     r = report.get("reduction") or {}
     if not args.quiet and r.get("macs_x") is not None:
