@@ -59,6 +59,10 @@ _CHANNEL_MIXING_NORMS = (nn.LayerNorm,)
 # LayerNorm over the channels: nothing to remove.
 
 
+# Norms whose per-channel gamma and beta are member slices of a channel's group.
+_AFFINE_NORMS = (*_NORM_LAYERS, nn.GroupNorm)
+
+
 def _mixes_all_channels(module: nn.Module) -> bool:
     return isinstance(module, _CHANNEL_MIXING_NORMS) or (
         isinstance(module, nn.GroupNorm) and module.num_groups == 1
@@ -611,7 +615,7 @@ def _channel_group(model, tp_group, name_of, dg) -> tuple[ChannelGroup | None, s
                     members.append(Slice(f"{mname}.bias", idx, ch))
             else:
                 consumers.append(Consumer(mname, idx, ch))
-        elif isinstance(module, (*_NORM_LAYERS, nn.GroupNorm)) and module.affine:
+        elif isinstance(module, _AFFINE_NORMS) and module.affine:
             members.append(Slice(f"{mname}.weight", idx, ch))
             members.append(Slice(f"{mname}.bias", idx, ch))
         # a PReLU's slope slice goes with its channel and need not be zero: prelu(0) = 0
@@ -624,9 +628,7 @@ def _channel_group(model, tp_group, name_of, dg) -> tuple[ChannelGroup | None, s
         frozenset(
             m.param
             for m in members
-            if isinstance(
-                model.get_submodule(m.param.rsplit(".", 1)[0]), (*_NORM_LAYERS, nn.GroupNorm)
-            )
+            if isinstance(model.get_submodule(m.param.rsplit(".", 1)[0]), _AFFINE_NORMS)
         )
         or None
     )
