@@ -389,7 +389,7 @@ class ChannelGroups:
     def _saved_per_unit(self, cost: str) -> list[float]:
         """Per group, the ``cost`` (``macs`` or ``params`` of conv/linear layers) that removing
         one unit saves, first-order (nothing else removed): its rows in every member layer
-        and its input columns in every consumer."""
+        (bias included) and its input columns in every consumer (bias excluded)."""
         out = []
         for group in self.groups:
             saved = 0.0
@@ -402,7 +402,9 @@ class ChannelGroups:
                     )
             for consumer in group.consumers:
                 info = self.layers[consumer.module]
-                saved += getattr(info, cost) * len(consumer.index) / info.in_channels / group.size
+                # a consumer's bias stays: it belongs to its outputs, not to its inputs' columns
+                whole = info.macs if cost == "macs" else info.params - info.bias
+                saved += whole * len(consumer.index) / info.in_channels / group.size
             saved += group.other_macs if cost == "macs" else group.other_params
             out.append(saved)
         return out

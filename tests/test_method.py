@@ -8,6 +8,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from compressor.groups import build_groups
 from compressor.method.budget import BudgetController, Target
@@ -155,6 +156,18 @@ def test_group_size_counts_the_weights_one_unit_removes():
     per_row = conv1.weight[0].numel() + (1 if conv1.bias is not None else 0)
     per_column = conv2.weight[:, 0].numel()
     assert groups.weights_removed_per_unit()[g] == pytest.approx(per_row + per_column)
+
+
+def test_group_size_leaves_out_a_consumers_bias():
+    """A unit's input column in a consumer takes none of that consumer's bias with it."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=True), nn.ReLU(), nn.Conv2d(8, 6, 3, bias=True), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10),
+    )  # fmt: skip
+    groups = build_groups(model, torch.randn(1, 3, 12, 12))
+    sizes = {g.root: n for g, n in zip(groups, groups.weights_removed_per_unit(), strict=True)}
+    assert sizes["0"] == pytest.approx(3 * 3 * 3 + 1 + 6 * 3 * 3)  # conv0 row + bias, conv2 column
+    assert sizes["2"] == pytest.approx(8 * 3 * 3 + 1 + 10)  # conv2 row + bias, linear column
 
 
 def test_strength_keys_keep_lambda_fixed_while_beta_grows():
