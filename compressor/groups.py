@@ -297,13 +297,19 @@ class ChannelGroups:
         dst: Mapping[str, torch.Tensor],
         src: Mapping[str, torch.Tensor],
         masks: Sequence[torch.Tensor],
+        *,
+        skip_missing: bool = False,
     ) -> None:
         """Copy every member slice of the units where ``masks[g]`` is True from ``src`` into
-        ``dst``, in place (the accuracy seeker's rollback of the channels it zeroed)."""
+        ``dst``, in place (the accuracy seeker's rollback of the channels it zeroed).
+        ``skip_missing``: members whose tensor ``dst`` lacks are left out (an optimizer's
+        buffers, which frozen parameters have none of)."""
         for group, mask in zip(self.groups, masks, strict=True):
             if not bool(mask.any()):
                 continue
             for member in group.members:
+                if skip_missing and member.param not in dst:
+                    continue
                 t = dst[member.param]
                 chosen = mask.to(member.channel.device).index_select(0, member.channel)
                 rows = member.index[chosen].to(t.device)

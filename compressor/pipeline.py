@@ -110,6 +110,7 @@ class Run:
     pruned: object = None
     precision: train.Precision | None = None  # train.amp / channels_last as resolved
     round_to: int = 1  # prune.round_to as resolved (runtime.resolve_round_to)
+    optimizer: torch.optim.Optimizer | None = None  # made after the method (the seeker's rollback)
 
     @property
     def state_path(self) -> Path:
@@ -426,7 +427,7 @@ def _build_method(run: Run, resume_state: dict | None):
         seek = method.SeekHooks(  # the seeker bounds baseline - value of the task's score
             evaluate=lambda: _seek_reading(run),
             baseline_accuracy=run.task.score(run.baseline["accuracy"]),
-            snapshot=lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
+            snapshot=lambda: _snapshot(run),
             restore=lambda saved, units=None: _rollback(run, saved, units),
         )
     run.sparse = method.build(
@@ -434,7 +435,7 @@ def _build_method(run: Run, resume_state: dict | None):
         latency=_latency_model(run, resume_state), round_to=run.round_to,
     )  # fmt: skip
     run.sparse.activation_switch = run.switch
-    optimizer = train.make_optimizer(model, cfg.train)
+    optimizer = run.optimizer = train.make_optimizer(model, cfg.train)
     scheduler = train.make_scheduler(optimizer, cfg.train.schedule, total_steps)
     train_model = model
     if run.distributed:
@@ -1077,14 +1078,47 @@ def _recalibrate(run: Run) -> None:
     )  # fmt: skip
 
 
+def _snapshot(run: Run) -> dict:
+    """What the accuracy seeker's rollback puts back: the model's state and the optimizer's
+    per-parameter state (momentum, Adam's moments), which would otherwise go on pushing the
+    weights the way the failed attempt went."""
+    return {
+        "model": {k: v.detach().clone() for k, v in run.model.state_dict().items()},
+        "optimizer": train.optimizer_state_by_name(run.optimizer, run.model),
+    }
+
+
 @torch.no_grad()
 def _rollback(run: Run, saved: dict, units: list[torch.Tensor] | None) -> None:
-    """Put the model back to the seeker's ``saved`` state: all of it (``units`` None), or
-    only the slices of the channel groups' ``units`` (``target.seek_rollback: channels``)."""
+    """Put the model and the optimizer's state back to the seeker's ``saved`` snapshot: all
+    of it (``units`` None), or only the slices of the channel groups' ``units``
+    (``target.seek_rollback: channels``; an optimizer buffer the snapshot lacked is zeroed
+    there)."""
     if units is None:
-        run.model.load_state_dict(saved)
-    else:
-        run.groups.copy_units_(dict(run.model.named_parameters()), saved, units)
+        run.model.load_state_dict(saved["model"])
+        train.load_optimizer_state_by_name(run.optimizer, run.model, saved["optimizer"])
+        return
+    params = dict(run.model.named_parameters())
+    run.groups.copy_units_(params, saved["model"], units)
+    if run.optimizer is None:
+        return
+    for kind, buffers in _row_buffers(run.optimizer, params).items():
+        before = {}
+        for name, now in buffers.items():
+            then = saved["optimizer"].get(name, {}).get(kind)
+            before[name] = torch.zeros_like(now) if then is None else then
+        run.groups.copy_units_(buffers, before, units, skip_missing=True)
+
+
+def _row_buffers(optimizer, params: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's buffers shaped like their parameters (SGD's ``momentum_buffer``,
+    Adam's ``exp_avg`` and ``exp_avg_sq``), by kind, then by parameter name."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in params.items():
+        for kind, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                out.setdefault(kind, {})[name] = value
+    return out
 
 
 def _sparse_accuracy(run: Run) -> tuple[float, float]:

@@ -137,6 +137,35 @@ def make_optimizer(model: nn.Module, train, lr: float | None = None) -> torch.op
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer | None, model: nn.Module) -> dict:
+    """A copy of ``optimizer``'s per-parameter state (SGD's momentum buffer, Adam's moments
+    and step), keyed by parameter name; empty for no optimizer (before training starts)."""
+    if optimizer is None:
+        return {}
+    names = {p: n for n, p in model.named_parameters()}
+    return {
+        names[p]: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+        for p, state in optimizer.state.items()
+        if p in names
+    }
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer | None, model: nn.Module, saved: Mapping[str, dict]
+) -> None:
+    """Put ``optimizer``'s per-parameter state back to ``saved`` (from
+    :func:`optimizer_state_by_name`): a parameter absent from it gets none, as before its
+    first step. The parameter groups (the learning rate the schedule sets) stay as they are."""
+    if optimizer is None:
+        return
+    params = dict(model.named_parameters())
+    optimizer.state.clear()
+    for name, state in saved.items():
+        optimizer.state[params[name]] = {
+            k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()
+        }
+
+
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     """Learning-rate multiplier at ``step``: cosine to 0, constant, or /10 at 50% and 75%."""
     total = max(1, total_steps)

@@ -601,3 +601,83 @@ def test_round_to_keeps_channel_multiples_without_wasted_zero_channels(lenet, tm
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             rows = module.weight.detach().flatten(1).abs().sum(1)
             assert bool((rows > 0).all()), f"{name} keeps an all-zero channel: wasted MACs"
+
+
+# ------------------------------------------------ the seeker's rollback of the optimizer
+
+
+def _sgd_run(momentum: float = 0.9):
+    """A LeNet-5, its channel groups and an SGD optimizer that has taken three steps."""
+    from types import SimpleNamespace
+
+    from compressor.groups import build_groups
+    from compressor.pipeline import _snapshot
+
+    torch.manual_seed(0)
+    model = lenet5(in_channels=1, num_classes=10)
+    run = SimpleNamespace(model=model, groups=build_groups(model, torch.randn(1, 1, 28, 28)))
+    run.optimizer = None
+    before_training = _snapshot(run)  # the seeker's first snapshot comes before the optimizer
+    run.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+
+    def steps(n):
+        for _ in range(n):
+            run.optimizer.zero_grad()
+            model(torch.randn(8, 1, 28, 28)).square().mean().backward()
+            run.optimizer.step()
+
+    return run, before_training, steps
+
+
+def _momenta(run) -> dict:
+    return {
+        n: run.optimizer.state[p]["momentum_buffer"].clone()
+        for n, p in run.model.named_parameters()
+        if p in run.optimizer.state
+    }
+
+
+def test_model_rollback_puts_back_the_optimizers_momentum_but_not_its_learning_rate():
+    from compressor.pipeline import _rollback, _snapshot
+
+    run, before_training, steps = _sgd_run()
+    steps(3)
+    saved, momenta = _snapshot(run), _momenta(run)
+    steps(3)
+    run.optimizer.param_groups[0]["lr"] = 0.05  # what the schedule set since
+    _rollback(run, saved, None)
+    for name, value in run.model.state_dict().items():
+        assert torch.equal(value, saved["model"][name])
+    after = _momenta(run)
+    assert after.keys() == momenta.keys() and len(after) > 0
+    assert all(torch.equal(after[n], momenta[n]) for n in momenta)
+    assert run.optimizer.param_groups[0]["lr"] == 0.05
+    _rollback(run, before_training, None)  # back to before the first step: no momentum
+    assert len(run.optimizer.state) == 0
+
+
+def test_channel_rollback_puts_back_only_the_units_momentum_slices():
+    from compressor.pipeline import _rollback, _snapshot
+
+    run, before_training, steps = _sgd_run()
+    steps(3)
+    saved, momenta_then = _snapshot(run), _momenta(run)
+    steps(3)
+    momenta_now = _momenta(run)
+    units = [torch.zeros(g.size, dtype=torch.bool) for g in run.groups]
+    units[0][[0, 2]] = True
+    chosen = {n: torch.zeros(t.shape[0], dtype=torch.bool) for n, t in momenta_now.items()}
+    for group, mask in zip(run.groups, units, strict=True):
+        for member in group.members:
+            chosen[member.param][member.index[mask[member.channel]]] = True
+    assert sum(int(c.sum()) for c in chosen.values()) > 0
+    _rollback(run, saved, units)
+    after = _momenta(run)
+    for name, rows in chosen.items():
+        assert torch.equal(after[name][rows], momenta_then[name][rows])
+        assert torch.equal(after[name][~rows], momenta_now[name][~rows])
+    _rollback(run, before_training, units)  # the snapshot had no momentum: those rows are 0
+    after = _momenta(run)
+    for name, rows in chosen.items():
+        assert not after[name][rows].any()
+        assert torch.equal(after[name][~rows], momenta_now[name][~rows])

@@ -49,7 +49,7 @@ SEEK_STAGES = 8
 @dataclass(frozen=True)
 class SeekHooks:
     """What the accuracy seeker needs from the pipeline: the sparse model's accuracy, the
-    baseline's, and a way to save and put back the model's state."""
+    baseline's, and a way to save and put back the model's and the optimizer's state."""
 
     evaluate: Callable[[], Reading]  # the sparse model's score and its drop's stderr
     baseline_accuracy: float
