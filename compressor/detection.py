@@ -34,7 +34,8 @@ label the model predicts (0 is the background of torchvision's detectors), so th
 the first training image's) so that a batch stacks; boxes are scaled with them.
 
 Metric: COCO mAP@[.5:.95] in percent (``map``, higher is better) from
-``torchmetrics.detection.MeanAveragePrecision`` (``pip install 'compressor[detection]'``).
+``torchmetrics.detection.MeanAveragePrecision`` (``pip install 'compressor[detection]'``);
+the validation loss is the detector's own, with its norms' running statistics.
 Distillation is off for detection (there are no class logits per image to soften): a
 recipe's ``distill.weight`` is ignored, and the log and the report's ``input.distillation``
 say so.
@@ -42,9 +43,10 @@ say so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -325,24 +327,50 @@ def mean_average_precision():
     return metric
 
 
+@contextlib.contextmanager
+def _loss_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in train mode, where torchvision's detectors return their loss dict, with
+    its norm layers and its transform in eval mode: the loss uses the norms' running
+    statistics and leaves them as they are, and images keep their evaluation size (a
+    transform in train mode may pick one of several sizes at random). Eval mode after."""
+    detector = getattr(model, "detector", model)  # DetectionModel holds it unregistered
+    fixed = [
+        m
+        for m in detector.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) or type(m).__name__.endswith("Transform")
+    ]
+    model.train()
+    for m in fixed:
+        m.eval()
+    try:
+        yield
+    finally:
+        model.eval()
+
+
 @torch.no_grad()
 def evaluate_map(
     model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
 ) -> tuple[float, float]:
-    """COCO mAP@[.5:.95] in percent of ``model``'s detections over ``loader``, and nan for
-    the loss (torchvision's detectors give their loss only in train mode). nan when the
-    split has no boxes."""
+    """COCO mAP@[.5:.95] in percent of ``model``'s detections over ``loader`` (nan when the
+    split has no boxes), and the detector's own loss (the sum of its loss dict, as training
+    minimises it) averaged over the images, computed in :func:`_loss_mode`."""
     model.eval()
     metric = mean_average_precision()
+    loss_sum, seen = 0.0, 0
     for images, targets in progress.log_every(loader, "evaluate"):
-        images = [img.to(device) for img in images]
+        images, on_device = to_device(images, targets, device)
+        with _loss_mode(model):
+            loss_sum += float(loss_of(model, images, on_device)) * len(images)
+        seen += len(images)
         preds = model(images)
         metric.update(
             [{k: v.detach().cpu() for k, v in p.items()} for p in preds],
             [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets],
         )
     value = float(metric.compute()["map"])
-    return (100.0 * value if value >= 0 else float("nan")), float("nan")
+    loss = loss_sum / seen if seen else float("nan")
+    return (100.0 * value if value >= 0 else float("nan")), loss
 
 
 def check_labels(splits: data_mod.DataSplits, num_classes: int) -> None:

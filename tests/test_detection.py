@@ -154,7 +154,9 @@ class _Oracle(torch.nn.Module):
         super().__init__()
         self.table, self.shift = table, shift
 
-    def forward(self, images):
+    def forward(self, images, targets=None):
+        if self.training:  # a loss dict, as torchvision's detectors give in train mode
+            return {"box": torch.tensor(self.shift), "classification": torch.tensor(1.0)}
         out = []
         for img in images:
             t = self.table[int(img[0, 0, 0])]
@@ -174,10 +176,39 @@ def test_map_is_100_for_exact_boxes_and_lower_for_shifted_ones():
         batch.append((torch.full((3, 8, 8), float(i)), {"boxes": boxes, "labels": labels}))
     loader = [detection.collate(batch[:2]), detection.collate(batch[2:])]
     exact, loss = detection.evaluate_map(_Oracle(table), loader, torch.device("cpu"))
-    shifted, _ = detection.evaluate_map(_Oracle(table, shift=8.0), loader, torch.device("cpu"))
+    shifted, shifted_loss = detection.evaluate_map(
+        _Oracle(table, shift=8.0), loader, torch.device("cpu")
+    )
     assert exact == pytest.approx(100.0)
     assert 0 <= shifted < 90
-    assert np.isnan(loss)  # detectors give no loss in eval mode
+    assert (loss, shifted_loss) == (1.0, 9.0)  # the sum of the loss dict, per image
+
+
+def test_validation_loss_is_the_detectors_own_and_leaves_its_statistics(one_thread):
+    """The loss ``evaluate_map`` reports is the train-mode loss dict's sum with the norms'
+    running statistics (eval-mode norms): equal to it computed by hand, and no running
+    mean or variance changes."""
+    torch.manual_seed(0)
+    model = DetectionTask().prepare_model(small_retinanet(num_classes=3))
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0]])
+    batch = [(torch.rand(3, 64, 64), {"boxes": boxes, "labels": torch.tensor([1])})] * 2
+    loader = [detection.collate(batch)]
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert stats
+    _, loss = detection.evaluate_map(model, loader, torch.device("cpu"))
+    assert not model.training and not model.detector.training  # left in eval mode
+    for k, v in model.state_dict().items():
+        if "running" in k:
+            assert torch.equal(v, stats[k]), k
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            m.eval()
+    model.detector.transform.eval()
+    images, targets = loader[0]
+    with torch.no_grad():
+        expected = float(sum(model(list(images), list(targets)).values()))
+    assert np.isfinite(loss) and loss == pytest.approx(expected, rel=1e-6)
 
 
 def _compress_two_steps(tmp_path, checkpoint, arch, data, *, verify_samples, **kwargs) -> dict:
