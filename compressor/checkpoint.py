@@ -629,8 +629,9 @@ def _supports(arch: str, name: str) -> bool:
 def _is_detector(model: nn.Module) -> bool:
     """A torchvision single-stage detector (SSD, SSDlite, RetinaNet, FCOS), built by name or
     by the user's ``package.module:callable``: its classes are not its last conv's rows."""
-    head = getattr(model, "head", None)
-    return hasattr(model, "transform") and hasattr(head, "classification_head")
+    from compressor.detection import missing_detector_parts
+
+    return not missing_detector_parts(model)
 
 
 def _detection_classes(

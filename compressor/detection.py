@@ -78,6 +78,18 @@ _PREDICTION_NAMES = frozenset({"cls_logits", "bbox_reg", "bbox_ctrness"})
 # ---------------------------------------------------------------------------- the model
 
 
+def missing_detector_parts(model: nn.Module) -> list[str]:
+    """What ``model`` lacks of a torchvision single-stage detector (SSD, SSDlite, RetinaNet,
+    FCOS): ``transform`` (with ``normalize``), ``backbone``, ``head`` and the head's
+    ``classification_head``; empty for a detector."""
+    missing = [a for a in ("transform", "backbone", "head") if not hasattr(model, a)]
+    if "transform" not in missing and not hasattr(model.transform, "normalize"):
+        missing.append("transform.normalize")
+    if "head" not in missing and not hasattr(model.head, "classification_head"):
+        missing.append("head.classification_head")
+    return missing
+
+
 class DetectionModel(nn.Module):
     """A torchvision single-stage detector (SSD, SSDlite, RetinaNet, FCOS: ``transform``,
     ``backbone`` and a ``head`` whose outputs are a dict of per-anchor tensors) as the
@@ -90,12 +102,12 @@ class DetectionModel(nn.Module):
 
     def __init__(self, detector: nn.Module):
         super().__init__()
-        missing = [a for a in ("transform", "backbone", "head") if not hasattr(detector, a)]
-        if missing or not hasattr(detector.transform, "normalize"):
+        missing = missing_detector_parts(detector)
+        if missing:
             raise BadInputError(
                 f"--task detection needs a torchvision single-stage detector (SSD, SSDlite, "
                 f"RetinaNet, FCOS: transform, backbone and head); {type(detector).__name__} "
-                f"has no {', '.join(missing) or 'transform.normalize'}. Two-stage models "
+                f"has no {', '.join(missing)}. Two-stage models "
                 "(Faster/Mask R-CNN) are not supported yet."
             )
         self.backbone = detector.backbone
@@ -404,6 +416,7 @@ def to_device(images: list, targets: list, device: torch.device) -> tuple[list, 
 
 __all__ = [
     "DetectionModel",
+    "missing_detector_parts",
     "collate",
     "evaluate_map",
     "load_coco",

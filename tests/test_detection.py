@@ -112,6 +112,19 @@ def test_a_classifier_is_refused_by_the_detection_task():
         DetectionTask().prepare_model(torchvision.models.resnet18(num_classes=3))
 
 
+def test_missing_detector_parts_names_what_a_model_lacks():
+    import torchvision
+
+    assert detection.missing_detector_parts(small_retinanet(num_classes=3)) == []
+    classifier = torchvision.models.resnet18(num_classes=3)
+    assert detection.missing_detector_parts(classifier) == ["transform", "backbone", "head"]
+    detector = small_fcos(num_classes=3)
+    del detector.head.classification_head
+    assert detection.missing_detector_parts(detector) == ["head.classification_head"]
+    with pytest.raises(BadInputError, match="has no head.classification_head"):
+        DetectionTask().prepare_model(detector)
+
+
 def test_raw_forward_is_the_head_output_the_detector_computes():
     from compressor.checkpoint import build_model
 
