@@ -976,7 +976,7 @@ class SwinV2Heads(SwinHeads):
 
     A head is its q, k, v rows of ``qkv``, its input columns of ``proj``, its ``logit_scale``
     and its output row of ``cpb_mlp``'s last Linear (the position bias MLP's hidden layer is
-    shared by all heads and stays). Cosine attention normalises q and k within each head, and
+    shared by all heads: its units are a group of their own, :class:`SwinV2PositionBias`). Cosine attention normalises q and k within each head, and
     the k third of ``qkv``'s bias that the forward reads as zero is still the k third once
     heads go, so a head whose v rows are zero outputs zero and the kept heads compute what
     they did."""
@@ -1023,6 +1023,94 @@ class SwinV2Heads(SwinHeads):
 
 # the first kind that matches: Swin V2's classes subclass V1's
 KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinV2Heads, SwinHeads)
+
+
+class HiddenUnitsKind:
+    """The hidden units of a small MLP inside an attention module that Torch-Pruning does not
+    trace (it runs on a constant, not on the model's input), as removable units (subclasses:
+    one per supported module).
+
+    A unit is one output row of ``producer`` (weight and bias) and the same input column of
+    ``consumer``; between them only ops that map 0 to 0 (a ReLU), so a unit whose rows are
+    zero feeds ``consumer`` zeros and removing it changes no output. The module's forward
+    does not depend on the hidden width: removal slices in place."""
+
+    producer = ""
+    consumer = ""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return int(self.module.get_submodule(self.producer).out_features)
+
+    def members(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(param, rows, unit)`` for the producer's weight and bias: one row per unit."""
+        units = torch.arange(self.size)
+        producer = self.module.get_submodule(self.producer)
+        return [
+            (f"{self.producer}.{p}", units, units)
+            for p in ("weight", "bias")
+            if getattr(producer, p) is not None
+        ]
+
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(columns, unit)``: every input column of ``consumer`` and its unit."""
+        units = torch.arange(self.size)
+        return units, units
+
+    @torch.no_grad()
+    def remove(self, units: list[int]) -> None:
+        """Remove ``units`` (at least one stays): the producer's rows, the consumer's columns."""
+        drop = set(units)
+        keep = torch.tensor([u for u in range(self.size) if u not in drop], dtype=torch.long)
+        if len(keep) == 0:
+            raise ValueError("a hidden layer keeps at least one unit")
+        _slice_rows(self.module.get_submodule(self.producer), keep)
+        _slice_columns(self.module.get_submodule(self.consumer), keep)
+
+
+class SwinV2PositionBias(HiddenUnitsKind):
+    """Swin V2's continuous position bias MLP ``cpb_mlp``: ``Linear(2, 512) -> ReLU ->
+    Linear(512, heads)`` on the constant ``relative_coords_table``; its 512 hidden units
+    (rows of ``cpb_mlp.0``, columns of ``cpb_mlp.2``). The heads own ``cpb_mlp.2``'s rows
+    (:class:`SwinV2Heads`): the two compose, as the units of a Linear's outputs and inputs.
+    Only for a module whose heads :class:`SwinV2Heads` trusts (its forward is torchvision's
+    or compressor's, which read ``cpb_mlp`` whatever its hidden width)."""
+
+    producer = "cpb_mlp.0"
+    consumer = CPB_OUT
+
+    @staticmethod
+    def matches(module):
+        if not SwinV2Heads.matches(module) or SwinV2Heads(module).reason() is not None:
+            return False
+        cpb = module.cpb_mlp
+        return isinstance(cpb[0], nn.Linear) and type(cpb[1]) is nn.ReLU
+
+
+UNIT_KINDS: tuple[type[HiddenUnitsKind], ...] = (SwinV2PositionBias,)
+
+
+def hidden_units_kind(module: nn.Module) -> HiddenUnitsKind | None:
+    """The :class:`HiddenUnitsKind` of ``module``, or None where it holds no such units."""
+    for kind in UNIT_KINDS:
+        if kind.matches(module):
+            return kind(module)
+    return None
+
+
+def remove_hidden_units(model: nn.Module, name: str, units: list[int]) -> None:
+    """Remove hidden ``units`` of module ``name`` of ``model`` in place (at least one stays)."""
+    kind = hidden_units_kind(model.get_submodule(name))
+    if kind is None:
+        raise ValueError(f"{name}: holds no removable hidden units")
+    kind.remove(list(units))
 
 
 def heads_kind(module: nn.Module) -> HeadsKind | None:

@@ -30,12 +30,16 @@ def _vit():
 
 
 def _zero_heads(groups, model, fraction=0.5):
-    """Zero the first ``int(fraction * heads)`` (at least one) heads of every head group."""
+    """Zero the first ``int(fraction * heads)`` (at least one) heads of every head group, and
+    every other hidden unit (the odd ones) of every hidden-units group (Swin V2's
+    position bias MLP)."""
     factors = []
     for g in groups:
         f = torch.ones(g.size)
         if g.attention is not None:
             f[: max(1, int(fraction * g.size))] = 0
+        if g.hidden is not None:
+            f[1::2] = 0
         factors.append(f)
     groups.scale_(dict(model.named_parameters()), factors)
 
@@ -263,15 +267,25 @@ def test_torchvision_heads_are_units_removed_exactly_and_load_back(kind, tmp_pat
             if g.attention is not None:  # a head: also its row of the position bias MLP's output
                 assert f"{g.attention}.cpb_mlp.2.weight" in {m.param for m in g.members}
                 assert g.other_params == 1  # its logit_scale
+        hidden = [g for g in groups if g.hidden is not None]  # the position bias MLP's units
+        assert [g.hidden for g in hidden] == [g.attention for g in groups if g.attention]
+        for g in hidden:
+            assert g.root == f"{g.hidden}.cpb_mlp.0" and g.size == 512
+            assert g.weights_per_channel == 2 + 1  # its cpb_mlp.0 row and bias
+            assert [c.module for c in g.consumers] == [f"{g.hidden}.cpb_mlp.2"]
         for a in modules:
             assert type(a) is attention.PrunedShiftedWindowAttentionV2
             assert a.head_dim == 8 and a.logit_scale.shape == (a.num_heads, 1, 1)
-            assert a.cpb_mlp[2].weight.shape == (a.num_heads, 512)
+            assert a.cpb_mlp[0].weight.shape == (256, 2) and a.cpb_mlp[0].bias.shape == (256,)
+            assert a.cpb_mlp[2].weight.shape == (a.num_heads, 256)
         assert [a.num_heads for a in modules] == [1, 1, 2, 2]
         assert attention.ATTENTION_REASON not in groups.excluded.values()
-    # the pruned model's heads are units again
+        assert not any("cpb_mlp" in layer for layer in groups.excluded)
+    # the pruned model's heads (and hidden units) are units again
     again = build_groups(model, x[:1])
     assert sorted(g.size for g in again if g.attention) == sorted(a.num_heads for a in modules)
+    if kind == "swin_v2":
+        assert [g.size for g in again if g.hidden] == [256] * 4
 
     path = tmp_path / "model.safetensors"
     ckpt.save_compact(model, path, arch=TV_ARCH[kind], build_kwargs=TV_KWARGS[kind])
@@ -575,8 +589,9 @@ def test_a_compact_file_without_kept_heads_loads_and_refuses_3d_masks(tmp_path):
 
 def test_swin_v2_heads_go_exactly_with_their_scales_biases_and_k_bias_in_float64():
     """Each kept head keeps its own logit_scale, position-bias row and q/v biases, and still
-    reads its k bias as zero (cosine attention would see a non-zero one): the outputs are the
-    original's to float64 rounding."""
+    reads its k bias as zero (cosine attention would see a non-zero one); half the position
+    bias MLP's hidden units (the odd ones) go at the same time, its cpb_mlp.0 rows and
+    cpb_mlp.2 columns: the outputs are the original's to float64 rounding."""
     model = tiny_swin_v2().double().eval()
     with torch.no_grad():  # heads that differ: a wrong slice would show
         for a in _attention_modules(model):
@@ -590,6 +605,7 @@ def test_swin_v2_heads_go_exactly_with_their_scales_biases_and_k_bias_in_float64
     modules = _attention_modules(model)
     assert [a.num_heads for a in modules] == [1, 1, 2, 2]
     assert all(type(a) is attention.PrunedShiftedWindowAttentionV2 for a in modules)
+    assert [tuple(a.cpb_mlp[2].weight.shape) for a in modules] == [(1, 256)] * 2 + [(2, 256)] * 2
     torch.testing.assert_close(model(x), reference, rtol=1e-12, atol=1e-12)
 
 
@@ -604,6 +620,10 @@ def test_unsupported_torchvision_attention_keeps_heads_whole():
         attention.ATTENTION_REASON
     )
     assert attention.heads_reason(ShiftedWindowAttentionV2(16, [4, 4], [0, 0], 2)) is None
+    # its position bias MLP's hidden units: only where its forward is known
+    assert attention.hidden_units_kind(CustomV2(16, [4, 4], [0, 0], num_heads=2)) is None
+    kind = attention.hidden_units_kind(ShiftedWindowAttentionV2(16, [4, 4], [0, 0], 2))
+    assert type(kind) is attention.SwinV2PositionBias and kind.size == 512
     separate = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
     assert attention.heads_reason(separate) == attention.MHA_REASON
     assert attention.heads_reason(torch.nn.MultiheadAttention(16, 4, add_bias_kv=True)) == (
