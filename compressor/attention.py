@@ -230,6 +230,11 @@ class HeadsKind:
         heads, where the packed projection is narrower than built (else None)."""
         return None
 
+    def keep_all(self) -> nn.Module | None:
+        """The module as a compact file saves one pruned with every head kept, where that
+        differs from the module as built (else None)."""
+        return None
+
 
 def _param(module: nn.Module, name: str) -> torch.Tensor | None:
     owner, _, attr = name.rpartition(".")
@@ -622,6 +627,12 @@ class MultiheadAttentionHeads(HeadsKind):
         new = self._replacement(heads, self.head_dim)
         new.set_kept_heads(None, None)  # the shapes alone do not say which heads stayed
         return new
+
+    def keep_all(self):
+        """The pruned module (it saves its kept heads, nn.MultiheadAttention has none)."""
+        if self.reason() is not None or isinstance(self.module, PrunedMultiheadAttention):
+            return None
+        return self._replacement(self.num_heads, self.head_dim)
 
 
 class PrunedShiftedWindowAttention(nn.Module):
@@ -1177,13 +1188,23 @@ def sync_heads(model: nn.Module, saved: Mapping[str, torch.Tensor] | None = None
         if kind is None:
             continue
         new = kind.sync()
+        if new is None and saved is not None and _saved_kept_heads(saved, name)[0] is not None:
+            new = kind.keep_all()  # saved pruned with every head kept: pruned all the same
         if new is not None:
             _replace(model, name, new)
             changed.append(name)
     for name, module in model.named_modules():
-        if isinstance(module, PrunedMultiheadAttention) and saved is not None:
+        if saved is not None and isinstance(module, PrunedMultiheadAttention):
             _restore_kept_heads(module, name, saved)
     return changed
+
+
+def _saved_kept_heads(
+    saved: Mapping[str, torch.Tensor], name: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The saved ``kept_heads`` and ``original_heads`` of module ``name`` (None: not saved)."""
+    prefix = f"{name}." if name else ""
+    return saved.get(f"{prefix}kept_heads"), saved.get(f"{prefix}original_heads")
 
 
 def _restore_kept_heads(
@@ -1192,7 +1213,7 @@ def _restore_kept_heads(
     """``module``'s kept heads from the saved tensors ``{name}.kept_heads`` and
     ``{name}.original_heads``, where the file has them (both or neither)."""
     prefix = f"{name}." if name else ""
-    kept, original = saved.get(f"{prefix}kept_heads"), saved.get(f"{prefix}original_heads")
+    kept, original = _saved_kept_heads(saved, name)
     if kept is None and original is None:
         return
     if kept is None or original is None:

@@ -526,6 +526,26 @@ def test_a_loaded_pruned_multihead_attention_matches_3d_masks_to_its_kept_heads(
     assert (again.kept_heads.tolist(), int(again.original_heads)) == ([2], 4)
 
 
+def test_a_compact_file_of_a_pruned_multihead_attention_that_kept_every_head_loads(tmp_path):
+    """Saved as the pruned module with all 4 heads (and their record): loads as that module,
+    not as the nn.MultiheadAttention built, which has no kept heads to take them."""
+    torch.manual_seed(0)
+    model = mha_net().eval()
+    attention.remove_heads(model, "attn", [])
+    assert isinstance(model.attn, attention.PrunedMultiheadAttention)
+    path = tmp_path / "model.safetensors"
+    ckpt.save_compact(model, path, arch=MHA_ARCH, build_kwargs={})
+    loaded = compressor.load(path, arch=MHA_ARCH)
+    assert isinstance(loaded.attn, attention.PrunedMultiheadAttention)
+    assert (loaded.attn.kept_heads.tolist(), int(loaded.attn.original_heads)) == ([0, 1, 2, 3], 4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.randn(2 * 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        loaded.attn(x, x, x, attn_mask=mask)[0], model.attn(x, x, x, attn_mask=mask)[0],
+        rtol=0, atol=1e-12,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "change, problem",
     [
