@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +230,11 @@ class HeadsKind:
         heads, where the packed projection is narrower than built (else None)."""
         return None
 
+    def keep_all(self) -> nn.Module | None:
+        """The module as a compact file saves one pruned with every head kept, where that
+        differs from the module as built (else None)."""
+        return None
+
 
 def _param(module: nn.Module, name: str) -> torch.Tensor | None:
     owner, _, attr = name.rpartition(".")
@@ -326,9 +332,12 @@ class PrunedMultiheadAttention(nn.Module):
     one slice per head of the ORIGINAL module (the slices of the removed heads are dropped),
     and ``is_causal`` is the hint that ``attn_mask`` is causal (it needs ``attn_mask``).
 
-    ``kept_heads`` are the original's heads this module computes, in order, and
-    ``original_heads`` how many the original had. A module loaded from a compact file does not
-    know them (None): a 3-D ``attn_mask`` is then refused, as it cannot be matched to heads.
+    ``kept_heads`` (int64, one per head) are the original's heads this module computes, in
+    order, and ``original_heads`` (an int64 scalar) how many the original had: persistent
+    buffers, so a compact file carries them as data and a loaded module matches a 3-D
+    ``attn_mask`` to its heads as before saving. Where they are not known (None: a compact
+    file written before they were saved) a 3-D ``attn_mask`` is refused, as it cannot be
+    matched to heads.
 
     The weights, where asked for, are those of the kept heads only. With
     ``average_attn_weights`` (the default) they are averaged over the KEPT heads: the original
@@ -352,8 +361,7 @@ class PrunedMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * num_heads * head_dim)) if bias else None
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
-        self.kept_heads: tuple[int, ...] | None = tuple(range(num_heads))
-        self.original_heads: int | None = num_heads
+        self.set_kept_heads(range(num_heads), num_heads)
 
     @classmethod
     def adopt(cls, mha: nn.Module, num_heads: int, head_dim: int) -> PrunedMultiheadAttention:
@@ -365,8 +373,36 @@ class PrunedMultiheadAttention(nn.Module):
         new.dropout, new.batch_first = float(mha.dropout), bool(mha.batch_first)
         new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
         new.out_proj = mha.out_proj
-        new.kept_heads = new.original_heads = None  # the caller knows them, where anyone does
+        new.set_kept_heads(None, None)  # the caller knows them, where anyone does
         return new
+
+    def set_kept_heads(self, kept: Iterable[int] | None, original: int | None) -> None:
+        """Record that this module computes heads ``kept`` of an original with ``original``
+        heads (None: not known), as the persistent buffers ``kept_heads``/``original_heads``.
+        Raises ``ValueError`` naming the problem where they cannot describe its heads."""
+        if kept is None or original is None:
+            self.register_buffer("kept_heads", None)
+            self.register_buffer("original_heads", None)
+            return
+        kept_t = torch.tensor(list(kept), dtype=torch.int64)
+        original_t = torch.tensor(int(original), dtype=torch.int64)
+        problem = kept_heads_problem(kept_t, original_t, self.num_heads)
+        if problem is not None:
+            raise ValueError(problem)
+        device = self.in_proj_weight.device
+        self.register_buffer("kept_heads", kept_t.to(device))
+        self.register_buffer("original_heads", original_t.to(device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """As ``nn.Module``'s, and refuses kept heads that cannot be this module's (what any
+        ``load_state_dict`` copies in is checked as :meth:`set_kept_heads` checks)."""
+        kept = state_dict.get(f"{prefix}kept_heads")
+        original = state_dict.get(f"{prefix}original_heads")
+        if kept is not None and original is not None and self.kept_heads is not None:
+            problem = kept_heads_problem(kept, original, self.num_heads)
+            if problem is not None:
+                raise ValueError(f"{prefix}kept_heads: {problem}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -416,17 +452,18 @@ class PrunedMultiheadAttention(nn.Module):
             raise RuntimeError(
                 "a 3-D attn_mask has one slice per head of the original nn.MultiheadAttention, "
                 "but this PrunedMultiheadAttention does not know which of those heads it kept "
-                "(it was loaded from a compact file); pass a 2-D (L, S) attn_mask, or use the "
-                "model as pruned in this process"
+                "(it was loaded from a compact file written before compressor saved them); "
+                "pass a 2-D (L, S) attn_mask, or prune and save the model again"
             )
-        expected = (batch * self.original_heads, length, source)
+        original = int(self.original_heads)
+        expected = (batch * original, length, source)
         if attn_mask.shape != expected:
             raise RuntimeError(
                 f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
                 f"{expected} (one slice per head of the original module)."
             )
-        kept = torch.tensor(self.kept_heads, device=attn_mask.device)
-        return attn_mask.view(batch, self.original_heads, length, source).index_select(1, kept)
+        kept = self.kept_heads.to(attn_mask.device)
+        return attn_mask.view(batch, original, length, source).index_select(1, kept)
 
     def forward(
         self,
@@ -489,6 +526,31 @@ class PrunedMultiheadAttention(nn.Module):
         return out, weights
 
 
+def kept_heads_problem(kept: torch.Tensor, original: torch.Tensor, num_heads: int) -> str | None:
+    """Why ``kept`` (the original heads a pruned module computes) and ``original`` (how many
+    the original had) cannot describe a module of ``num_heads`` heads, or None where they can:
+    integer tensors, ``kept`` 1-D with ``num_heads`` entries strictly increasing in
+    ``[0, original)``, ``original`` one number. They come from files: read as data only."""
+    for name, t in (("kept_heads", kept), ("original_heads", original)):
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_floating_point():
+            return f"{name} must be an integer tensor, not {getattr(t, 'dtype', type(t))}"
+        if t.is_complex():
+            return f"{name} must be an integer tensor, not {t.dtype}"
+    if original.dim() != 0:
+        return f"original_heads must be one number, not of shape {tuple(original.shape)}"
+    if kept.dim() != 1 or kept.numel() != num_heads:
+        return (
+            f"kept_heads has shape {tuple(kept.shape)}, but the module has {num_heads} heads "
+            f"(expected ({num_heads},))"
+        )
+    count, values = int(original), [int(h) for h in kept]
+    if any(h < 0 or h >= count for h in values):
+        return f"kept_heads {values[:16]} are not all in [0, original_heads={count})"
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        return f"kept_heads {values[:16]} are not strictly increasing"
+    return None
+
+
 def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
     """``mask`` as logits to add: a bool mask's True (not allowed) as -inf, a float one as is."""
     if mask is None or torch.is_floating_point(mask):
@@ -536,16 +598,16 @@ class MultiheadAttentionHeads(HeadsKind):
         """As :meth:`HeadsKind.remove`, and the pruned module learns which of the original's
         heads it keeps (a 3-D ``attn_mask`` has one slice per original head)."""
         m = self.module
+        kept, original = list(range(self.num_heads)), self.num_heads
         if isinstance(m, PrunedMultiheadAttention):
-            kept, original = m.kept_heads, m.original_heads
-        else:
-            kept, original = tuple(range(self.num_heads)), self.num_heads
+            known = m.kept_heads is not None and m.original_heads is not None
+            kept = m.kept_heads.tolist() if known else None
+            original = int(m.original_heads) if known else None
         new = super().remove(heads)
         drop = set(heads)
-        new.kept_heads = (
-            None if kept is None else tuple(h for i, h in enumerate(kept) if i not in drop)
+        new.set_kept_heads(
+            None if kept is None else [h for i, h in enumerate(kept) if i not in drop], original
         )
-        new.original_heads = original
         return new
 
     def _slice_packed(self, rows):
@@ -563,8 +625,14 @@ class MultiheadAttentionHeads(HeadsKind):
             return None
         heads = _heads_from_rows(rows, self.head_dim, "in_proj_weight")
         new = self._replacement(heads, self.head_dim)
-        new.kept_heads = new.original_heads = None  # a compact file holds shapes only
+        new.set_kept_heads(None, None)  # the shapes alone do not say which heads stayed
         return new
+
+    def keep_all(self):
+        """The pruned module (it saves its kept heads, nn.MultiheadAttention has none)."""
+        if self.reason() is not None or isinstance(self.module, PrunedMultiheadAttention):
+            return None
+        return self._replacement(self.num_heads, self.head_dim)
 
 
 class PrunedShiftedWindowAttention(nn.Module):
@@ -919,7 +987,7 @@ class SwinV2Heads(SwinHeads):
 
     A head is its q, k, v rows of ``qkv``, its input columns of ``proj``, its ``logit_scale``
     and its output row of ``cpb_mlp``'s last Linear (the position bias MLP's hidden layer is
-    shared by all heads and stays). Cosine attention normalises q and k within each head, and
+    shared by all heads: its units are a group of their own, :class:`SwinV2PositionBias`). Cosine attention normalises q and k within each head, and
     the k third of ``qkv``'s bias that the forward reads as zero is still the k third once
     heads go, so a head whose v rows are zero outputs zero and the kept heads compute what
     they did."""
@@ -966,6 +1034,94 @@ class SwinV2Heads(SwinHeads):
 
 # the first kind that matches: Swin V2's classes subclass V1's
 KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinV2Heads, SwinHeads)
+
+
+class HiddenUnitsKind:
+    """The hidden units of a small MLP inside an attention module that Torch-Pruning does not
+    trace (it runs on a constant, not on the model's input), as removable units (subclasses:
+    one per supported module).
+
+    A unit is one output row of ``producer`` (weight and bias) and the same input column of
+    ``consumer``; between them only ops that map 0 to 0 (a ReLU), so a unit whose rows are
+    zero feeds ``consumer`` zeros and removing it changes no output. The module's forward
+    does not depend on the hidden width: removal slices in place."""
+
+    producer = ""
+    consumer = ""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return int(self.module.get_submodule(self.producer).out_features)
+
+    def members(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(param, rows, unit)`` for the producer's weight and bias: one row per unit."""
+        units = torch.arange(self.size)
+        producer = self.module.get_submodule(self.producer)
+        return [
+            (f"{self.producer}.{p}", units, units)
+            for p in ("weight", "bias")
+            if getattr(producer, p) is not None
+        ]
+
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(columns, unit)``: every input column of ``consumer`` and its unit."""
+        units = torch.arange(self.size)
+        return units, units
+
+    @torch.no_grad()
+    def remove(self, units: list[int]) -> None:
+        """Remove ``units`` (at least one stays): the producer's rows, the consumer's columns."""
+        drop = set(units)
+        keep = torch.tensor([u for u in range(self.size) if u not in drop], dtype=torch.long)
+        if len(keep) == 0:
+            raise ValueError("a hidden layer keeps at least one unit")
+        _slice_rows(self.module.get_submodule(self.producer), keep)
+        _slice_columns(self.module.get_submodule(self.consumer), keep)
+
+
+class SwinV2PositionBias(HiddenUnitsKind):
+    """Swin V2's continuous position bias MLP ``cpb_mlp``: ``Linear(2, 512) -> ReLU ->
+    Linear(512, heads)`` on the constant ``relative_coords_table``; its 512 hidden units
+    (rows of ``cpb_mlp.0``, columns of ``cpb_mlp.2``). The heads own ``cpb_mlp.2``'s rows
+    (:class:`SwinV2Heads`): the two compose, as the units of a Linear's outputs and inputs.
+    Only for a module whose heads :class:`SwinV2Heads` trusts (its forward is torchvision's
+    or compressor's, which read ``cpb_mlp`` whatever its hidden width)."""
+
+    producer = "cpb_mlp.0"
+    consumer = CPB_OUT
+
+    @staticmethod
+    def matches(module):
+        if not SwinV2Heads.matches(module) or SwinV2Heads(module).reason() is not None:
+            return False
+        cpb = module.cpb_mlp
+        return isinstance(cpb[0], nn.Linear) and type(cpb[1]) is nn.ReLU
+
+
+UNIT_KINDS: tuple[type[HiddenUnitsKind], ...] = (SwinV2PositionBias,)
+
+
+def hidden_units_kind(module: nn.Module) -> HiddenUnitsKind | None:
+    """The :class:`HiddenUnitsKind` of ``module``, or None where it holds no such units."""
+    for kind in UNIT_KINDS:
+        if kind.matches(module):
+            return kind(module)
+    return None
+
+
+def remove_hidden_units(model: nn.Module, name: str, units: list[int]) -> None:
+    """Remove hidden ``units`` of module ``name`` of ``model`` in place (at least one stays)."""
+    kind = hidden_units_kind(model.get_submodule(name))
+    if kind is None:
+        raise ValueError(f"{name}: holds no removable hidden units")
+    kind.remove(list(units))
 
 
 def heads_kind(module: nn.Module) -> HeadsKind | None:
@@ -1017,18 +1173,52 @@ def remove_heads(model: nn.Module, name: str, heads: list[int]) -> nn.Module:
     return new
 
 
-def sync_heads(model: nn.Module) -> list[str]:
+def sync_heads(model: nn.Module, saved: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """After a compact model's parameter shapes are restored, give every attention module
     whose packed q/k/v projection is narrower than built its saved number of heads (timm:
     ``num_heads``/``attn_dim``; ``nn.MultiheadAttention`` and Swin: replaced by the compressor
-    module). Decided from tensor shapes alone; the names of the changed modules returned."""
+    module). Decided from tensor shapes alone; the names of the changed modules returned.
+
+    ``saved`` (the file's tensors) gives each :class:`PrunedMultiheadAttention` the
+    ``kept_heads``/``original_heads`` saved with it, checked (``ValueError`` naming the module
+    and the problem); a file without them leaves them unknown."""
     changed = []
     for name, module in list(model.named_modules()):
         kind = heads_kind(module)
         if kind is None:
             continue
         new = kind.sync()
+        if new is None and saved is not None and _saved_kept_heads(saved, name)[0] is not None:
+            new = kind.keep_all()  # saved pruned with every head kept: pruned all the same
         if new is not None:
             _replace(model, name, new)
             changed.append(name)
+    for name, module in model.named_modules():
+        if saved is not None and isinstance(module, PrunedMultiheadAttention):
+            _restore_kept_heads(module, name, saved)
     return changed
+
+
+def _saved_kept_heads(
+    saved: Mapping[str, torch.Tensor], name: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The saved ``kept_heads`` and ``original_heads`` of module ``name`` (None: not saved)."""
+    prefix = f"{name}." if name else ""
+    return saved.get(f"{prefix}kept_heads"), saved.get(f"{prefix}original_heads")
+
+
+def _restore_kept_heads(
+    module: PrunedMultiheadAttention, name: str, saved: Mapping[str, torch.Tensor]
+) -> None:
+    """``module``'s kept heads from the saved tensors ``{name}.kept_heads`` and
+    ``{name}.original_heads``, where the file has them (both or neither)."""
+    prefix = f"{name}." if name else ""
+    kept, original = _saved_kept_heads(saved, name)
+    if kept is None and original is None:
+        return
+    if kept is None or original is None:
+        raise ValueError(f"{prefix}kept_heads and {prefix}original_heads: one without the other")
+    problem = kept_heads_problem(kept, original, module.num_heads)
+    if problem is not None:
+        raise ValueError(f"attention module {name!r}: {problem}")
+    module.set_kept_heads(kept.tolist(), int(original))

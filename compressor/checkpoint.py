@@ -1426,7 +1426,7 @@ def _load_compact(path: Path, meta: dict, arch: str) -> nn.Module:
         model = _swap_activations(model, act, path)
     sd = _read_safetensors(path)
     _resize(model, meta.get("modules") or {}, sd, path)
-    _sync_heads(model, path)
+    _sync_heads(model, sd, path)
     _check_fit(model, sd, path, arch, kwargs)
     versions = meta.get("module_versions")
     if versions is not None:
@@ -1435,18 +1435,22 @@ def _load_compact(path: Path, meta: dict, arch: str) -> nn.Module:
     return model.eval()
 
 
-def _sync_heads(model: nn.Module, path: Path) -> None:
+def _sync_heads(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path) -> None:
     """Give every attention module whose packed q/k/v projection (timm's and Swin's ``qkv``,
     ``nn.MultiheadAttention``'s ``in_proj_weight``) was saved narrower its number of heads:
     rows / (3 x ``head_dim``), ``head_dim`` being the architecture's own (a removed head takes
     all its rows); ``nn.MultiheadAttention`` and Swin's attention become compressor's pruned
-    modules. Read from the restored sizes: the metadata names no code."""
+    modules, a pruned ``nn.MultiheadAttention`` with the original heads it kept where the file
+    saved them (integer tensors, checked). Read from the restored sizes and tensors: the
+    metadata names no code."""
     from compressor.attention import sync_heads
 
     try:
-        changed = sync_heads(model)
+        changed = sync_heads(model, sd)
     except ValueError as exc:
-        raise CheckpointError(f"{path}: an attention module's saved shapes: {exc}") from None
+        raise CheckpointError(
+            f"{path}: refused: an attention module's saved heads: {exc}"
+        ) from None
     if changed:
         log.info("%s: %d attention modules have fewer heads", path, len(changed))
 

@@ -130,6 +130,9 @@ class ChannelGroup:
     projection: ``qkv`` or ``in_proj_weight``) has one unit per head: its q, k and v rows
     of that projection (and of ``gate``), weights and biases, and its ``head_dim`` input
     columns of the output projection (compressor/attention.py).
+    A group of hidden units (``hidden`` names the module, ``root`` the Linear whose output
+    rows they are) holds the units of a small MLP inside a module that Torch-Pruning does not
+    trace, such as Swin V2's position bias MLP (:class:`compressor.attention.HiddenUnitsKind`).
     ``other_macs`` are the MACs one unit costs outside conv/linear layers (a head's
     attention products, and projections applied functionally), which removing it saves too;
     ``other_params`` likewise its parameters outside conv/linear layers (``in_proj_weight``
@@ -144,6 +147,7 @@ class ChannelGroup:
     root_unit: torch.Tensor | None = None
     norm_params: frozenset[str] | None = None  # members that measure a unit (None: all)
     attention: str | None = None  # the attention module whose heads are the units
+    hidden: str | None = None  # the module whose inner MLP's hidden units are the units
     other_macs: float = 0.0  # MACs per unit outside conv/linear layers
     other_params: float = 0.0  # parameters per unit outside conv/linear layers
 
@@ -550,6 +554,9 @@ def build_groups(
         ):
             continue  # kept on request (prune.keep): not explained, like the classifier
         groups.append(_head_group(model, name, other_macs.get(name, 0)))
+    for name, kind in _hidden_kinds(model, head_modules):
+        if not (_matches(name, keep) or _matches(f"{name}.{kind.producer}", keep)):
+            groups.append(_hidden_group(model, name, kind))
     total_params = sum(p.numel() for p in model.parameters())
     result = ChannelGroups(groups, layers, total_macs, total_params, excluded)
     if check_exactness and groups:
@@ -739,6 +746,33 @@ def _head_group(model: nn.Module, name: str, other_macs: int) -> ChannelGroup:
         attention=name,
         other_macs=other_macs / heads,
         other_params=kind.other_params(),
+    )
+
+
+def _hidden_kinds(
+    model: nn.Module, modules: Iterable[str]
+) -> list[tuple[str, _attention.HiddenUnitsKind]]:
+    """The ``modules`` that hold hidden units Torch-Pruning does not trace, with their kind."""
+    found = []
+    for name in modules:
+        kind = _attention.hidden_units_kind(model.get_submodule(name))
+        if kind is not None:
+            found.append((name, kind))
+    return found
+
+
+def _hidden_group(model: nn.Module, name: str, kind: _attention.HiddenUnitsKind) -> ChannelGroup:
+    """The group whose units are the hidden units of module ``name``'s inner MLP."""
+    members = [Slice(f"{name}.{param}", rows, unit) for param, rows, unit in kind.members()]
+    cols, col_unit = kind.columns()
+    per_unit = sum(len(m.index) * _row_numel(model, m.param) for m in members) // kind.size
+    return ChannelGroup(
+        f"{name}.{kind.producer}",
+        kind.size,
+        tuple(members),
+        (Consumer(f"{name}.{kind.consumer}", cols, col_unit),),
+        per_unit,
+        hidden=name,
     )
 
 

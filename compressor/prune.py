@@ -18,7 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compressor.attention import remove_heads
+from compressor.attention import remove_heads, remove_hidden_units
 from compressor.errors import VerificationError
 from compressor.groups import ChannelGroups, traceable
 
@@ -137,23 +137,28 @@ def prune_zero_channels(
         for g, mask in zip(groups, masks, strict=True)
     }
     removed: dict[str, list[int]] = {}
-    for group in groups:
+    for group in groups:  # heads first: a module may be replaced, its inner MLP adopted
         if group.attention is not None and plan[group.root]:
             remove_heads(model, group.attention, plan[group.root])
             removed[group.root] = plan[group.root]
+    for group in groups:  # hidden units Torch-Pruning does not trace: sliced in place
+        if group.hidden is not None and plan[group.root]:
+            remove_hidden_units(model, group.hidden, plan[group.root])
+            removed[group.root] = plan[group.root]
+    traced = [g for g in groups if g.attention is None and g.hidden is None]
     # Torch-Pruning removes a GroupNorm's channels but keeps its num_groups; the groups
     # remove whole norm groups (compressor.groups), so the norm keeps its group width
     norm_width = {
         m: m.num_channels // m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)
     }
-    if any(plan[g.root] for g in groups if g.attention is None):
+    if any(plan[g.root] for g in traced):
         with traceable():
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=sample_inputs[:1], verbose=False
             )
-        for group in groups:
+        for group in traced:
             idxs = plan[group.root]
-            if not idxs or group.attention is not None:
+            if not idxs:
                 continue
             root = model.get_submodule(group.root)
             handler = dg.get_pruner_of_module(root).prune_out_channels

@@ -203,7 +203,9 @@ def evaluate(
 ) -> tuple[float, float]:
     """Top-1 accuracy (percent) and mean cross-entropy over ``loader`` (summed over DDP ranks)."""
     hits, loss_sum = _top1_hits(model, loader, device, progress)
-    stats = torch.tensor([float(hits.sum()), len(hits), loss_sum], dtype=torch.float64, device=device)
+    stats = torch.tensor(
+        [float(hits.sum()), len(hits), loss_sum], dtype=torch.float64, device=device
+    )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(stats)
     correct, total, loss_sum = stats.tolist()

@@ -30,12 +30,16 @@ def _vit():
 
 
 def _zero_heads(groups, model, fraction=0.5):
-    """Zero the first ``int(fraction * heads)`` (at least one) heads of every head group."""
+    """Zero the first ``int(fraction * heads)`` (at least one) heads of every head group, and
+    every other hidden unit (the odd ones) of every hidden-units group (Swin V2's
+    position bias MLP)."""
     factors = []
     for g in groups:
         f = torch.ones(g.size)
         if g.attention is not None:
             f[: max(1, int(fraction * g.size))] = 0
+        if g.hidden is not None:
+            f[1::2] = 0
         factors.append(f)
     groups.scale_(dict(model.named_parameters()), factors)
 
@@ -263,15 +267,25 @@ def test_torchvision_heads_are_units_removed_exactly_and_load_back(kind, tmp_pat
             if g.attention is not None:  # a head: also its row of the position bias MLP's output
                 assert f"{g.attention}.cpb_mlp.2.weight" in {m.param for m in g.members}
                 assert g.other_params == 1  # its logit_scale
+        hidden = [g for g in groups if g.hidden is not None]  # the position bias MLP's units
+        assert [g.hidden for g in hidden] == [g.attention for g in groups if g.attention]
+        for g in hidden:
+            assert g.root == f"{g.hidden}.cpb_mlp.0" and g.size == 512
+            assert g.weights_per_channel == 2 + 1  # its cpb_mlp.0 row and bias
+            assert [c.module for c in g.consumers] == [f"{g.hidden}.cpb_mlp.2"]
         for a in modules:
             assert type(a) is attention.PrunedShiftedWindowAttentionV2
             assert a.head_dim == 8 and a.logit_scale.shape == (a.num_heads, 1, 1)
-            assert a.cpb_mlp[2].weight.shape == (a.num_heads, 512)
+            assert a.cpb_mlp[0].weight.shape == (256, 2) and a.cpb_mlp[0].bias.shape == (256,)
+            assert a.cpb_mlp[2].weight.shape == (a.num_heads, 256)
         assert [a.num_heads for a in modules] == [1, 1, 2, 2]
         assert attention.ATTENTION_REASON not in groups.excluded.values()
-    # the pruned model's heads are units again
+        assert not any("cpb_mlp" in layer for layer in groups.excluded)
+    # the pruned model's heads (and hidden units) are units again
     again = build_groups(model, x[:1])
     assert sorted(g.size for g in again if g.attention) == sorted(a.num_heads for a in modules)
+    if kind == "swin_v2":
+        assert [g.size for g in again if g.hidden] == [256] * 4
 
     path = tmp_path / "model.safetensors"
     ckpt.save_compact(model, path, arch=TV_ARCH[kind], build_kwargs=TV_KWARGS[kind])
@@ -408,7 +422,7 @@ def test_pruned_multihead_attention_applies_masks_as_the_original(batch_first):
 def test_heads_removed_twice_keep_the_original_heads_3d_mask_slices():
     mha, pruned = _mha_pair()  # kept heads 0 and 2
     pruned = attention.heads_kind(pruned).remove([0])  # head 0 goes too: head 2 stays
-    assert (pruned.kept_heads, pruned.original_heads) == ((2,), 4)
+    assert (pruned.kept_heads.tolist(), int(pruned.original_heads)) == ([2], 4)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     mask = torch.randn(2 * 4, 5, 5, dtype=torch.float64)
     full = mha(x, x, x, attn_mask=mask, average_attn_weights=False)[1]
@@ -435,10 +449,169 @@ def test_a_loaded_pruned_multihead_attention_refuses_3d_masks_it_cannot_match():
         loaded(x, x, x, attn_mask=torch.zeros(2 * 4, 5, 5, dtype=torch.float64))
 
 
+class MhaNet(torch.nn.Module):
+    """One batch-first ``nn.MultiheadAttention`` (16 wide, 4 heads of 4) in float64, self
+    attention over ``(N, L, 16)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def mha_net():
+    """:class:`MhaNet`, importable so that a compact file of it loads back by name."""
+    return MhaNet()
+
+
+MHA_ARCH = "tests.test_attention_heads:mha_net"
+
+
+def _saved_mha_net(tmp_path):
+    """An :class:`MhaNet` whose heads 1 and 3 (v rows zero) were removed, the full module
+    it came from, and the path of its compact file."""
+    torch.manual_seed(0)
+    model = mha_net().eval()
+    with torch.no_grad():
+        model.attn.in_proj_bias.uniform_(-1, 1)
+        for h in (1, 3):
+            model.attn.in_proj_weight[32 + 4 * h : 32 + 4 * (h + 1)] = 0
+            model.attn.in_proj_bias[32 + 4 * h : 32 + 4 * (h + 1)] = 0
+    full = __import__("copy").deepcopy(model.attn)
+    attention.remove_heads(model, "attn", [1, 3])
+    path = tmp_path / "model.safetensors"
+    ckpt.save_compact(model, path, arch=MHA_ARCH, build_kwargs={})
+    return model, full, path
+
+
+def _rewrite(path, change):
+    """Rewrite the compact file at ``path`` with ``change(tensors)`` applied, same metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_loaded_pruned_multihead_attention_matches_3d_masks_to_its_kept_heads(tmp_path):
+    """The compact file holds which original heads stayed (integer tensors): the loaded module
+    reads a 3-D mask (one slice per ORIGINAL head, each different) as before saving, and as
+    the full module did."""
+    model, full, path = _saved_mha_net(tmp_path)
+    loaded = compressor.load(path, arch=MHA_ARCH)
+    assert isinstance(loaded.attn, attention.PrunedMultiheadAttention)
+    assert loaded.attn.num_heads == 2
+    assert loaded.attn.kept_heads.dtype == torch.int64
+    assert (loaded.attn.kept_heads.tolist(), int(loaded.attn.original_heads)) == ([0, 2], 4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.randn(2 * 4, 5, 5, dtype=torch.float64)  # a different slice per head
+    bool_mask = torch.rand(2 * 4, 5, 5) < 0.3
+    bool_mask[..., 0] = False
+    for m in (mask, bool_mask):
+        before = model.attn(x, x, x, attn_mask=m, average_attn_weights=False)
+        after = loaded.attn(x, x, x, attn_mask=m, average_attn_weights=False)
+        expected = full(x, x, x, attn_mask=m, average_attn_weights=False)
+        torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(after[1], before[1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(after[0], expected[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(after[1], expected[1][:, [0, 2]], rtol=0, atol=1e-12)
+        out = loaded.attn(x, x, x, attn_mask=m, need_weights=False)[0]  # the SDPA path
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=1e-12)
+    # pruned again after loading: the kept heads compose with the saved ones
+    again = attention.remove_heads(loaded, "attn", [0])
+    assert (again.kept_heads.tolist(), int(again.original_heads)) == ([2], 4)
+
+
+def test_a_compact_file_of_a_pruned_multihead_attention_that_kept_every_head_loads(tmp_path):
+    """Saved as the pruned module with all 4 heads (and their record): loads as that module,
+    not as the nn.MultiheadAttention built, which has no kept heads to take them."""
+    torch.manual_seed(0)
+    model = mha_net().eval()
+    attention.remove_heads(model, "attn", [])
+    assert isinstance(model.attn, attention.PrunedMultiheadAttention)
+    path = tmp_path / "model.safetensors"
+    ckpt.save_compact(model, path, arch=MHA_ARCH, build_kwargs={})
+    loaded = compressor.load(path, arch=MHA_ARCH)
+    assert isinstance(loaded.attn, attention.PrunedMultiheadAttention)
+    assert (loaded.attn.kept_heads.tolist(), int(loaded.attn.original_heads)) == ([0, 1, 2, 3], 4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.randn(2 * 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        loaded.attn(x, x, x, attn_mask=mask)[0], model.attn(x, x, x, attn_mask=mask)[0],
+        rtol=0, atol=1e-12,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"attn.kept_heads": torch.tensor([2, 0])}, "not strictly increasing"),
+        ({"attn.kept_heads": torch.tensor([0, 4])}, r"not all in \[0, original_heads=4\)"),
+        ({"attn.kept_heads": torch.tensor([-1, 2])}, "not all in"),
+        ({"attn.kept_heads": torch.tensor([0])}, "the module has 2 heads"),
+        ({"attn.kept_heads": torch.tensor([0.0, 2.0])}, "must be an integer tensor"),
+        ({"attn.original_heads": torch.tensor([4, 4])}, "must be one number"),
+        ({"attn.original_heads": None}, "one without the other"),
+    ],
+)
+def test_malformed_kept_heads_in_a_compact_file_are_refused_naming_the_problem(
+    tmp_path, change, problem
+):
+    _, _, path = _saved_mha_net(tmp_path)
+
+    def alter(tensors):
+        for key, value in change.items():
+            if value is None:
+                del tensors[key]
+            else:
+                tensors[key] = value
+
+    _rewrite(path, alter)
+    with pytest.raises(ckpt.CheckpointError, match=problem):
+        compressor.load(path, arch=MHA_ARCH)
+
+
+def test_a_pruned_multihead_attention_refuses_malformed_kept_heads_in_a_state_dict(tmp_path):
+    model, _, _ = _saved_mha_net(tmp_path)
+    state = model.state_dict()
+    state["attn.kept_heads"] = torch.tensor([2, 2])
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        model.load_state_dict(state)
+    assert model.attn.kept_heads.tolist() == [0, 2]
+
+
+def test_a_compact_file_without_kept_heads_loads_and_refuses_3d_masks(tmp_path):
+    """A file written before the kept heads were saved: the module loads, computes the same
+    with a 2-D mask, and refuses a 3-D one (which heads stayed is not known)."""
+    model, _, path = _saved_mha_net(tmp_path)
+
+    def drop(tensors):
+        del tensors["attn.kept_heads"], tensors["attn.original_heads"]
+
+    _rewrite(path, drop)
+    loaded = compressor.load(path, arch=MHA_ARCH)
+    assert loaded.attn.num_heads == 2
+    assert loaded.attn.kept_heads is None and loaded.attn.original_heads is None
+    assert "attn.kept_heads" not in loaded.state_dict()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.randn(5, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        loaded.attn(x, x, x, attn_mask=mask)[0], model.attn(x, x, x, attn_mask=mask)[0],
+        rtol=0, atol=1e-12,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="does not know which of those heads it kept"):
+        loaded.attn(x, x, x, attn_mask=torch.zeros(2 * 4, 5, 5, dtype=torch.float64))
+
+
 def test_swin_v2_heads_go_exactly_with_their_scales_biases_and_k_bias_in_float64():
     """Each kept head keeps its own logit_scale, position-bias row and q/v biases, and still
-    reads its k bias as zero (cosine attention would see a non-zero one): the outputs are the
-    original's to float64 rounding."""
+    reads its k bias as zero (cosine attention would see a non-zero one); half the position
+    bias MLP's hidden units (the odd ones) go at the same time, its cpb_mlp.0 rows and
+    cpb_mlp.2 columns: the outputs are the original's to float64 rounding."""
     model = tiny_swin_v2().double().eval()
     with torch.no_grad():  # heads that differ: a wrong slice would show
         for a in _attention_modules(model):
@@ -452,6 +625,7 @@ def test_swin_v2_heads_go_exactly_with_their_scales_biases_and_k_bias_in_float64
     modules = _attention_modules(model)
     assert [a.num_heads for a in modules] == [1, 1, 2, 2]
     assert all(type(a) is attention.PrunedShiftedWindowAttentionV2 for a in modules)
+    assert [tuple(a.cpb_mlp[2].weight.shape) for a in modules] == [(1, 256)] * 2 + [(2, 256)] * 2
     torch.testing.assert_close(model(x), reference, rtol=1e-12, atol=1e-12)
 
 
@@ -466,6 +640,10 @@ def test_unsupported_torchvision_attention_keeps_heads_whole():
         attention.ATTENTION_REASON
     )
     assert attention.heads_reason(ShiftedWindowAttentionV2(16, [4, 4], [0, 0], 2)) is None
+    # its position bias MLP's hidden units: only where its forward is known
+    assert attention.hidden_units_kind(CustomV2(16, [4, 4], [0, 0], num_heads=2)) is None
+    kind = attention.hidden_units_kind(ShiftedWindowAttentionV2(16, [4, 4], [0, 0], 2))
+    assert type(kind) is attention.SwinV2PositionBias and kind.size == 512
     separate = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
     assert attention.heads_reason(separate) == attention.MHA_REASON
     assert attention.heads_reason(torch.nn.MultiheadAttention(16, 4, add_bias_kv=True)) == (

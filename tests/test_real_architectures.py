@@ -3,7 +3,8 @@ prune, and check output parity, cost reduction, one training step and ONNX parit
 
 Transformers keep their LayerNorm-normalised streams whole (the reasons are in
 ``groups.excluded``), so only their MLP hidden units and whole attention heads go (timm's
-ViTs, torchvision's ``nn.MultiheadAttention`` in vit_b_16 and Swin's window attention): there
+ViTs, torchvision's ``nn.MultiheadAttention`` in vit_b_16 and Swin's window attention; and
+Swin V2's position bias MLP hidden units): there
 the check is that MACs fall, by exactly what the cost model predicted, instead of a fixed
 bound."""
 
@@ -14,7 +15,11 @@ import torchvision
 from torch import nn
 
 from compressor import export
-from compressor.attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
+from compressor.attention import (
+    PrunedMultiheadAttention,
+    PrunedShiftedWindowAttention,
+    PrunedShiftedWindowAttentionV2,
+)
 from compressor.groups import (
     ATTENTION_REASON,
     MHA_REASON,
@@ -45,6 +50,7 @@ TORCHVISION = {
     "convnext_tiny": ({}, None),
     "vit_b_16": ({"image_size": 64}, None),
     "swin_t": ({}, None),
+    "swin_v2_t": ({}, None),
 }
 TIMM = {
     "resnet50": ({}, 0.75),
@@ -164,6 +170,18 @@ def test_exact_removal_torchvision(name, tmp_path):
             m.num_heads < 12 if name == "vit_b_16" else m.num_heads * m.head_dim < m.qkv.in_features
             for m in attention
         )
+    if name == "swin_v2_t":  # heads, and its position bias MLP's hidden units, are units
+        assert LAYER_NORM in reasons and ATTENTION_REASON not in reasons
+        assert not any("cpb_mlp" in layer for layer in groups.excluded)
+        assert sum(g.attention is not None for g in groups) == 12
+        assert [g.size for g in groups if g.hidden is not None] == [512] * 12
+        attention = [m for m in model.modules() if type(m) is PrunedShiftedWindowAttentionV2]
+        assert len(attention) == 12
+        for m in attention:  # 40% of 3, 6, 12 or 24 heads and of 512 hidden units went
+            heads = m.qkv.in_features // m.head_dim
+            assert m.num_heads == heads - int(0.4 * heads)
+            assert m.cpb_mlp[0].out_features == m.cpb_mlp[2].in_features == 512 - 204
+            assert m.cpb_mlp[2].out_features == m.num_heads
     if name == "shufflenet_v2_x1_0":
         assert reasons == {SHUFFLE_REASON}
 
