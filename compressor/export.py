@@ -699,23 +699,30 @@ def compare_onnx(
     *,
     batch_size: int = 64,
 ) -> dict:
-    """Top-1 of two ONNX models on the same inputs, in onnxruntime.
+    """Top-1 and outputs of two ONNX models on the same inputs, in onnxruntime.
 
     ``inputs``: a tensor (split into ``batch_size`` batches) or an iterable of
     tensors or ``(x, y)`` tuples. Returns ``{"reference_accuracy", "accuracy"}``
-    (percent; None without labels), ``top1_agreement`` (0..1) and ``samples``.
+    (percent; None without labels), ``top1_agreement`` (0..1: the argmax of each
+    sample's flattened outputs agrees), ``output_relative_error`` (``||candidate -
+    reference|| / ||reference||`` over all outputs: what compares models whose outputs
+    are not class scores, such as a detector's raw head) and ``samples``.
     """
     ref_model, cand_model = _OrtModel(reference), _OrtModel(candidate)
     if isinstance(inputs, torch.Tensor):
         inputs = torch.split(inputs, batch_size)
     n = agree = ref_correct = correct = 0
+    diff_sq = ref_sq = 0.0
     labelled = True
     for item in inputs:
         x = item[0] if isinstance(item, (tuple, list)) else item
         y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
         x = x.detach().to("cpu", torch.float32).numpy()
-        ref = ref_model(x).reshape(len(x), -1).argmax(axis=1)
-        got = cand_model(x).reshape(len(x), -1).argmax(axis=1)
+        ref_out = ref_model(x).reshape(len(x), -1).astype(np.float64)
+        got_out = cand_model(x).reshape(len(x), -1).astype(np.float64)
+        diff_sq += float(np.square(got_out - ref_out).sum())
+        ref_sq += float(np.square(ref_out).sum())
+        ref, got = ref_out.argmax(axis=1), got_out.argmax(axis=1)
         agree += int((ref == got).sum())
         if y is None:
             labelled = False
@@ -730,5 +737,6 @@ def compare_onnx(
         "reference_accuracy": 100.0 * ref_correct / n if labelled else None,
         "accuracy": 100.0 * correct / n if labelled else None,
         "top1_agreement": agree / n,
+        "output_relative_error": math.sqrt(diff_sq / ref_sq) if ref_sq else math.sqrt(diff_sq),
         "samples": n,
     }

@@ -782,7 +782,10 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
         / max(export.onnx_weight_bytes(int8_path), 1),
         "accuracy": compared["accuracy"],
         "float_accuracy": compared["reference_accuracy"],
-        "top1_agreement": compared["top1_agreement"], "samples": compared["samples"],
+        # argmax agreement means something only for class scores
+        "top1_agreement": compared["top1_agreement"] if run.task.top1_labels else None,
+        "output_relative_error": compared["output_relative_error"],
+        "samples": compared["samples"],
         "latency_ms": report_mod.int8_latency(latency),
     }  # fmt: skip
 

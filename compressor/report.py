@@ -52,7 +52,9 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
   ``gates.max_accuracy_drop``; it joins ``gates`` only with ``export.int8_required``),
   error, calibration_samples (static), onnx_checker, onnx_bytes, float_onnx_bytes,
   size_x (float / int8 bytes), weights_size_x (the same for the weights alone),
-  accuracy and float_accuracy (percent, onnxruntime, validation split), top1_agreement (0..1, INT8 vs float ONNX), samples,
+  accuracy and float_accuracy (percent, onnxruntime, validation split), top1_agreement (0..1, INT8 vs float ONNX;
+  None for a task whose outputs are not class scores), output_relative_error (``||int8 - float|| / ||float||``
+  over the outputs), samples,
   latency_ms {float: {batch_16: ms}, int8: {batch_16: ms}, speedup: {batch_16: x}}};
 - ``gates`` [{name, threshold, value, passed, detail}];
 - ``timings_s`` {stage: seconds}, ``exit_code``, ``outputs`` [file names];
@@ -627,12 +629,23 @@ def _int8_line(report: Mapping) -> list[str]:
         f"**INT8 ({mode}):** {verdict}: {_bytes(q.get('onnx_bytes'))} "
         f"({_x(q.get('size_x'))} smaller than model.onnx; its weights "
         f"{_x(q.get('weights_size_x'))}), accuracy {_pct(q.get('accuracy'))} "
-        f"(float {_pct(q.get('float_accuracy'))}), top-1 agreement with the float model "
-        f"{_pct(q.get('top1_agreement'), frac=True, digits=1)} of {_num(q.get('samples'))}, "
+        f"(float {_pct(q.get('float_accuracy'))}), {_int8_agreement(q)}, "
         f"latency {key.replace('_', ' ')} {_ms((lat.get('int8') or {}).get(key))} ms vs "
         f"{_ms((lat.get('float') or {}).get(key))} ms float "
         f"({_x((lat.get('speedup') or {}).get(key))}); accuracy gate: {_cell(gate.get('detail'))}."
     ]
+
+
+def _int8_agreement(q: Mapping) -> str:
+    """How close the INT8 model's outputs are to the float model's: top-1 agreement for
+    class scores, the relative error of the outputs otherwise (a detector's raw head)."""
+    samples = _num(q.get("samples"))
+    if q.get("top1_agreement") is None:
+        error = q.get("output_relative_error")
+        shown = "n/a" if error is None else f"{100 * error:.2f}%"
+        return f"outputs within {shown} (relative) of the float model's on {samples} samples"
+    agreement = _pct(q.get("top1_agreement"), frac=True, digits=1)
+    return f"top-1 agreement with the float model {agreement} of {samples}"
 
 
 def _gate_lines(report: Mapping) -> list[str]:

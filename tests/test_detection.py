@@ -224,7 +224,9 @@ def test_validation_loss_is_the_detectors_own_and_leaves_its_statistics(one_thre
     assert np.isfinite(loss) and loss == pytest.approx(expected, rel=1e-6)
 
 
-def _compress_two_steps(tmp_path, checkpoint, arch, data, *, verify_samples, **kwargs) -> dict:
+def _compress_two_steps(
+    tmp_path, checkpoint, arch, data, *, verify_samples, extra=(), **kwargs
+) -> dict:
     """``compress --task detection --target-macs 1.3``, one epoch of two steps: the written
     report (checked to carry exit 0 and the task's metric, mAP)."""
     report = compressor.compress(
@@ -232,7 +234,7 @@ def _compress_two_steps(tmp_path, checkpoint, arch, data, *, verify_samples, **k
         target_macs=1.3, device="cpu",
         overrides=["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
                    "train.bn_recalibration_batches=1", f"export.verify_samples={verify_samples}",
-                   "export.latency_threads=1", "gates.max_accuracy_drop=null"],
+                   "export.latency_threads=1", "gates.max_accuracy_drop=null", *extra],
         **kwargs,
     )  # fmt: skip
     written = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -340,7 +342,10 @@ def test_compress_retinanet_and_fcos_end_to_end(kind, tmp_path, one_thread):
     data = make_coco(tmp_path / "coco", n_train=4, n_val=2, size=128)
     torch.manual_seed(0)
     torch.save(build(num_classes=3).state_dict(), tmp_path / "det.pt")
-    written = _compress_two_steps(tmp_path, tmp_path / "det.pt", arch, data, verify_samples=2)
+    int8 = ["export.int8=static"] if kind == "RetinaNet" else []
+    written = _compress_two_steps(
+        tmp_path, tmp_path / "det.pt", arch, data, verify_samples=2, extra=int8
+    )
     base, comp = written["baseline"], written["compressed"]
     for value in (base["accuracy"], comp["accuracy"], comp["sparse_accuracy"]):
         assert isinstance(value, float)  # mAP reported before and after (random init: ~0)
@@ -371,6 +376,11 @@ def test_compress_retinanet_and_fcos_end_to_end(kind, tmp_path, one_thread):
     v = written["verification"]
     assert v["sparse_vs_pruned_relative"] <= 1e-4
     assert v["onnx_checker"] is True and v["top1_agreement"] == 1.0
+    if int8:  # the raw head quantized: judged by its outputs, not by an argmax of them
+        q = written["int8"]
+        assert q["file"] == "model.int8.onnx" and q["onnx_checker"] is True
+        assert q["top1_agreement"] is None and 0 < q["output_relative_error"] < 0.01
+        assert "outputs within" in (tmp_path / "out" / "report.md").read_text()
     # the compact file loads back as the detector, with the pruned shapes
     back = compressor.load(tmp_path / "out" / "model.safetensors", arch=arch)
     assert type(back).__name__ == kind

@@ -349,7 +349,7 @@ def test_compare_onnx_counts_labels_and_agreement(exported, tmp_path):
     labels[:10] = (labels[:10] + 1) % 10  # 10 of 40 wrong
     same = ex.compare_onnx(path, path, [(x[:25], labels[:25]), (x[25:], labels[25:])])
     assert same == {"reference_accuracy": 75.0, "accuracy": 75.0, "top1_agreement": 1.0,
-                    "samples": 40}  # fmt: skip
+                    "output_relative_error": 0.0, "samples": 40}  # fmt: skip
     q = tmp_path / "q.onnx"
     ex.quantize_int8(path, q)
     m = ex.compare_onnx(path, q, x, batch_size=16)
@@ -357,6 +357,23 @@ def test_compare_onnx_counts_labels_and_agreement(exported, tmp_path):
     got = ex._OrtModel(q)(x.numpy()).argmax(1)
     ref = ex._OrtModel(path)(x.numpy()).argmax(1)
     assert m["top1_agreement"] == pytest.approx(float(np.mean(got == ref)))
+
+
+def test_compare_onnx_measures_the_outputs_relative_error(exported, tmp_path):
+    """Outputs 1.1 times the reference's (the last layer scaled) are 10% off, whatever the
+    argmax says (it agrees everywhere)."""
+    import copy
+
+    model, path, _, x = exported["lenet5"]
+    scaled = copy.deepcopy(model).eval()
+    last = [m for m in scaled.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1.1)
+        last.bias.mul_(1.1)
+    ex.export_onnx(scaled, x, tmp_path / "scaled.onnx")
+    m = ex.compare_onnx(path, tmp_path / "scaled.onnx", torch.randn(16, 1, 28, 28))
+    assert m["output_relative_error"] == pytest.approx(0.1, rel=1e-4)
+    assert m["top1_agreement"] == 1.0
 
 
 # --------------------------------------------------------------------------- op profile
