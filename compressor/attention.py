@@ -123,7 +123,19 @@ def _slice_columns(linear: nn.Linear, cols: torch.Tensor) -> None:
     linear.in_features = len(cols)
 
 
-class HeadsKind:
+class _ModuleKind:
+    """A kind of removable unit inside one kind of module: built on the module, and
+    :meth:`matches` says which modules it applies to (subclasses: one per supported kind)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+
+class HeadsKind(_ModuleKind):
     """The heads of one kind of attention module (subclasses: one per supported kind).
 
     ``packed`` names the parameters (below the module) whose rows are q, k, v in order,
@@ -137,13 +149,6 @@ class HeadsKind:
     consumer = ""
     layers: tuple[str, ...] = ()
     pruned: type[nn.Module] | None = None
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        raise NotImplementedError
 
     @property
     def num_heads(self) -> int:
@@ -1036,7 +1041,7 @@ class SwinV2Heads(SwinHeads):
 KINDS: tuple[type[HeadsKind], ...] = (TimmHeads, MultiheadAttentionHeads, SwinV2Heads, SwinHeads)
 
 
-class HiddenUnitsKind:
+class HiddenUnitsKind(_ModuleKind):
     """The hidden units of a small MLP inside an attention module that Torch-Pruning does not
     trace (it runs on a constant, not on the model's input), as removable units (subclasses:
     one per supported module).
@@ -1048,13 +1053,6 @@ class HiddenUnitsKind:
 
     producer = ""
     consumer = ""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        raise NotImplementedError
 
     @property
     def size(self) -> int:
