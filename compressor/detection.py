@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -360,28 +360,66 @@ def _loss_mode(model: nn.Module) -> Iterator[None]:
         model.eval()
 
 
+@contextlib.contextmanager
+def _head_returns(model: DetectionModel, batch: torch.Tensor, raw: torch.Tensor) -> Iterator[None]:
+    """``model``'s head answers its next calls with ``raw`` (:meth:`DetectionModel.raw`'s
+    outputs for the images ``batch``: the head's outputs concatenated in key order) split
+    back into its output dict, so the detector's own anchors, box decoding and NMS run on
+    outputs computed elsewhere."""
+    head = model.head
+    widths: dict[str, int] = {}
+    handle = head.register_forward_hook(
+        lambda m, i, out: widths.update({k: out[k].shape[-1] for k in sorted(out)})
+    )
+    try:
+        model.raw(batch[:1])  # the head's keys and their widths
+    finally:
+        handle.remove()
+    parts = dict(zip(widths, raw.split(list(widths.values()), dim=-1), strict=True))
+    head.forward = lambda *args, **kwargs: parts
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 @torch.no_grad()
 def evaluate_map(
-    model: nn.Module, loader, device: torch.device, progress: Progress = SILENT
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    progress: Progress = SILENT,
+    *,
+    raw_outputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """COCO mAP@[.5:.95] in percent of ``model``'s detections over ``loader`` (nan when the
     split has no boxes), and the detector's own loss (the sum of its loss dict, as training
-    minimises it) averaged over the images, computed in :func:`_loss_mode`."""
+    minimises it) averaged over the images, computed in :func:`_loss_mode`.
+
+    ``raw_outputs`` (a batch of images -> :meth:`DetectionModel.raw`'s outputs, e.g. an ONNX
+    model's in onnxruntime): the detections are decoded from those instead of ``model``'s own
+    head outputs, so an exported or quantized model is judged by the same metric; its loss is
+    then not measured (nan)."""
     model.eval()
     metric = mean_average_precision()
     loss_sum, seen = 0.0, 0
     for images, targets in progress.log_every(loader, "evaluate"):
         images, on_device = to_device(images, targets, device)
-        with _loss_mode(model):
-            loss_sum += float(loss_of(model, images, on_device)) * len(images)
+        if raw_outputs is None:
+            with _loss_mode(model):
+                loss_sum += float(loss_of(model, images, on_device)) * len(images)
+            preds = model(images)
+        else:
+            batch = torch.stack(images)  # the loader gives every image one size
+            with _head_returns(model, batch, raw_outputs(batch).to(batch.device)):
+                preds = model(images)
         seen += len(images)
-        preds = model(images)
         metric.update(
             [{k: v.detach().cpu() for k, v in p.items()} for p in preds],
             [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets],
         )
     value = float(metric.compute()["map"])
-    loss = loss_sum / seen if seen else float("nan")
+    loss = loss_sum / seen if seen and raw_outputs is None else float("nan")
     return (100.0 * value if value >= 0 else float("nan")), loss
 
 

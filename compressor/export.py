@@ -312,6 +312,12 @@ class _OrtModel:
 # --------------------------------------------------------------------------- verify
 
 
+def onnx_runner(path: str | os.PathLike, threads: int | None = None) -> Callable:
+    """The ONNX model at ``path`` as a function of one input batch (a float32 numpy array)
+    giving its first output, in onnxruntime on the CPU."""
+    return _OrtModel(path, threads)
+
+
 def _batches(inputs, batch_size: int, max_samples: int | None) -> Iterator[torch.Tensor]:
     """Yield input tensors from a tensor (split in batches) or an iterable of batches.
 

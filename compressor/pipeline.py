@@ -747,7 +747,9 @@ def _quantize_int8(run: Run) -> dict | None:
 
 def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
     """Quantize, then the checker, accuracy and agreement against the float ONNX model (the
-    validation split; the verification inputs without data), size and latency at batch 16."""
+    validation split; the verification inputs without data), size and latency at batch 16.
+    The accuracy is top-1, or the task's own metric (:meth:`Task.evaluate_onnx`: detection's
+    mAP) where top-1 is not the metric."""
     calibration = None
     if run.recipe.export.int8 == "static":
         # training images as the deployed model sees them: no augmentation
@@ -761,15 +763,21 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
         checker = True
     except VerificationError as exc:
         checker, made["error"] = False, str(exc)
-    inputs = (
-        torch.utils.data.DataLoader(run.splits.val, batch_size=64, collate_fn=run.splits.collate)
-        if run.splits is not None
-        else run.verify_inputs
+    val = None
+    if run.splits is not None:
+        val = torch.utils.data.DataLoader(
+            run.splits.val, batch_size=64, collate_fn=run.splits.collate
+        )
+    own_metric = val is not None and not run.task.top1_labels  # top-1 is not the metric
+    inputs = (run.task.model_inputs(x) for x, _ in val) if own_metric else val
+    compared = export.compare_onnx(
+        onnx_path, int8_path, inputs if val is not None else run.verify_inputs
     )
-    if run.splits is not None and not run.task.top1_labels:
-        # top-1 is not this task's metric: agreement only
-        inputs = (run.task.model_inputs(x) for x, _ in inputs)
-    compared = export.compare_onnx(onnx_path, int8_path, inputs)
+    if own_metric:  # the task's metric, where it can judge an ONNX model
+        int8_metric = run.task.evaluate_onnx(run.model, int8_path, val)
+        if int8_metric is not None:
+            compared["accuracy"] = int8_metric
+            compared["reference_accuracy"] = run.task.evaluate_onnx(run.model, onnx_path, val)
     latency = export.measure_latency(
         {"float": onnx_path, "int8": int8_path}, tuple(run.shape), batch_sizes=(16,),
         threads=run.recipe.export.latency_threads,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compressor import data as data_mod
-from compressor import detection, train
+from compressor import detection, export, train
 from compressor.errors import BadInputError, CheckpointError
 from compressor.progress import SILENT, Progress
 from compressor.registry import registrar
@@ -88,6 +88,15 @@ class Task:
         sample with the input model, and keeps ``target.seek_margin`` of them below its
         allowance (:func:`compressor.metrics.paired_mean_and_stderr`). Default: None (no
         margin)."""
+        return None
+
+    def evaluate_onnx(
+        self, model: nn.Module, onnx_path, loader, progress: Progress = SILENT
+    ) -> float | None:
+        """The task's metric of the ONNX model at ``onnx_path`` (onnxruntime on the CPU) over
+        ``loader``, for a task whose metric is not top-1 on labels: an INT8 model is then
+        gated on it. ``model`` is the torch model it was exported from. Default: None (not
+        measured; top-1 is measured by :func:`compressor.export.compare_onnx`)."""
         return None
 
     # What a task whose batches are not ``(tensor, tensor)`` overrides (detection): the
@@ -209,6 +218,16 @@ class DetectionTask(Task):
 
     def evaluate(self, model, loader, device, progress=SILENT):
         return detection.evaluate_map(model, loader, device, progress)
+
+    def evaluate_onnx(self, model, onnx_path, loader, progress=SILENT):
+        """mAP of the detections decoded (by the detector's own anchors and NMS) from the
+        ONNX model's raw head outputs."""
+        run_onnx = export.onnx_runner(onnx_path)
+        device = next(model.parameters()).device
+        return detection.evaluate_map(
+            model, loader, device, progress,
+            raw_outputs=lambda x: torch.from_numpy(run_onnx(x.float().cpu().numpy())),
+        )[0]  # fmt: skip
 
     def load_data(self, spec, **kwargs):
         detection.mean_average_precision()  # a missing torchmetrics fails here, before training

@@ -224,6 +224,35 @@ def test_validation_loss_is_the_detectors_own_and_leaves_its_statistics(one_thre
     assert np.isfinite(loss) and loss == pytest.approx(expected, rel=1e-6)
 
 
+def test_an_onnx_heads_outputs_are_judged_by_the_detectors_own_decoding(tmp_path, one_thread):
+    """The mAP of an exported detector's raw head in onnxruntime, decoded by the detector's
+    anchors and NMS, is the torch model's (on boxes that are its own top detections)."""
+    from compressor import export
+
+    torch.manual_seed(0)
+    model = DetectionTask().prepare_model(small_retinanet(num_classes=3)).eval()
+    model.detector.score_thresh = 0.0  # random weights score below the default 0.05
+    with torch.no_grad():  # scores that differ (torchvision's std 0.01 leaves near-ties)
+        for conv in model.head.classification_head.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.normal_(0, 0.1)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    with torch.no_grad():
+        own = model(images)
+    targets = [{"boxes": d["boxes"][:3], "labels": d["labels"][:3]} for d in own]
+    loader = [(images, targets)]
+    cpu = torch.device("cpu")
+    assert detection.evaluate_map(model, loader, cpu)[0] == pytest.approx(100.0)
+    export.export_onnx(model, torch.stack(images), tmp_path / "m.onnx")
+    onnx_map = DetectionTask().evaluate_onnx(model, tmp_path / "m.onnx", loader)
+    assert onnx_map == pytest.approx(100.0)
+    # the head's outputs in another order (box offsets read as class logits) are far off
+    reordered, loss = detection.evaluate_map(
+        model, loader, cpu, raw_outputs=lambda x: model.raw(x).flip(-1)
+    )
+    assert reordered < 80 and np.isnan(loss)  # no loss for outputs computed elsewhere
+
+
 def _compress_two_steps(
     tmp_path, checkpoint, arch, data, *, verify_samples, extra=(), **kwargs
 ) -> dict:
@@ -380,6 +409,8 @@ def test_compress_retinanet_and_fcos_end_to_end(kind, tmp_path, one_thread):
         q = written["int8"]
         assert q["file"] == "model.int8.onnx" and q["onnx_checker"] is True
         assert q["top1_agreement"] is None and 0 < q["output_relative_error"] < 0.01
+        # judged by mAP as the float model is (random weights: both ONNX models score 0)
+        assert q["accuracy"] is not None and q["float_accuracy"] is not None
         assert "outputs within" in (tmp_path / "out" / "report.md").read_text()
     # the compact file loads back as the detector, with the pruned shapes
     back = compressor.load(tmp_path / "out" / "model.safetensors", arch=arch)
