@@ -530,7 +530,8 @@ def test_bad_input_found_late_leaves_out_as_it_was(lenet, tmp_path):
 @pytest.mark.slow
 def test_int8_of_the_bundled_example_end_to_end(tmp_path):
     """The bundled ResNet-20 on Fashion-MNIST, 24 steps to 2x fewer MACs, then static INT8 of
-    the compact model: 2.5x fewer bytes or better, as accurate as the float compact model.
+    the compact model: 3.4x fewer bytes or better (3.66x measured, both files compacted),
+    as accurate as the float compact model.
     24 steps cost the float model ~7 points (91.2 -> 84.3%; INT8 84.0%, 98.8% agreement),
     so the accuracy gate is off here (the INT8 gate itself:
     test_cli.py::test_int8_ships_beside_the_float_model_then_is_left_out...). With 4 steps
@@ -553,7 +554,7 @@ def test_int8_of_the_bundled_example_end_to_end(tmp_path):
     path = out / "model.int8.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     assert q["file"] == "model.int8.onnx" and q["passed"] and "model.int8.onnx" in report["outputs"]
-    assert export.onnx_size_bytes(out / "model.onnx") >= 2.5 * path.stat().st_size
+    assert export.onnx_size_bytes(out / "model.onnx") >= 3.4 * path.stat().st_size
     assert q["samples"] == 1000
     assert q["float_accuracy"] == pytest.approx(compressed["accuracy"], abs=0.2)
     assert abs(q["accuracy"] - compressed["accuracy"]) <= 1.0
