@@ -69,9 +69,9 @@ def zero_units_(model: torch.nn.Module, groups, fraction: float, seed: int, bloc
     gen = torch.Generator().manual_seed(seed)
     factors = []
     zeroed = 0
-    for g in groups:
+    for g, unit_block in zip(groups, groups.unit_blocks(block), strict=True):
         f = torch.ones(g.size)
-        n = g.size - kept_in_blocks(g.size - int(fraction * g.size), g.size, block)
+        n = g.size - kept_in_blocks(g.size - int(fraction * g.size), g.size, unit_block)
         f[torch.randperm(g.size, generator=gen)[:n]] = 0
         zeroed += n
         factors.append(f)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -418,6 +419,19 @@ class ChannelGroups:
             saved += group.other_macs if cost == "macs" else group.other_params
             out.append(saved)
         return out
+
+    def unit_blocks(self, block: int) -> list[int]:
+        """Per group, the multiple of units it keeps so that its root layer keeps a multiple
+        of ``block`` channels (``prune.round_to``; the runtime's channel block): ``block /
+        gcd(block, w)`` for units of ``w`` channels (1 for single channels; a grouped conv's
+        or a GroupNorm's groups: fewer units than channels). 1 for attention heads: they
+        run in matrix products, which have no channel block."""
+        block = max(1, int(block))
+        blocks = []
+        for g in self.groups:
+            width = 1 if g.root_unit is None else len(g.root_unit) // g.size
+            blocks.append(1 if g.attention is not None else block // math.gcd(block, width))
+        return blocks
 
     def macs_per_channel(self) -> list[float]:
         """MACs saved by removing one unit of each group (first-order, nothing else removed)."""

@@ -310,9 +310,9 @@ def _uniform_zero(groups: ChannelGroups, keep: float, round_to: int) -> list[tor
     from compressor.runtime import kept_in_blocks
 
     masks = []
-    for g in groups:
+    for g, block in zip(groups, groups.unit_blocks(round_to), strict=True):
         m = torch.zeros(g.size, dtype=torch.bool)
-        m[kept_in_blocks(max(1, math.ceil(keep * g.size)), g.size, round_to) :] = True
+        m[kept_in_blocks(max(1, math.ceil(keep * g.size)), g.size, block) :] = True
         masks.append(m)
     return masks
 

@@ -131,10 +131,11 @@ def prune_zero_channels(
     before_shapes = _shapes(model)
     reference, precise = _outputs(model, sample_inputs)
 
-    # A head is already head_dim channels wide in each of q, k, v: heads are not rounded.
+    # in units: a multiple of round_to channels (ChannelGroups.unit_blocks; heads: 1)
+    blocks = groups.unit_blocks(round_to)
     plan = {
-        g.root: g.root_channels(units_to_remove(mask, 1 if g.attention else round_to))
-        for g, mask in zip(groups, masks, strict=True)
+        g.root: g.root_channels(units_to_remove(mask, block))
+        for g, mask, block in zip(groups, masks, blocks, strict=True)
     }
     removed: dict[str, list[int]] = {}
     for group in groups:  # heads first: a module may be replaced, its inner MLP adopted

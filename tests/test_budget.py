@@ -395,3 +395,52 @@ def test_the_deployment_cpus_block_can_be_named(monkeypatch):
     with pytest.raises(BadInputError, match=BLOCK_ENV) as info:
         channel_block()
     assert info.value.exit_code == 2
+
+
+class _GroupedAndHeads(torch.nn.Module):
+    """A 1x1 conv feeding a grouped 3x3 conv (8 groups of 4 channels: units of several
+    channels, one in each conv group), then 6 attention heads of 8 over the pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 1)
+        self.grouped = torch.nn.Conv2d(32, 32, 3, padding=1, groups=8)
+        self.mix = torch.nn.Conv2d(32, 48, 1)
+        self.attn = torch.nn.MultiheadAttention(48, 6, batch_first=True)
+        self.fc = torch.nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.mix(torch.relu(self.grouped(torch.relu(self.stem(x)))))
+        x = x.flatten(2).transpose(1, 2)
+        return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_round_to_counts_channels_and_leaves_heads_unrounded():
+    """With a block of 16 the kept channels of every conv group's root are a multiple of 16
+    (units of 8 channels: 2 units), and attention heads, which no channel block concerns,
+    still go one by one: a group of 6 heads would otherwise never lose one."""
+    torch.manual_seed(0)
+    model = _GroupedAndHeads()
+    groups = build_groups(model, torch.randn(1, 3, 8, 8))
+    blocks = groups.unit_blocks(16)
+    width = {g.root: (len(g.root_unit) // g.size if g.root_unit is not None else 1) for g in groups}
+    found = {g.root: (width[g.root], b) for g, b in zip(groups, blocks, strict=True)}
+    assert found["stem"] == (8, 2)  # units of 8 channels (one per conv group): 2 make 16
+    assert found["attn.in_proj_weight"] == (1, 1)  # heads
+    weights = group_weights(groups, "uniform")
+    scale = weights * reference_norms(groups, dict(model.named_parameters()))
+    budget = BudgetController(
+        [Target("macs", 2.0, 2.0)], groups, scale, total_steps=10, reach_fraction=0.5,
+        schedule="immediate", round_to=16,
+    )  # fmt: skip
+    norms = [torch.rand(g.size, dtype=torch.float64) + 0.5 for g in groups]
+    budget.thresholds(1, norms)
+    heads_lost = 0
+    for g, zero in zip(groups, budget.zero, strict=True):
+        kept_units = g.size - int(zero.sum())
+        if g.attention is not None:
+            heads_lost += int(zero.sum())
+        else:
+            kept_channels = kept_units * width[g.root]
+            assert kept_channels % 16 == 0 or kept_units == g.size, g.root
+    assert heads_lost > 0 and budget.reached["macs"] >= 2.0

@@ -13,9 +13,11 @@ set at every step is ``{(g, u) : s_gu <= min(tau, cap_g)}``, the prox's.
 
 With ``round_to = r > 1`` (``prune.round_to``: the channel block the runtime's
 kernels compute in, e.g. onnxruntime's NCHWc block of 8 on AVX2) each group's
-threshold is lowered to the largest one that keeps a multiple of ``r`` units
-(or the whole group), so the kept channel counts are runtime-friendly from the
-first step and no removed-but-kept zero channel costs MACs later.
+threshold is lowered to the largest one that keeps a multiple of ``r`` channels
+(or the whole group; in units, :meth:`ChannelGroups.unit_blocks`: fewer for units
+of several channels, none for attention heads), so the kept
+channel counts are runtime-friendly from the first step and no removed-but-kept
+zero channel costs MACs later.
 
 A latency target (``--target-latency``) is costed by a
 :class:`compressor.latency_model.LatencyModel` calibrated on this machine before
@@ -100,6 +102,7 @@ class BudgetController:
         self.schedule = schedule
         self.balance = float(balance)
         self.round_to = max(1, int(round_to))
+        self.blocks = groups.unit_blocks(self.round_to)  # per group, in units
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.latency = latency  # a LatencyModel, for latency targets
         if latency is None and any(t.cost == "latency" for t in targets):
@@ -130,10 +133,10 @@ class BudgetController:
 
     def _floor_zero(self, keep_fraction: float) -> list[torch.Tensor]:
         masks = []
-        for g in self.groups:
+        for g, block in zip(self.groups, self.blocks, strict=True):
             m = torch.ones(g.size, dtype=torch.bool)
             keep = max(1, math.ceil(keep_fraction * g.size))
-            m[: kept_in_blocks(keep, g.size, self.round_to)] = False
+            m[: kept_in_blocks(keep, g.size, block)] = False
             masks.append(m)
         return masks
 
@@ -196,13 +199,17 @@ class BudgetController:
         finite = int(torch.isfinite(values).sum())
         want = self.scheduled(step)
 
-        ascending = [torch.sort(sc).values for sc in scores] if self.round_to > 1 else None
+        blocked = any(b > 1 for b in self.blocks)
+        ascending = [torch.sort(sc).values for sc in scores] if blocked else None
 
         def group_thresholds(tau: float) -> list[float]:
             limits = [min(tau, c) for c in caps]
             if ascending is None:
                 return limits
-            return [self._round(a, t) for a, t in zip(ascending, limits, strict=True)]
+            return [
+                self._round(a, t, b)
+                for a, t, b in zip(ascending, limits, self.blocks, strict=True)
+            ]
 
         def zero_at(tau: float) -> list[torch.Tensor]:
             return [sc <= t for sc, t in zip(scores, group_thresholds(tau), strict=True)]
@@ -230,14 +237,14 @@ class BudgetController:
             self.freeze()
         return group_thresholds(self.tau)  # -inf: the group may lose no unit
 
-    def _round(self, ascending: torch.Tensor, limit: float) -> float:
-        """The largest threshold ``<= limit`` whose zero set keeps a multiple of ``round_to``
+    def _round(self, ascending: torch.Tensor, limit: float, block: int) -> float:
+        """The largest threshold ``<= limit`` whose zero set keeps a multiple of ``block``
         units of the group (its scores sorted ``ascending``), or all of them (``-inf``)."""
         size = len(ascending)
         zeros = int((ascending <= limit).sum())
-        if zeros == 0:
+        if zeros == 0 or block == 1:
             return limit
-        zeros_kept = size - kept_in_blocks(size - zeros, size, self.round_to)
+        zeros_kept = size - kept_in_blocks(size - zeros, size, block)
         if zeros_kept == zeros:
             return limit
         if zeros_kept == 0:
