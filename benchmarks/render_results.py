@@ -303,12 +303,20 @@ def _load(path: Path) -> dict | None:
 
 
 def render(
-    results_md: Path, latency: Path, overhead: Path, variants: list[Path], repeat: Path
+    results_md: Path,
+    latency: Path,
+    overhead: Path,
+    variants: list[Path],
+    repeat: Path,
+    avx512: Path | None = None,
 ) -> str:
     text = results_md.read_text()
     lat = _load(latency)
     if lat is not None:
         text = replace_block(text, "latency", render_latency(lat))
+    other = _load(avx512) if avx512 is not None else None
+    if other is not None and "<!-- BEGIN generated: latency-avx512 -->" in text:
+        text = replace_block(text, "latency-avx512", render_latency(other))
     rep = _load(repeat)
     if rep is not None and "<!-- BEGIN generated: latency-repeat -->" in text:
         text = replace_block(text, "latency-repeat", render_latency_repeat(rep))
@@ -329,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         default=HERE / "results" / "latency_depthwise_repeat.json",
         help="a repeat latency run rendered into the `latency-repeat` block, if both exist",
     )
+    p.add_argument(
+        "--latency-avx512",
+        type=Path,
+        default=HERE / "results" / "latency_avx512.json",
+        help="the latency run on an AVX-512 CPU, rendered into the `latency-avx512` block",
+    )
     p.add_argument("--overhead", type=Path, default=HERE / "results" / "rvsm_overhead.json")
     p.add_argument(
         "--overhead-variants",
@@ -345,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md is out of date")
     args = p.parse_args(argv)
     new = render(
-        args.results_md, args.latency, args.overhead, args.overhead_variants, args.latency_repeat
-    )
+        args.results_md, args.latency, args.overhead, args.overhead_variants,
+        args.latency_repeat, args.latency_avx512,
+    )  # fmt: skip
     if args.check:
         return 0 if new == args.results_md.read_text() else 1
     atomic_write_text(args.results_md, new)
