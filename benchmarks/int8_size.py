@@ -41,7 +41,7 @@ def without_compaction():
     only dropped the exporter's per-node debug metadata."""
     import onnx_ir as ir
 
-    def drop_debug_metadata(path: Path) -> None:
+    def drop_debug_metadata(path: Path, *, rename: bool = True) -> None:
         model = ir.load(str(path))
         export._drop_debug_metadata(model)
         ir.save(model, str(path))

@@ -168,9 +168,11 @@ def _drop_unused_initializers(graph) -> None:
             graph.initializers.pop(name)
 
 
-def compact_onnx_graph(model):
+def compact_onnx_graph(model, *, rename: bool = True):
     """A copy of the ``onnx.ModelProto`` ``model`` that carries only what a runtime needs and
-    computes exactly the same outputs (``model`` is left unchanged).
+    computes exactly the same outputs (``model`` is left unchanged). ``rename=False`` keeps
+    every tensor name (the float ``model.onnx``: its weights keep the layer names the report
+    and the user's tools read) and drops the rest.
 
     - ``value_info`` is dropped (intermediate shapes and types: shape inference, which
       onnxruntime and ``onnx.checker`` run anyway, recomputes them);
@@ -205,6 +207,25 @@ def compact_onnx_graph(model):
     m.doc_string = None
     m.metadata_props.clear()
 
+    if rename:
+        _rename_values(m, graphs)
+    used = (
+        {""}
+        | {n.domain for g in graphs for n in g}
+        | {n.domain for f in m.functions.values() for n in f}
+    )
+    for domain in [d for d in m.opset_imports if d not in used]:
+        del m.opset_imports[domain]
+
+    out = ir.serde.serialize_model(m)
+    _clear_value_info(out.graph)
+    return out
+
+
+def _rename_values(m, graphs) -> None:
+    """Short unique names for every tensor but the main graph's inputs and outputs."""
+    import onnx_ir as ir
+
     keep = {v.name for v in (*m.graph.inputs, *m.graph.outputs)}
     values: dict[int, ir.Value] = {}  # each value once, in graph order
     for graph in graphs:
@@ -220,18 +241,6 @@ def compact_onnx_graph(model):
         value.doc_string = None
         value.metadata_props.clear()
 
-    used = (
-        {""}
-        | {n.domain for g in graphs for n in g}
-        | {n.domain for f in m.functions.values() for n in f}
-    )
-    for domain in [d for d in m.opset_imports if d not in used]:
-        del m.opset_imports[domain]
-
-    out = ir.serde.serialize_model(m)
-    _clear_value_info(out.graph)
-    return out
-
 
 def _clear_value_info(graph) -> None:
     """Drop ``value_info`` from a ``GraphProto`` and from every subgraph in it."""
@@ -244,11 +253,11 @@ def _clear_value_info(graph) -> None:
                 _clear_value_info(g)
 
 
-def _compact_onnx_file(path: Path) -> None:
+def _compact_onnx_file(path: Path, *, rename: bool = True) -> None:
     """:func:`compact_onnx_graph` on the ONNX file at ``path``, rewritten in place."""
     import onnx
 
-    onnx.save(compact_onnx_graph(onnx.load(str(path))), str(path))
+    onnx.save(compact_onnx_graph(onnx.load(str(path)), rename=rename), str(path))
 
 
 def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
@@ -279,9 +288,9 @@ def export_onnx(
     """Export ``model`` (a CPU copy in eval mode) to one ``.onnx`` file at ``path``.
 
     The graph has one input ``input`` and one output ``output``, both with a
-    dynamic batch axis (axis 0), and carries only what a runtime needs
-    (:func:`compact_onnx_graph`: no exporter metadata or ``value_info``, short tensor
-    names). The file is written atomically: a reader sees either the previous file or
+    dynamic batch axis (axis 0), and carries only what a runtime needs and the layer
+    names of its weights (:func:`compact_onnx_graph` without renaming: no exporter
+    metadata, ``value_info``, node names or doc strings). The file is written atomically: a reader sees either the previous file or
     the complete new one. ``exporters`` are tried in order (see the module docstring);
     returns the name of the one that worked.
 
@@ -317,7 +326,7 @@ def export_onnx(
                 log.debug("%s exporter failed", name, exc_info=True)
                 errors.append(f"{name}: {_first_line(exc)}")
                 continue
-            _compact_onnx_file(tmp)
+            _compact_onnx_file(tmp, rename=False)
             if errors:
                 log.warning(
                     "ONNX export fell back to the %s exporter (%s)", name, "; ".join(errors)
