@@ -345,11 +345,13 @@ def _loss_mode(model: nn.Module) -> Iterator[None]:
     its norm layers and its transform in eval mode: the loss uses the norms' running
     statistics and leaves them as they are, and images keep their evaluation size (a
     transform in train mode may pick one of several sizes at random). Eval mode after."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
     detector = getattr(model, "detector", model)  # DetectionModel holds it unregistered
     fixed = [
         m
         for m in detector.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) or type(m).__name__.endswith("Transform")
+        if isinstance(m, (nn.modules.batchnorm._NormBase, GeneralizedRCNNTransform))
     ]
     model.train()
     for m in fixed:
@@ -360,21 +362,29 @@ def _loss_mode(model: nn.Module) -> Iterator[None]:
         model.eval()
 
 
-@contextlib.contextmanager
-def _head_returns(model: DetectionModel, batch: torch.Tensor, raw: torch.Tensor) -> Iterator[None]:
-    """``model``'s head answers its next calls with ``raw`` (:meth:`DetectionModel.raw`'s
-    outputs for the images ``batch``: the head's outputs concatenated in key order) split
-    back into its output dict, so the detector's own anchors, box decoding and NMS run on
-    outputs computed elsewhere."""
-    head = model.head
+def _head_widths(model: DetectionModel, image: torch.Tensor) -> dict[str, int]:
+    """The keys of ``model``'s head outputs in :meth:`DetectionModel.raw`'s order, with the
+    width each takes of its last dimension (one forward of ``image``, a batch of one)."""
     widths: dict[str, int] = {}
-    handle = head.register_forward_hook(
+    handle = model.head.register_forward_hook(
         lambda m, i, out: widths.update({k: out[k].shape[-1] for k in sorted(out)})
     )
     try:
-        model.raw(batch[:1])  # the head's keys and their widths
+        model.raw(image)
     finally:
         handle.remove()
+    return widths
+
+
+@contextlib.contextmanager
+def _head_returns(
+    model: DetectionModel, widths: dict[str, int], raw: torch.Tensor
+) -> Iterator[None]:
+    """``model``'s head answers its next calls with ``raw`` (:meth:`DetectionModel.raw`'s
+    outputs: the head's outputs concatenated in key order, ``widths`` from
+    :func:`_head_widths`) split back into its output dict, so the detector's own anchors,
+    box decoding and NMS run on outputs computed elsewhere."""
+    head = model.head
     parts = dict(zip(widths, raw.split(list(widths.values()), dim=-1), strict=True))
     head.forward = lambda *args, **kwargs: parts
     try:
@@ -403,6 +413,7 @@ def evaluate_map(
     model.eval()
     metric = mean_average_precision()
     loss_sum, seen = 0.0, 0
+    widths = None  # the head's output layout, read once (raw_outputs)
     for images, targets in progress.log_every(loader, "evaluate"):
         images, on_device = to_device(images, targets, device)
         if raw_outputs is None:
@@ -411,7 +422,8 @@ def evaluate_map(
             preds = model(images)
         else:
             batch = torch.stack(images)  # the loader gives every image one size
-            with _head_returns(model, batch, raw_outputs(batch).to(batch.device)):
+            widths = widths or _head_widths(model, batch[:1])
+            with _head_returns(model, widths, raw_outputs(batch).to(batch.device)):
                 preds = model(images)
         seen += len(images)
         metric.update(
