@@ -73,7 +73,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "compressor"
-COMPACT_FORMAT_VERSION = 1
+# 2: a pruned attention module's tensors include ``kept_heads``/``original_heads`` (which of
+# the original heads it computes; compressor.attention.PrunedMultiheadAttention). Version 1
+# files still load (their kept heads unknown); a compressor that reads only version 1 refuses
+# a version 2 file with "upgrade compressor" instead of failing on unexpected tensors.
+COMPACT_FORMAT_VERSION = 2
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 _ARCH_HINT = (
     "a built-in ({builtins}), a torchvision classification model such as resnet18, "

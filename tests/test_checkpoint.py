@@ -16,6 +16,7 @@ from torch import nn
 
 import compressor
 from compressor.checkpoint import (
+    COMPACT_FORMAT_VERSION,
     METADATA_KEY,
     LoadedCheckpoint,
     build_model,
@@ -362,7 +363,7 @@ def test_compact_round_trip_of_sliced_resnet(tmp_path):
         extra={"input_shape": [3, 16, 16], "report": {"macs": 1.5}},
     )
     meta = read_compact_metadata(path)
-    assert meta["format_version"] == 1 and meta["arch"] == "resnet20"
+    assert meta["format_version"] == 2 and meta["arch"] == "resnet20"
     assert meta["modules"]["layer1.0.conv1"]["out_channels"] == 13
     assert meta["modules"]["layer1.0.bn1"]["num_features"] == 13
     assert meta["extra"]["input_shape"] == [3, 16, 16]
@@ -679,3 +680,19 @@ def test_compact_round_trip_of_pruned_mobilenet(tmp_path):
         build_kwargs={"num_classes": 10},
     )
     same_output(model, load(tmp_path / "m.safetensors"), (2, 3, 64, 64))
+
+
+def test_compact_format_versions_older_load_newer_are_refused_with_the_fix(tmp_path):
+    """Version 1 (before kept attention heads were saved) still loads; a file from a newer
+    format is refused naming both versions and the way out, not with a tensor mismatch."""
+    meta, tensors = _lenet_meta(tmp_path)
+    assert meta["format_version"] == COMPACT_FORMAT_VERSION == 2
+    model = lenet5()
+    model.load_state_dict(tensors)
+    old = _write_compact(tmp_path / "v1.safetensors", {**meta, "format_version": 1}, tensors)
+    loaded = load(old)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+    new = _write_compact(tmp_path / "v3.safetensors", {**meta, "format_version": 3}, tensors)
+    with pytest.raises(CheckpointError, match="format version 3; this compressor reads version 2"):
+        load(new)
