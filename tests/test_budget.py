@@ -318,9 +318,68 @@ def test_accuracy_seeker_starts_after_start_step_and_resumes_before_it():
         if budget.frozen:
             break
         budget.thresholds(step, norms)
-    # begins the step after the start (the model of then is the fallback), checks a stage later
-    assert snapshots[0] == 31 and evaluated == [40, 49, 58]
-    assert [row["step"] for row in seek.log] == [40, 49, 58] and budget.frozen
+    # begins the step after the start by checking the model of then (within: the fallback),
+    # checks a stage later
+    assert snapshots[0] == 31 and evaluated == [31, 40, 49, 58]
+    assert [row["step"] for row in seek.log] == [31, 40, 49, 58] and budget.frozen
+
+
+def test_accuracy_seeker_begun_over_the_allowance_waits_for_room_without_rolling_back():
+    """After the activation switch the model may already be over the allowance (the
+    quantisation's own cost): the seeker asks for no pruning and puts nothing back (the
+    recovery trained since the switch stays) until a check is within, then raises."""
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    readings = iter([88.0, 88.5, 89.2, 89.1, 89.0, 89.0])  # baseline 90, allowance 1
+    snapshots, restored, asked = [], [], []
+    seek = AccuracySeeker(
+        budget, stages=3, evaluate=lambda: Reading(next(readings)), baseline_accuracy=90.0,
+        max_drop=1.0, snapshot=lambda: snapshots.append(step) or step, restore=restored.append,
+        start_step=30, patience=0,
+    )  # fmt: skip
+    norms = _norms(model, groups)
+    for step in range(1, 61):
+        seek.check(step)
+        if step == 35:  # resumed while waiting: still waiting, still nothing asked
+            again = AccuracySeeker(
+                budget, stages=3, evaluate=seek.evaluate, baseline_accuracy=90.0, max_drop=1.0,
+                snapshot=seek.snapshot, restore=restored.append, start_step=30, patience=0,
+            )  # fmt: skip
+            again.load_state_dict(seek.state_dict())
+            assert again.waiting and budget.wants["macs"] == pytest.approx(1.0 + 1e-9)
+            seek = again
+        if budget.frozen:
+            break
+        asked.append(budget.wants["macs"])
+        budget.thresholds(step, norms)
+    # 31: 88.0 over (waits), 40: 88.5 over (waits), 49: 89.2 within -> snapshot, ask 1.3
+    assert [row["step"] for row in seek.log] == [31, 40, 49, 58]
+    assert [row["within"] for row in seek.log] == [False, False, True, True]
+    assert snapshots == [49, 58] and restored == []
+    assert asked[:48] == [pytest.approx(1.0 + 1e-9)] * 48 and asked[48] == pytest.approx(1.3)  # step 49
+    assert budget.frozen and budget.reached["macs"] > 1.0
+
+
+def test_accuracy_seeker_never_within_freezes_with_nothing_pruned_and_nothing_put_back():
+    model, groups, budget = _seeking()
+    budget.reach_step = 60
+    restored = []
+    seek = AccuracySeeker(
+        budget, stages=3, evaluate=lambda: Reading(88.0), baseline_accuracy=90.0, max_drop=1.0,
+        snapshot=lambda: "saved", restore=restored.append, start_step=30,
+    )  # fmt: skip
+    norms = _norms(model, groups)
+    for step in range(1, 61):
+        seek.check(step)
+        if budget.frozen:
+            break
+        budget.thresholds(step, norms)
+        if step == 30:
+            before = [z.clone() for z in budget.zero]
+    assert budget.frozen and restored == [] and seek.saved is None
+    assert [row["within"] for row in seek.log] == [False] * 4
+    assert budget.wants["macs"] == pytest.approx(1.0 + 1e-9)  # the seeker asked for nothing
+    assert all(torch.equal(z, b) for z, b in zip(budget.zero, before, strict=True))
 
 
 def test_build_starts_the_seeker_once_the_activation_switch_ends():

@@ -65,6 +65,14 @@ class AccuracySeeker:
     then the model is part full precision, and a check would judge a model that
     is not the one that ships. The seeker begins (first ask, first snapshot) at
     the first step after ``start_step``; ``start_step = 0``: at construction.
+
+    A model that begins after ``start_step`` is not the input model (its activations
+    are quantised), so the seeker first checks it. Over the allowance, there is no room
+    to prune yet: the seeker asks for nothing and saves nothing, and checks again at
+    the end of each stage while training recovers from the switch; the first check
+    within it begins the raising. (Asking anyway would have every check fail on the
+    quantisation's own cost, and each rollback would throw away the recovery trained
+    since the switch.) ``start_step = 0``: the input model, within by definition.
     """
 
     def __init__(
@@ -95,14 +103,38 @@ class AccuracySeeker:
         self.waited = 0  # stages this reduction has been over budget in a row
         self.log: list[dict] = []
         self.started = False
+        self.waiting = False  # begun over the allowance: no ask until a check is within
         if self.begin_step == 0:
-            self._begin()
+            self._begin(0)
 
-    def _begin(self) -> None:
-        """The first stage: the model as it is now is the fallback, then ask for ``growth``."""
+    def _begin(self, step: int) -> None:
+        """The first stage: the model as it is now is the fallback, then ask for ``growth``;
+        after ``start_step`` only if that model is within the allowance (else wait)."""
         self.started = True
+        if self.start_step > 0 and not self._judge(step):
+            self.waiting = True
+            log.info("seek: the model at the switch's end is over the allowance; no pruning yet")
+            return
+        self._start_raising()
+
+    def _start_raising(self) -> None:
+        self.waiting = False
         self.saved = self.snapshot() if self.snapshot is not None else None
         self._ask(min(self.growth, self.ceiling))
+
+    def _judge(self, step: int) -> bool:
+        """Evaluate the sparse model and log the check: is it within the allowance?"""
+        acc, stderr = self.evaluate()
+        ok = self.baseline_accuracy - acc + self.margin * stderr <= self.max_drop
+        reached = self.budget.reached["macs"]
+        self.log.append(
+            {"step": step, "macs_x": reached, "accuracy": acc, "stderr": stderr, "within": ok}
+        )
+        log.info(
+            "seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (drop's standard error %.2f; %s)",
+            step, reached, acc, stderr, "ok" if ok else "over budget",
+        )  # fmt: skip
+        return ok
 
     def _ask(self, factor: float) -> None:
         self.factor = factor
@@ -118,11 +150,13 @@ class AccuracySeeker:
             "log": self.log,
             "waited": self.waited,
             "started": self.started,
+            "waiting": self.waiting,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.started = state.get("started", True)
-        if self.started:
+        self.waiting = state.get("waiting", False)
+        if self.started and not self.waiting:
             self._ask(state["factor"])
         self.growth, self.good_factor = state["growth"], state["good_factor"]
         self.last_good, self.saved, self.log = state["last_good"], state["saved"], state["log"]
@@ -134,20 +168,19 @@ class AccuracySeeker:
         if step < self.begin_step:
             return
         if not self.started:
-            self._begin()
+            self._begin(step)
         if step == self.begin_step or (step - self.begin_step) % self.every or budget.zero is None:
             return
-        acc, stderr = self.evaluate()
-        ok = self.baseline_accuracy - acc + self.margin * stderr <= self.max_drop
-        reached = budget.reached["macs"]
-        self.log.append(
-            {"step": step, "macs_x": reached, "accuracy": acc, "stderr": stderr, "within": ok}
-        )
-        log.info(
-            "seek: step %d, %.2fx MACs, sparse accuracy %.2f%% (drop's standard error %.2f; %s)",
-            step, reached, acc, stderr, "ok" if ok else "over budget",
-        )  # fmt: skip
+        ok = self._judge(step)
         steps_left = step + self.every <= budget.reach_step
+        if self.waiting:  # nothing asked yet: nothing to keep or put back
+            if ok and steps_left:
+                self._start_raising()
+            elif not steps_left:
+                budget.freeze()
+                log.info("seek: no check within the allowance; froze the zero set at %.2fx MACs",
+                         budget.reached["macs"])  # fmt: skip
+            return
         if not ok and self.waited < self.patience and steps_left:
             self.waited += 1  # give the network a stage to adapt before judging
             return
