@@ -768,12 +768,8 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
         val = torch.utils.data.DataLoader(
             run.splits.val, batch_size=64, collate_fn=run.splits.collate
         )
-    own_metric = val is not None and not run.task.top1_labels  # top-1 is not the metric
-    inputs = (run.task.model_inputs(x) for x, _ in val) if own_metric else val
-    compared = export.compare_onnx(
-        onnx_path, int8_path, inputs if val is not None else run.verify_inputs
-    )
-    if own_metric:  # the task's metric, where it can judge an ONNX model
+    compared = export.compare_onnx(onnx_path, int8_path, _int8_inputs(run, val))
+    if val is not None and not run.task.top1_labels:  # the task's metric, where it can judge
         int8_metric = run.task.evaluate_onnx(run.model, int8_path, val)
         if int8_metric is not None:
             compared["accuracy"] = int8_metric
@@ -796,6 +792,17 @@ def _measure_int8(run: Run, onnx_path: Path, int8_path: Path) -> dict:
         "samples": compared["samples"],
         "latency_ms": report_mod.int8_latency(latency),
     }  # fmt: skip
+
+
+def _int8_inputs(run: Run, val):
+    """What the INT8 model is compared with the float one on: the validation split (labels
+    and all where top-1 is the metric, else the task's model inputs), or without data the
+    verification inputs."""
+    if val is None:
+        return run.verify_inputs
+    if run.task.top1_labels:
+        return val
+    return (run.task.model_inputs(x) for x, _ in val)
 
 
 def _compressed_summary(run: Run, accuracy) -> dict:

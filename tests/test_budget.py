@@ -154,7 +154,7 @@ def test_unreachable_targets_are_listed_and_the_floor_is_kept():
 
 
 def _seeking():
-    return _budget([Target("macs", 1.0 + 1e-9, 1.0)], steps=100, schedule="immediate")
+    return _budget([Target("macs", 1.0, 1.0)], steps=100, schedule="immediate")
 
 
 def test_accuracy_seeker_keeps_raising_then_rolls_back_model_and_zero_set():
@@ -313,7 +313,7 @@ def test_accuracy_seeker_starts_after_start_step_and_resumes_before_it():
                 start_step=30,
             )  # fmt: skip
             again.load_state_dict(seek.state_dict())
-            assert not again.started and budget.wants["macs"] == pytest.approx(1.0 + 1e-9)
+            assert not again.started and budget.wants["macs"] == 1.0
         seek.check(step)
         if budget.frozen:
             break
@@ -346,7 +346,7 @@ def test_accuracy_seeker_begun_over_the_allowance_waits_for_room_without_rolling
                 snapshot=seek.snapshot, restore=restored.append, start_step=30, patience=0,
             )  # fmt: skip
             again.load_state_dict(seek.state_dict())
-            assert again.waiting and budget.wants["macs"] == pytest.approx(1.0 + 1e-9)
+            assert again.waiting and budget.wants["macs"] == 1.0
             seek = again
         if budget.frozen:
             break
@@ -356,7 +356,7 @@ def test_accuracy_seeker_begun_over_the_allowance_waits_for_room_without_rolling
     assert [row["step"] for row in seek.log] == [31, 40, 49, 58]
     assert [row["within"] for row in seek.log] == [False, False, True, True]
     assert snapshots == [49, 58] and restored == []
-    assert asked[:48] == [pytest.approx(1.0 + 1e-9)] * 48 and asked[48] == pytest.approx(1.3)  # step 49
+    assert asked[:48] == [1.0] * 48 and asked[48] == pytest.approx(1.3)  # step 49
     assert budget.frozen and budget.reached["macs"] > 1.0
 
 
@@ -378,8 +378,9 @@ def test_accuracy_seeker_never_within_freezes_with_nothing_pruned_and_nothing_pu
             before = [z.clone() for z in budget.zero]
     assert budget.frozen and restored == [] and seek.saved is None
     assert [row["within"] for row in seek.log] == [False] * 4
-    assert budget.wants["macs"] == pytest.approx(1.0 + 1e-9)  # the seeker asked for nothing
+    assert budget.wants["macs"] == 1.0  # the seeker asked for nothing: nothing zeroed
     assert all(torch.equal(z, b) for z, b in zip(budget.zero, before, strict=True))
+    assert not any(bool(z.any()) for z in budget.zero) and budget.reached["macs"] == 1.0
 
 
 def test_build_starts_the_seeker_once_the_activation_switch_ends():

@@ -217,3 +217,65 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     assert gate["passed"] == (entry["reached_ms"] <= asked / report_mod.TARGET_SLACK)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "ms at batch 8 asked" in md and "predicted" in md
+
+
+def tiny_vit(num_classes=10, in_channels=3):
+    """A two-block timm ViT (6 heads of 16, MLP 192) on 32x32 images, importable by name."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=32, patch_size=4, in_chans=in_channels, embed_dim=96, depth=2, num_heads=6,
+        mlp_ratio=2.0, num_classes=num_classes,
+    )  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_target_latency_on_a_transformer_removes_whole_heads_and_mlp_units(tmp_path, capsys):
+    """``--target-latency`` on a ViT: the latency model times its linear layers on token
+    inputs and the compact models with heads cut; the budget meets the asked latency in that
+    model by removing whole attention heads (q, k, v rows and the projection's columns) and
+    MLP hidden units, exactly (the ONNX model agrees on every sample)."""
+    pytest.importorskip("timm")
+    from compressor import cli
+    from tests.helpers import random_npz
+
+    torch.manual_seed(0)
+    arch = "tests.test_targets:tiny_vit"
+    checkpoint = tmp_path / "vit.pt"
+    torch.save(tiny_vit().state_dict(), checkpoint)
+    data = random_npz(tmp_path / "d.npz", (3, 32, 32))
+    settings = ["train.epochs=1", "train.max_steps_per_epoch=8", "gates.max_accuracy_drop=null",
+                "export.latency_threads=1", "export.verify_samples=16"]  # fmt: skip
+    code = cli.main([
+        str(checkpoint), "--arch", arch, "--data", str(data), "--out", str(tmp_path / "a"),
+        "--device", "cpu", "--target-latency", "0.0001", "--quiet",
+        *(a for kv in settings for a in ("--set", kv)),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "--target-latency 0.0001" in err, err
+    asked = 0.6 * float(re.search(r"the baseline's ([0-9.e+-]+) ms here", err)[1])
+    report = compressor.compress(
+        str(checkpoint), arch=arch, data=str(data), out=tmp_path / "run", device="cpu",
+        target_latency=asked, overrides=settings,
+    )  # fmt: skip
+    assert report["exit_code"] == 0
+    (entry,) = report["target"]["targets"]
+    assert entry["kind"] == "latency" and entry["model"]["base_ms"] > asked
+    assert entry["predicted_ms"] <= asked
+    layers = {row["name"]: row for row in report["layers"]}
+    head_dim = 16
+    for block in ("blocks.0", "blocks.1"):
+        qkv, proj = layers[f"{block}.attn.qkv"], layers[f"{block}.attn.proj"]
+        heads = proj["shape_after"][1] // head_dim
+        assert proj["shape_after"][1] % head_dim == 0
+        assert qkv["shape_after"][0] == 3 * heads * head_dim
+    kept_heads = sum(layers[f"blocks.{i}.attn.proj"]["shape_after"][1] for i in (0, 1)) // 16
+    kept_mlp = sum(layers[f"blocks.{i}.mlp.fc1"]["shape_after"][0] for i in (0, 1))
+    assert kept_heads < 12 or kept_mlp < 384  # the cut went through heads or hidden units
+    assert report["verification"]["top1_agreement"] == 1.0
+    assert report["verification"]["sparse_vs_pruned_relative"] < 1e-5
+    loaded = compressor.load(tmp_path / "run" / "model.safetensors", arch=arch)
+    assert [b.attn.num_heads for b in loaded.blocks] == [
+        layers[f"blocks.{i}.attn.proj"]["shape_after"][1] // head_dim for i in (0, 1)
+    ]
+    assert loaded.eval()(torch.rand(4, 3, 32, 32)).shape == (4, 10)

@@ -227,7 +227,7 @@ def _seeker(
     start = round(act.switch_fraction * total_steps) if act.binarize else 0
     reach = max(tgt.reach_fraction, SEEK_MIN_FRACTION)
     budget = BudgetController(
-        [Target("macs", 1.0 + 1e-9, 1.0)],
+        [Target("macs", 1.0, 1.0)],  # nothing until the seeker begins (after any switch)
         groups,
         scale,
         total_steps=total_steps,
