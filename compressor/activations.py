@@ -352,6 +352,7 @@ class SwapReport:
     skipped: list[str] = field(default_factory=list)
     unmatched_skip: list[str] = field(default_factory=list)
     traced: bool = False
+    functional: bool = True  # functional ReLUs were looked for (False: nn.ReLU modules only)
     activation: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
@@ -473,7 +474,7 @@ def swap_activations(
         used.update(hits)
         return bool(hits)
 
-    report = SwapReport(activation=config)
+    report = SwapReport(activation=config, functional=functional)
     if isinstance(model, _RELU_MODULES):
         if skipped(""):
             report.skipped.append("")
@@ -579,8 +580,9 @@ def _trace_for_functional(model: nn.Module) -> fx.GraphModule | None:
                 f"{', '.join(suspects)} calls a functional ReLU (F.relu / torch.relu / "
                 f"Tensor.relu) in forward(), and torch.fx cannot trace "
                 f"{type(model).__qualname__} to replace it ({first}). Use nn.ReLU modules "
-                f"in {suspects[0]} so they can be swapped, or skip the functional ReLUs "
-                f"(swap_activations(..., functional=False) keeps them full precision)."
+                f"in {suspects[0]} so they can be swapped, or keep the functional ReLUs full "
+                f"precision: --set activations.functional=false "
+                f"(swap_activations(..., functional=False))."
             ) from err
         logger.debug("torch.fx cannot trace %s (%s); swapping modules only", type(model), err)
         return None

@@ -1028,7 +1028,7 @@ def _activation_config(activations: Any) -> dict | None:
             "bits": int(cfg.get("bits", 1)),
             "ste": cfg.get("ste", "clipped_relu"),
             "skip": list(activations.skipped),
-            "functional": True,
+            "functional": bool(getattr(activations, "functional", True)),
             "swapped": list(activations.swapped),
         }
     if not isinstance(activations, Mapping):

@@ -113,6 +113,7 @@ class Activations:
     calibration_batches: int
     switch_fraction: float
     switch_order: str
+    functional: bool  # functional ReLUs too (torch.fx tracing), or nn.ReLU modules only
 
 
 @dataclass(frozen=True)

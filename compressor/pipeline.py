@@ -128,6 +128,7 @@ class Run:
             "ste": act.ste,
             "swapped": list(self.swap.swapped),
             "skipped": list(self.swap.skipped),
+            "functional": act.functional,  # False: functional ReLUs stayed full precision
             "calibration_batches": act.calibration_batches,
             "layers": activations.summarize(self.model),  # the learned scale and threshold
             "switch": self.switch.summary() if self.switch is not None else None,
@@ -395,8 +396,10 @@ def _prepare_model(run: Run) -> None:
         from compressor import activations
 
         act = cfg.activations
-        skip = list(act.skip) or _default_activation_skip(run.model, run.example, act.bits, act.ste)
-        run.swap = activations.swap_activations(run.model, bits=act.bits, ste=act.ste, skip=skip)
+        skip = list(act.skip) or _default_activation_skip(run.model, run.example, act)
+        run.swap = activations.swap_activations(
+            run.model, bits=act.bits, ste=act.ste, skip=skip, functional=act.functional
+        )
         run.model = run.swap.model.to(run.device)
         if run.train_loader is not None:  # scale and threshold from data, then a gradual switch
             batches = ((run.task.model_inputs(x), y) for x, y in run.train_loader)
@@ -1047,7 +1050,7 @@ def parse_factor(value, flag: str) -> float | None:
     return factor
 
 
-def _default_activation_skip(model: nn.Module, x: torch.Tensor, bits: int, ste: str) -> list[str]:
+def _default_activation_skip(model: nn.Module, x: torch.Tensor, act) -> list[str]:
     """The first activation executed (first conv block) and the last one (feeds the classifier).
 
     Swaps every activation on a copy (functional ``F.relu`` calls included, which
@@ -1055,7 +1058,9 @@ def _default_activation_skip(model: nn.Module, x: torch.Tensor, bits: int, ste: 
     """
     from compressor import activations
 
-    probe = activations.swap_activations(copy.deepcopy(model), bits=bits, ste=ste, skip=[]).model
+    probe = activations.swap_activations(
+        copy.deepcopy(model), bits=act.bits, ste=act.ste, skip=[], functional=act.functional
+    ).model
     swapped = (activations.BinaryActivation, activations.QuantizedActivation)
     order: list[str] = []
     hooks = [

@@ -431,6 +431,13 @@ SCHEMA: dict[str, Any] = {
             help="share of training over which the activations go from ReLU to quantised "
             "(0: quantised from the first step)",
         ),
+        "functional": Param(
+            True,
+            Bool(),
+            help="also quantise functional ReLUs (F.relu, torch.relu, x.relu()) by tracing the "
+            "model with torch.fx; false: nn.ReLU modules only, functional ones stay full "
+            "precision (for models torch.fx cannot trace, such as torchvision's detectors)",
+        ),
         "switch_order": Param(
             "together",
             Options(("together", "input_first")),

@@ -41,7 +41,8 @@ should check ``report["schema"]``. Keys (``None`` where not measured):
   within}], the seeker's checks of the sparse model (``stderr``: the standard error of
   the drop, paired per validation sample; ``within``: drop + ``target.seek_margin``
   stderr within the allowance);
-- ``activations`` None or {bits, ste, swapped, skipped, calibration_batches,
+- ``activations`` None or {bits, ste, swapped, skipped, functional (False: functional
+  ReLUs were not looked for and stayed full precision), calibration_batches,
   layers: {name: {type, bits, ste, channels, alpha: {min, median, max},
   theta (binary)}} (the learned per-channel scale and threshold of the shipped
   model), switch: None or {fraction, steps, trace [{step, t, sparse_accuracy}],
@@ -724,7 +725,9 @@ def _activation_line(report: Mapping) -> list[str]:
         return []
     lines = [
         f"**Activations:** {a.get('bits')}-bit, STE `{a.get('ste')}`; "
-        f"swapped {_names(a.get('swapped'))}; kept full precision {_names(a.get('skipped'))}."
+        f"swapped {_names(a.get('swapped'))}; kept full precision {_names(a.get('skipped'))}"
+        + (" and every functional ReLU (`activations.functional: false`)."
+           if a.get("functional") is False else ".")
     ]
     switch = a.get("switch")
     if isinstance(switch, Mapping):

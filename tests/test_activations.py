@@ -282,9 +282,15 @@ def test_untraceable_model_with_functional_relu_raises():
     with pytest.raises(BadInputError, match="Untraceable.*nn.ReLU modules") as info:
         swap_activations(Untraceable())
     assert info.value.exit_code == 2
-    # Leaving functional ReLUs alone works.
+    assert "--set activations.functional=false" in str(info.value)  # the recipe's way out
+    # Leaving functional ReLUs alone works, and the compact file's config says so (a reload
+    # must not trace either)
     report = swap_activations(Untraceable(), functional=False)
-    assert report.num_swapped == 0
+    assert report.num_swapped == 0 and report.functional is False
+    from compressor.checkpoint import _activation_config
+
+    assert _activation_config(report)["functional"] is False
+    assert _activation_config(swap_activations(nn.ReLU()))["functional"] is True
 
 
 def test_untraceable_model_with_relu_modules_only_swaps_in_place():

@@ -419,3 +419,41 @@ def test_compress_retinanet_and_fcos_end_to_end(kind, tmp_path, one_thread):
     for norm in back.modules():
         if isinstance(norm, torch.nn.GroupNorm):
             assert norm.num_channels == 2 * norm.num_groups
+
+
+@pytest.mark.slow
+def test_binarized_detector_keeps_functional_relus_full_precision_when_asked(tmp_path, one_thread):
+    """torchvision's detectors cannot be traced by torch.fx (their FPN's P6/P7 calls F.relu):
+    the binary recipe fails with exit 2 naming the recipe key; with
+    ``activations.functional=false`` the nn.ReLU modules of backbone and head go binary
+    (exported as Greater/Cast, onnxruntime agrees), the report says the functional ones stayed
+    full precision, and the compact file loads back with the same binary activations."""
+    import onnx
+
+    from compressor import activations
+
+    arch = "tests.helpers:small_retinanet"
+    data = make_coco(tmp_path / "coco", n_train=4, n_val=2, size=128)
+    torch.manual_seed(0)
+    torch.save(small_retinanet(num_classes=3).state_dict(), tmp_path / "det.pt")
+    binary = ["activations.calibration_batches=1", "train.epochs=2"]
+    with pytest.raises(BadInputError, match="--set activations.functional=false"):
+        _compress_two_steps(tmp_path, tmp_path / "det.pt", arch, data, verify_samples=2,
+                            recipe="tl1-group-binary", extra=binary)  # fmt: skip
+    written = _compress_two_steps(
+        tmp_path, tmp_path / "det.pt", arch, data, verify_samples=2, recipe="tl1-group-binary",
+        extra=[*binary, "activations.functional=false"],
+    )  # fmt: skip
+    act = written["activations"]
+    assert act["bits"] == 1 and act["functional"] is False
+    assert any(n.startswith("backbone.body.") for n in act["swapped"])
+    assert any(n.startswith("head.classification_head.") for n in act["swapped"])
+    assert all(layer["type"] == "binary" for layer in act["layers"].values())
+    assert "every functional ReLU" in (tmp_path / "out" / "report.md").read_text()
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert {"Greater", "Cast"} <= ops
+    v = written["verification"]
+    assert v["top1_agreement"] == 1.0 and v["sparse_vs_pruned_relative"] <= 1e-4
+    assert written["compressed"]["channels_kept"] < written["compressed"]["channels_total"]
+    back = compressor.load(tmp_path / "out" / "model.safetensors", arch=arch)
+    assert sorted(activations.activation_configs(back)) == sorted(act["swapped"])
