@@ -88,6 +88,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TARGET_SLACK = 0.95  # a target counts as reached within 5% of the asked factor
+# the latency model's baseline and the one timed beside the compressed model differ by more
+# than this share: the machine's speed changed between them (the report says so)
+LATENCY_DRIFT = 0.2
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CHANNELS_PNG = "channels_per_layer.png"
@@ -376,6 +379,25 @@ def _pct(v: Any, *, frac: bool = False, digits: int = 2) -> str:
     if not _is_num(v):
         return "—"
     return f"{float(v) * (100 if frac else 1):.{digits}f}%"
+
+
+def _latency_drift(target: Mapping) -> list[str]:
+    """A warning (one line, or none) when the latency model's baseline (timed before training) and the baseline
+    timed beside the compressed model differ by more than :data:`LATENCY_DRIFT`: the plan
+    was made for a machine that ran at another speed."""
+    calibrated = (target.get("model") or {}).get("base_ms")
+    beside = target.get("baseline_ms")
+    if not (_is_num(calibrated) and _is_num(beside)) or min(calibrated, beside) <= 0:
+        return []
+    ratio = float(calibrated) / float(beside)
+    if abs(ratio - 1) <= LATENCY_DRIFT:
+        return []
+    return [
+        f"⚠️ The latency model timed the baseline at {_ms(calibrated)} ms, {ratio:.2f}x the "
+        f"{_ms(beside)} ms timed beside the compressed model: this machine ran at another "
+        "speed while it was calibrated (other work on its cores?), so the asked milliseconds "
+        "were planned against that speed. Run again on a quieter machine."
+    ]
 
 
 def _ms(v: Any) -> str:
@@ -685,7 +707,7 @@ def _target_line(report: Mapping) -> list[str]:
             f"{_x(t.get('reached'))} reached"
             + (f" (checks of the sparse model: {checks})." if checks else ".")
         ]
-    parts = []
+    parts, notes = [], []
     for one in t.get("targets") or [t]:  # every target given
         ok = "✅" if one.get("met", one.get("within")) else "❌"
         if one.get("kind") == "latency" and _is_num(one.get("asked_ms")):
@@ -695,12 +717,14 @@ def _target_line(report: Mapping) -> list[str]:
                 f"{_ms(one.get('baseline_ms'))} ms, measured side by side; the latency model "
                 f"calibrated before training predicted {_ms(one.get('predicted_ms'))} ms)"
             )
+            notes += _latency_drift(one)
             continue
         what = _TARGET_WORDS.get(one.get("kind"), f"{one.get('kind')} reduction")
         parts.append(f"{_x(one.get('asked'))} {what} asked, {_x(one.get('reached'))} reached {ok}")
     return [
         f"**Target:** {'; '.join(parts)} "
-        f"(counts when within {round((1 - TARGET_SLACK) * 100)}% of the asked factor)."
+        f"(counts when within {round((1 - TARGET_SLACK) * 100)}% of the asked factor).",
+        *notes,
     ]
 
 

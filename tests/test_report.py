@@ -249,6 +249,23 @@ def test_target_gate():
     assert [g["passed"] for g in gates] == [False, True]
 
 
+def test_latency_target_line_warns_when_the_machine_changed_speed_during_the_run():
+    """The latency model's baseline (timed before training) against the one timed beside the
+    compressed model: within 20% nothing is said; twice as slow, report.md says the plan was
+    made at another speed (the asked milliseconds meant another cut)."""
+
+    def line(calibrated_ms):
+        one = {"kind": "latency", "asked_ms": 2.97, "reached_ms": 1.75, "baseline_ms": 7.42,
+               "batch": 1, "met": True, "predicted_ms": 2.44, "model": {"base_ms": calibrated_ms}}
+        return "\n".join(rp._target_line({"target": {"kind": "latency", "targets": [one]}}))
+
+    assert "another speed" not in line(7.9) and "ms reached" in line(7.9)
+    slow = line(15.99)
+    assert "timed the baseline at 15.99 ms, 2.15x the 7.42 ms" in slow
+    assert "another speed" in slow and "quieter machine" in slow
+    assert "another speed" in line(5.0)  # faster counts too
+
+
 def test_helpers():
     assert rp.reduction_factors({"macs": 10, "params": None}, {"macs": 4, "params": 2}) == {
         "macs_x": 2.5,
