@@ -382,9 +382,9 @@ def _pct(v: Any, *, frac: bool = False, digits: int = 2) -> str:
 
 
 def _latency_drift(target: Mapping) -> list[str]:
-    """A warning (one line, or none) when the latency model's baseline (timed before training) and the baseline
-    timed beside the compressed model differ by more than :data:`LATENCY_DRIFT`: the plan
-    was made for a machine that ran at another speed."""
+    """A warning (one line, or none) when the latency model's baseline (timed before
+    training) and the baseline timed beside the compressed model differ by more than
+    :data:`LATENCY_DRIFT`: the plan was made for a machine that ran at another speed."""
     calibrated = (target.get("model") or {}).get("base_ms")
     beside = target.get("baseline_ms")
     if not (_is_num(calibrated) and _is_num(beside)) or min(calibrated, beside) <= 0:
