@@ -179,12 +179,15 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     code = cli.main([
         str(checkpoint), "--arch", "lenet5", "--data", str(data), "--out", str(tmp_path / "a"),
         "--device", "cpu", "--target-latency", "0.0001", "--latency-batch", "8", "--quiet",
-        "--set", "train.epochs=1", *(a for kv in FAST for a in ("--set", kv)),
+        "--set", "train.epochs=1", "--set", "export.latency_threads=1",
+        *(a for kv in FAST for a in ("--set", kv)),
     ])  # fmt: skip
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT and "--target-latency 0.0001" in err, err
     base_ms = float(re.search(r"the baseline's ([0-9.e+-]+) ms here", err)[1])
-    asked = 0.5 * base_ms  # timings of a model this small are noisy: ask for a clear cut
+    # Timed with the same threads as the run below (onnxruntime's default differs by 1.4x
+    # here); timings of a model this small are noisy: ask for a clear cut.
+    asked = 0.5 * base_ms
     from compressor import export
 
     timed_with = []
@@ -195,11 +198,19 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
         return measure(*args, **kwargs)
 
     monkeypatch.setattr(export, "measure_latency", recording)
-    report = compressor.compress(
-        str(checkpoint), arch="lenet5", data=str(data), out=tmp_path / "run", device="cpu",
-        target_latency=asked, latency_batch=8,
-        overrides=["train.epochs=1", "export.latency_threads=1", *FAST],
-    )  # fmt: skip
+
+    def compress(asked):
+        return compressor.compress(
+            str(checkpoint), arch="lenet5", data=str(data), out=tmp_path / "run", device="cpu",
+            target_latency=asked, latency_batch=8,
+            overrides=["train.epochs=1", "export.latency_threads=1", *FAST],
+        )  # fmt: skip
+
+    try:
+        report = compress(asked)
+    except BadInputError as slower:  # this run's calibration timed the machine much slower
+        asked = 0.5 * float(re.search(r"the baseline's ([0-9.e+-]+) ms here", str(slower))[1])
+        report = compress(asked)
     assert timed_with and set(timed_with) == {1}  # calibration and report alike
     (entry,) = report["target"]["targets"]
     assert report["recipe"]["target"]["latency"] == pytest.approx(asked)
