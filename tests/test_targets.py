@@ -165,6 +165,11 @@ def test_readme_main_command_on_the_bundled_example(tmp_path):
         assert (out / name).is_file()
 
 
+def _baseline_ms(unreachable_message):
+    """The baseline latency a ``--target-latency`` beyond reach names (exit 2's message)."""
+    return float(re.search(r"the baseline's ([0-9.e+-]+) ms here", unreachable_message)[1])
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     lenet, tmp_path, capsys, monkeypatch
@@ -184,7 +189,7 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     ])  # fmt: skip
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT and "--target-latency 0.0001" in err, err
-    base_ms = float(re.search(r"the baseline's ([0-9.e+-]+) ms here", err)[1])
+    base_ms = _baseline_ms(err)
     # Timed with the same threads as the run below (onnxruntime's default differs by 1.4x
     # here); timings of a model this small are noisy: ask for a clear cut.
     asked = 0.5 * base_ms
@@ -209,7 +214,7 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     try:
         report = compress(asked)
     except BadInputError as slower:  # this run's calibration timed the machine much slower
-        asked = 0.5 * float(re.search(r"the baseline's ([0-9.e+-]+) ms here", str(slower))[1])
+        asked = 0.5 * _baseline_ms(str(slower))
         report = compress(asked)
     assert timed_with and set(timed_with) == {1}  # calibration and report alike
     (entry,) = report["target"]["targets"]
@@ -264,11 +269,19 @@ def test_target_latency_on_a_transformer_removes_whole_heads_and_mlp_units(tmp_p
     ])  # fmt: skip
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT and "--target-latency 0.0001" in err, err
-    asked = 0.6 * float(re.search(r"the baseline's ([0-9.e+-]+) ms here", err)[1])
-    report = compressor.compress(
-        str(checkpoint), arch=arch, data=str(data), out=tmp_path / "run", device="cpu",
-        target_latency=asked, overrides=settings,
-    )  # fmt: skip
+    asked = 0.6 * _baseline_ms(err)
+
+    def compress(asked):
+        return compressor.compress(
+            str(checkpoint), arch=arch, data=str(data), out=tmp_path / "run", device="cpu",
+            target_latency=asked, overrides=settings,
+        )  # fmt: skip
+
+    try:
+        report = compress(asked)
+    except BadInputError as slower:  # this run's calibration timed the machine much slower
+        asked = 0.6 * _baseline_ms(str(slower))
+        report = compress(asked)
     assert report["exit_code"] == 0
     (entry,) = report["target"]["targets"]
     assert entry["kind"] == "latency" and entry["model"]["base_ms"] > asked
