@@ -21,6 +21,12 @@ before training from real onnxruntime timings on this machine:
    absorbs what isolated layers miss: fused activations, layout reorders shared
    between layers, and kernel changes with the width (measured on the bundled
    ResNet-20 at batch 16: 8.6 ms at 5/8 of the channels, 4.1 ms at 1/2).
+4. **Checked on the zero set itself.** Before the budget freezes its zero set it
+   times the compact model that set leaves, beside the baseline
+   (:func:`time_zero_set`), and adds that reading as one more point
+   (:meth:`LatencyModel.add_probe`), in the calibration's time scale: the reading
+   times the calibration's baseline over the baseline timed beside it, so a
+   machine running faster or slower than during calibration moves neither.
 
 The model is monotone in every group's kept units, so the budget's bisection on
 the group threshold stays valid. The report measures the latency reached on the
@@ -96,6 +102,7 @@ class LatencyModel:
         base_ms: float,
         rest_ms: float,
         measured: Sequence[tuple[float, float, float]] = (),
+        probed: Sequence[tuple[float, float, float]] = (),
         batch: int = 1,
     ):
         self.groups = groups
@@ -105,9 +112,15 @@ class LatencyModel:
         self.batch = int(batch)
         # (share kept, layer-wise sum R, measured ms) of the real compact models
         self.measured = [tuple(map(float, m)) for m in measured]
+        # (R, predicted ms, measured ms) of the budget's zero sets, timed during training
+        self.probed = [tuple(map(float, m)) for m in probed]
+        self._fit()
+
+    def _fit(self) -> None:
         self._points = _monotone_points(
-            [(self._raw({name: (1.0, 1.0) for name in layers}), self.base_ms)]
+            [(self._raw({name: (1.0, 1.0) for name in self.layers}), self.base_ms)]
             + [(r, ms) for _, r, ms in self.measured]
+            + [(r, ms) for r, _, ms in self.probed]
         )
 
     def _raw(self, keep: dict[str, tuple[float, float]]) -> float:
@@ -121,6 +134,18 @@ class LatencyModel:
         """The latency (ms) at the latency batch once the ``zero_masks`` units are removed."""
         return _interpolate(self._points, self.raw(zero_masks))
 
+    def add_probe(
+        self, zero_masks: Sequence[torch.Tensor], measured_ms: float, baseline_ms: float
+    ) -> tuple[float, float]:
+        """Add the compact model of ``zero_masks``, timed at ``measured_ms`` beside a baseline
+        timed at ``baseline_ms``, as a point of the map (scaled to the calibration's baseline);
+        returns (predicted, measured) ms, both on the calibration's scale."""
+        predicted = self.predict(zero_masks)
+        scaled = measured_ms * self.base_ms / max(baseline_ms, 1e-9)
+        self.probed.append((self.raw(zero_masks), predicted, scaled))
+        self._fit()
+        return predicted, scaled
+
     def summary(self) -> dict:
         return {
             "batch": self.batch,
@@ -128,6 +153,7 @@ class LatencyModel:
             "layers_ms": sum(t.ms[0] for t in self.layers.values()),
             "rest_ms": self.rest_ms,
             "uniform_ms": {f"{keep:g}": ms for keep, _, ms in self.measured},
+            "probed": [{"predicted_ms": p, "measured_ms": m} for _, p, m in self.probed],
         }
 
     def state_dict(self) -> dict:
@@ -139,6 +165,7 @@ class LatencyModel:
             "base_ms": self.base_ms,
             "rest_ms": self.rest_ms,
             "measured": [list(m) for m in self.measured],
+            "probed": [list(m) for m in self.probed],
             "batch": self.batch,
         }
 
@@ -150,7 +177,8 @@ class LatencyModel:
         }
         return cls(
             groups, layers, base_ms=state["base_ms"], rest_ms=state["rest_ms"],
-            measured=[tuple(m) for m in state["measured"]], batch=state["batch"],
+            measured=[tuple(m) for m in state["measured"]],
+            probed=[tuple(m) for m in state.get("probed", ())], batch=state["batch"],
         )  # fmt: skip
 
 
@@ -325,8 +353,37 @@ def _compact_copy(model: nn.Module, groups: ChannelGroups, zero: list[torch.Tens
     factors = [(~z).to(torch.float32) for z in zero]
     with torch.no_grad():  # every member slice (conv rows, BatchNorm gamma and beta) zero
         groups.scale_(dict(twin.named_parameters()), factors)
-    prune_zero_channels(twin, groups, example.cpu(), tolerance=math.inf)
+    with torch.enable_grad():  # Torch-Pruning traces the graph with autograd
+        prune_zero_channels(twin, groups, example.cpu(), tolerance=math.inf)
     return twin
+
+
+def time_zero_set(
+    model: nn.Module,
+    groups: ChannelGroups,
+    zero_masks: Sequence[torch.Tensor],
+    input_shape: Sequence[int],
+    baseline_onnx: str | Path,
+    *,
+    batch: int = 1,
+    threads: int | None = None,
+    repeats: int = 30,
+) -> tuple[float, float]:
+    """Median ms of the compact model the ``zero_masks`` units' removal leaves, and of the
+    baseline's ONNX model timed beside it (runs interleaved), on this machine now."""
+    from compressor import export
+
+    example = torch.zeros(batch, *input_shape)
+    with tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp:
+        path = Path(tmp) / "zero_set.onnx"
+        export.export_onnx(
+            _compact_copy(model, groups, list(zero_masks), example), example[:1], path
+        )
+        ms = export.measure_latency(
+            {"baseline": Path(baseline_onnx), "compact": path}, tuple(input_shape),
+            batch_sizes=(batch,), repeats=repeats, threads=threads,
+        )  # fmt: skip
+    return ms["compact"][batch], ms["baseline"][batch]
 
 
 def calibrate(

@@ -435,7 +435,8 @@ def _build_method(run: Run, resume_state: dict | None):
         )
     run.sparse = method.build(
         cfg, model, run.groups, total_steps=total_steps, baseline=run.baseline, seek=seek,
-        latency=_latency_model(run, resume_state), round_to=run.round_to,
+        latency=_latency_model(run, resume_state), latency_probe=_latency_probe(run),
+        round_to=run.round_to,
     )  # fmt: skip
     run.sparse.activation_switch = run.switch
     optimizer = run.optimizer = train.make_optimizer(model, cfg.train)
@@ -480,6 +481,27 @@ def _latency_model(run: Run, resume_state: dict | None):
             if run.distributed:
                 torch.distributed.broadcast_object_list(box, src=0)
     return latency_model.LatencyModel.from_state(run.groups, box[0])
+
+
+def _latency_probe(run: Run):
+    """``--target-latency``'s check of the zero set before it freezes: the compact model it
+    leaves, timed beside the baseline's ONNX model now (on rank 0, shared with the others)."""
+    tgt = run.recipe.target
+    if tgt.latency is None:
+        return None
+
+    def probe(zero):
+        box = [None]
+        if run.is_main:
+            box[0] = latency_model.time_zero_set(
+                run.model, run.groups, zero, tuple(run.shape), run.out / STATE_DIR / "baseline.onnx",
+                batch=tgt.latency_batch, threads=run.recipe.export.latency_threads,
+            )  # fmt: skip
+        if run.distributed:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return probe
 
 
 def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:

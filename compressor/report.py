@@ -715,7 +715,9 @@ def _target_line(report: Mapping) -> list[str]:
                 f"latency {_ms(one['asked_ms'])} ms at batch {one.get('batch')} asked, "
                 f"{_ms(one.get('reached_ms'))} ms reached {ok} (baseline "
                 f"{_ms(one.get('baseline_ms'))} ms, measured side by side; the latency model "
-                f"calibrated before training predicted {_ms(one.get('predicted_ms'))} ms)"
+                f"calibrated before training predicted {_ms(one.get('predicted_ms'))} ms"
+                + _probes(one)
+                + ")"
             )
             notes += _latency_drift(one)
             continue
@@ -726,6 +728,17 @@ def _target_line(report: Mapping) -> list[str]:
         f"(counts when within {round((1 - TARGET_SLACK) * 100)}% of the asked factor).",
         *notes,
     ]
+
+
+def _probes(latency_target: Mapping) -> str:
+    """The zero sets the budget timed before freezing, as the latency model read them."""
+    probes = (latency_target.get("model") or {}).get("probed") or []
+    if not probes:
+        return ""
+    return "; the compact models of the zero sets timed before the freeze: " + ", ".join(
+        f"{_ms(p.get('measured_ms'))} ms where {_ms(p.get('predicted_ms'))} ms was predicted"
+        for p in probes
+    )
 
 
 def _method_line(report: Mapping) -> list[str]:
@@ -750,8 +763,11 @@ def _activation_line(report: Mapping) -> list[str]:
     lines = [
         f"**Activations:** {a.get('bits')}-bit, STE `{a.get('ste')}`; "
         f"swapped {_names(a.get('swapped'))}; kept full precision {_names(a.get('skipped'))}"
-        + (" and every functional ReLU (`activations.functional: false`)."
-           if a.get("functional") is False else ".")
+        + (
+            " and every functional ReLU (`activations.functional: false`)."
+            if a.get("functional") is False
+            else "."
+        )
     ]
     switch = a.get("switch")
     if isinstance(switch, Mapping):

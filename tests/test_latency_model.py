@@ -116,3 +116,77 @@ def test_compact_copy_removes_units_and_leaves_the_model():
     twin = lm._compact_copy(model, groups, zero, torch.randn(2, *shape))
     assert sum(p.numel() for p in twin.parameters()) < sum(p.numel() for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _budget_at_freeze(groups, model, latency, asked, probe=None):
+    scale = group_weights(groups, "uniform") * reference_norms(
+        groups, dict(model.named_parameters())
+    )
+    budget = BudgetController(
+        [Target("latency", latency.base_ms / asked, asked)], groups, scale, total_steps=10,
+        reach_fraction=0.5, balance=0.0, latency=latency, latency_probe=probe,
+    )  # fmt: skip
+    norms = groups.channel_norms(dict(model.named_parameters()))
+    for step in range(6):
+        budget.thresholds(step, norms)
+    assert budget.frozen
+    return budget
+
+
+@pytest.mark.parametrize("speed", [1.3, 0.7])  # the real model slower / faster than predicted
+def test_the_zero_set_is_timed_and_chosen_again_before_it_freezes(speed):
+    """``latency_probe``: the compact model of the zero set about to freeze is timed; the
+    reading goes into the latency model (on the calibration's scale: the probe's baseline
+    ran at half speed here), and the zero set frozen meets the asked latency by the
+    corrected model: more units removed when the real model is slower than predicted,
+    fewer when it is faster."""
+    model, _, groups = _tiny()
+    truth, base = _synthetic(groups)
+    asked = base / 2.0
+    plain = _budget_at_freeze(groups, model, _synthetic(groups)[0], asked)
+    timed = []
+
+    def probe(zero):  # the machine runs at half speed now: both readings twice as long
+        timed.append([z.clone() for z in zero])
+        return 2.0 * speed * truth.predict(zero), 2.0 * base
+
+    latency = _synthetic(groups)[0]
+    budget = _budget_at_freeze(groups, model, latency, asked, probe)
+    assert 1 <= len(timed) <= 2
+    assert all(torch.equal(a, b) for a, b in zip(timed[0], plain.zero, strict=True))
+    removed = sum(int(z.sum()) for z in budget.zero)
+    if speed > 1:
+        assert removed > sum(int(z.sum()) for z in plain.zero)
+    else:
+        assert removed < sum(int(z.sum()) for z in plain.zero)
+    assert latency.predict(budget.zero) <= asked
+    probed = latency.summary()["probed"]
+    assert len(probed) == len(timed)
+    assert probed[0]["measured_ms"] == pytest.approx(speed * truth.predict(timed[0]))
+    assert probed[0]["predicted_ms"] == pytest.approx(truth.predict(timed[0]))
+    # a resumed run keeps the readings (its budget state holds the latency model's)
+    again = lm.LatencyModel.from_state(groups, budget.state_dict()["latency"])
+    assert again.predict(budget.zero) == pytest.approx(latency.predict(budget.zero))
+
+
+def test_time_zero_set_times_the_compact_model_beside_the_baseline(tmp_path, monkeypatch):
+    model, shape, groups = _tiny()
+    baseline = tmp_path / "baseline.onnx"
+    export.export_onnx(model, torch.randn(1, *shape), baseline)
+    import onnx
+
+    sizes = {}
+    measure = export.measure_latency
+
+    def recording(paths, *args, **kwargs):
+        for name, path in paths.items():
+            graph = onnx.load(path).graph
+            sizes[name] = sum(math.prod(t.dims) for t in graph.initializer)
+        return measure(paths, *args, **kwargs)
+
+    monkeypatch.setattr(export, "measure_latency", recording)
+    half = lm._uniform_zero(groups, 0.5, 1)
+    with torch.no_grad():  # as the budget calls it
+        lm.time_zero_set(model, groups, half, shape, baseline, batch=4, threads=1, repeats=3)
+    assert sizes["compact"] < 0.5 * sizes["baseline"]  # half the channels: about a quarter
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline.onnx"]  # no temp files

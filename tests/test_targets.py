@@ -225,9 +225,11 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     assert report["recipe"]["target"]["latency"] == pytest.approx(asked)
     assert entry["kind"] == "latency" and entry["batch"] == 8
     assert entry["asked_ms"] == pytest.approx(asked)
-    # The budget removed channels until the latency model's prediction met the asked latency.
+    # The budget removed channels until the latency model's prediction met the asked latency,
+    # that model corrected by timing the compact model of the zero set before it froze.
     assert entry["model"]["base_ms"] > asked
     assert entry["predicted_ms"] <= asked
+    assert 1 <= len(entry["model"]["probed"]) <= 2
     assert report["reduction"]["macs_x"] > 1.0
     assert entry["reached_ms"] == report["latency_ms"]["compressed"]["batch_8"]
     assert entry["baseline_ms"] == report["latency_ms"]["baseline"]["batch_8"]
@@ -235,6 +237,7 @@ def test_target_latency_steers_the_budget_by_the_calibrated_latency_model(
     assert gate["passed"] == (entry["reached_ms"] <= asked / report_mod.TARGET_SLACK)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "ms at batch 8 asked" in md and "predicted" in md
+    assert "zero sets timed before the freeze" in md
 
 
 def tiny_vit(num_classes=10, in_channels=3):

@@ -123,6 +123,7 @@ def build(
     baseline: dict,
     seek: SeekHooks | None = None,
     latency=None,
+    latency_probe=None,
     round_to: int = 1,
 ) -> SparseTraining:
     """The :class:`SparseTraining` of a run, with ``u0 = prox(w0)`` computed.
@@ -155,6 +156,7 @@ def build(
             balance=tgt.balance,
             round_to=round_to,
             latency=latency,
+            latency_probe=latency_probe,
         )
         if budget.unreachable:
             raise BadInputError(unreachable_message(budget, baseline))

@@ -22,7 +22,10 @@ zero channel costs MACs later.
 A latency target (``--target-latency``) is costed by a
 :class:`compressor.latency_model.LatencyModel` calibrated on this machine before
 training: its prediction for a zero set is monotone in every group's kept units, so
-the same bisection applies.
+the same bisection applies. Before freezing, the zero set's own compact model is
+timed (``latency_probe``) and the reading goes into the latency model; if the
+corrected model chooses another zero set, that one is timed too
+(:data:`LATENCY_PROBES` at most) and the last one chosen is frozen.
 
 The removed share of the cost follows Zhu & Gupta's cubic ramp ("To prune, or
 not to prune", 2017), reaching the targets at ``reach_fraction`` of training.
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 MIN_KEEP_FRACTION = 0.05  # a budget never empties a group below this share of its units
 COST_KINDS = ("macs", "params", "latency")
 SCHEDULES = ("cubic", "immediate")
+LATENCY_PROBES = 2  # compact models timed before a latency target's zero set freezes
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,11 @@ class BudgetController:
         schedule: str = "cubic",
         round_to: int = 1,
         latency=None,
+        latency_probe=None,
     ):
+        """``latency_probe(zero) -> (compact ms, baseline ms)`` times the compact model a zero
+        set leaves beside the baseline; with a latency target it checks the zero set before
+        it freezes (None: the calibrated latency model alone decides)."""
         if not targets:
             raise ValueError("a budget needs at least one target")
         if schedule not in SCHEDULES:
@@ -105,6 +113,7 @@ class BudgetController:
         self.blocks = groups.unit_blocks(self.round_to)  # per group, in units
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.latency = latency  # a LatencyModel, for latency targets
+        self.latency_probe = latency_probe
         if latency is None and any(t.cost == "latency" for t in targets):
             raise ValueError("a latency target needs a latency model")
         self.base = {"macs": float(groups.total_macs), "params": float(groups.total_params)}
@@ -207,8 +216,7 @@ class BudgetController:
             if ascending is None:
                 return limits
             return [
-                self._round(a, t, b)
-                for a, t, b in zip(ascending, limits, self.blocks, strict=True)
+                self._round(a, t, b) for a, t, b in zip(ascending, limits, self.blocks, strict=True)
             ]
 
         def zero_at(tau: float) -> list[torch.Tensor]:
@@ -221,21 +229,42 @@ class BudgetController:
                 return float(values[finite - 1]) * (1 + 1e-9) + 1e-300
             return (float(values[k - 1]) + float(values[k])) / 2
 
-        lo, hi = 0, finite
-        if not self.meets(self.factors(zero_at(tau_of(hi))), want):
-            lo = hi
-        while lo < hi:  # the fewest units whose removal meets every scheduled target
-            mid = (lo + hi) // 2
-            if self.meets(self.factors(zero_at(tau_of(mid))), want):
-                hi = mid
-            else:
-                lo = mid + 1
-        self.tau = tau_of(lo)
-        self.zero = zero_at(self.tau)
-        self.reached = self.factors(self.zero)
+        def solve() -> None:  # the fewest units whose removal meets every scheduled target
+            lo, hi = 0, finite
+            if not self.meets(self.factors(zero_at(tau_of(hi))), want):
+                lo = hi
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.meets(self.factors(zero_at(tau_of(mid))), want):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            self.tau = tau_of(lo)
+            self.zero = zero_at(self.tau)
+            self.reached = self.factors(self.zero)
+
+        solve()
         if self.schedule == "cubic" and step >= self.reach_step:
+            self._check_latency(solve)
             self.freeze()
         return group_thresholds(self.tau)  # -inf: the group may lose no unit
+
+    def _check_latency(self, solve) -> None:
+        """Time the compact model of the zero set about to freeze and add the reading to
+        the latency model; while that changes the zero set ``solve()`` chooses, time the
+        new one (:data:`LATENCY_PROBES` timings at most)."""
+        if self.latency_probe is None or "latency" not in self.wants:
+            return
+        for _ in range(LATENCY_PROBES):
+            timed = [z.clone() for z in self.zero]
+            predicted, measured = self.latency.add_probe(timed, *self.latency_probe(timed))
+            log.info(
+                "budget: the zero set's compact model predicted %.3f ms, timed %.3f ms",
+                predicted, measured,
+            )  # fmt: skip
+            solve()
+            if all(torch.equal(a, b) for a, b in zip(timed, self.zero, strict=True)):
+                return
 
     def _round(self, ascending: torch.Tensor, limit: float, block: int) -> float:
         """The largest threshold ``<= limit`` whose zero set keeps a multiple of ``block``
