@@ -345,8 +345,11 @@ def _uniform_zero(groups: ChannelGroups, keep: float, round_to: int) -> list[tor
     return masks
 
 
-def _compact_copy(model: nn.Module, groups: ChannelGroups, zero: list[torch.Tensor], example):
-    """A copy of ``model`` with the ``zero`` units removed for real."""
+def _compact_copy(
+    model: nn.Module, groups: ChannelGroups, zero: list[torch.Tensor], example, round_to: int = 1
+):
+    """A copy of ``model`` with the ``zero`` units removed for real, as the run removes them:
+    kept counts rounded up to multiples of ``round_to`` channels (zero channels kept)."""
     from compressor.prune import prune_zero_channels
 
     twin = copy.deepcopy(model).cpu().eval()
@@ -354,7 +357,7 @@ def _compact_copy(model: nn.Module, groups: ChannelGroups, zero: list[torch.Tens
     with torch.no_grad():  # every member slice (conv rows, BatchNorm gamma and beta) zero
         groups.scale_(dict(twin.named_parameters()), factors)
     with torch.enable_grad():  # Torch-Pruning traces the graph with autograd
-        prune_zero_channels(twin, groups, example.cpu(), tolerance=math.inf)
+        prune_zero_channels(twin, groups, example.cpu(), round_to=round_to, tolerance=math.inf)
     return twin
 
 
@@ -366,18 +369,20 @@ def time_zero_set(
     baseline_onnx: str | Path,
     *,
     batch: int = 1,
+    round_to: int = 1,
     threads: int | None = None,
     repeats: int = 30,
 ) -> tuple[float, float]:
-    """Median ms of the compact model the ``zero_masks`` units' removal leaves, and of the
-    baseline's ONNX model timed beside it (runs interleaved), on this machine now."""
+    """Median ms of the compact model the ``zero_masks`` units' removal leaves (kept counts
+    in multiples of ``round_to``, as the run removes them), and of the baseline's ONNX model
+    timed beside it (runs interleaved), on this machine now."""
     from compressor import export
 
     example = torch.zeros(batch, *input_shape)
     with tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp:
         path = Path(tmp) / "zero_set.onnx"
         export.export_onnx(
-            _compact_copy(model, groups, list(zero_masks), example), example[:1], path
+            _compact_copy(model, groups, list(zero_masks), example, round_to), example[:1], path
         )
         ms = export.measure_latency(
             {"baseline": Path(baseline_onnx), "compact": path}, tuple(input_shape),

@@ -495,7 +495,8 @@ def _latency_probe(run: Run):
         if run.is_main:
             box[0] = latency_model.time_zero_set(
                 run.model, run.groups, zero, tuple(run.shape), run.out / STATE_DIR / "baseline.onnx",
-                batch=tgt.latency_batch, threads=run.recipe.export.latency_threads,
+                batch=tgt.latency_batch, round_to=run.round_to,
+                threads=run.recipe.export.latency_threads,
             )  # fmt: skip
         if run.distributed:
             torch.distributed.broadcast_object_list(box, src=0)

@@ -189,4 +189,10 @@ def test_time_zero_set_times_the_compact_model_beside_the_baseline(tmp_path, mon
     with torch.no_grad():  # as the budget calls it
         lm.time_zero_set(model, groups, half, shape, baseline, batch=4, threads=1, repeats=3)
     assert sizes["compact"] < 0.5 * sizes["baseline"]  # half the channels: about a quarter
+    # what the run ships: kept counts rounded up to the runtime's block (zero channels kept)
+    three = [torch.arange(g.size) < 3 for g in groups]
+    lm.time_zero_set(model, groups, three, shape, baseline, batch=4, threads=1, repeats=3)
+    assert sizes["compact"] < sizes["baseline"]
+    lm.time_zero_set(model, groups, three, shape, baseline, batch=4, round_to=8, repeats=3)
+    assert sizes["compact"] == sizes["baseline"]  # 5 of 8 kept: a block of 8 all the same
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline.onnx"]  # no temp files
