@@ -26,7 +26,8 @@ before training from real onnxruntime timings on this machine:
    (:func:`time_zero_set`), and adds that reading as one more point
    (:meth:`LatencyModel.add_probe`), in the calibration's time scale: the reading
    times the calibration's baseline over the baseline timed beside it, so a
-   machine running faster or slower than during calibration moves neither.
+   machine that runs faster or slower now than during calibration does not
+   shift the map.
 
 The model is monotone in every group's kept units, so the budget's bisection on
 the group threshold stays valid. The report measures the latency reached on the

@@ -715,7 +715,7 @@ def _target_line(report: Mapping) -> list[str]:
                 f"latency {_ms(one['asked_ms'])} ms at batch {one.get('batch')} asked, "
                 f"{_ms(one.get('reached_ms'))} ms reached {ok} (baseline "
                 f"{_ms(one.get('baseline_ms'))} ms, measured side by side; the latency model "
-                f"calibrated before training predicted {_ms(one.get('predicted_ms'))} ms"
+                f"calibrated on this machine predicted {_ms(one.get('predicted_ms'))} ms"
                 + _probes(one)
                 + ")"
             )
