@@ -280,8 +280,14 @@ def test_target_latency_on_a_transformer_removes_whole_heads_and_mlp_units(tmp_p
         str(checkpoint), arch=arch, data=str(data), out=tmp_path / "run", device="cpu",
         target_latency=asked, overrides=settings,
     )  # fmt: skip
-    assert report["exit_code"] == 0
+    # The reached latency is timed again at the end, on a machine whose speed can have
+    # moved since the calibration: its gate answers to that timing, every other gate passes.
     (entry,) = report["target"]["targets"]
+    met = entry["reached_ms"] <= asked / report_mod.TARGET_SLACK
+    gates = {g["name"]: g["passed"] for g in report["gates"]}
+    assert gates.pop("target_latency") == met
+    assert all(gates.values()), gates
+    assert report["exit_code"] == (0 if met else 3)
     assert entry["kind"] == "latency" and entry["model"]["base_ms"] > asked
     assert entry["predicted_ms"] <= asked
     layers = {row["name"]: row for row in report["layers"]}
