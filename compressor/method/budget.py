@@ -200,36 +200,39 @@ class BudgetController:
         scores = [
             n.detach().double().cpu() / s for n, s in zip(norms, self.scale.tolist(), strict=True)
         ]
-        caps = [self._cap(sc) for sc in scores]
-        eligible = torch.cat(
-            [torch.where(sc <= c, sc, torch.inf) for sc, c in zip(scores, caps, strict=True)]
-        )
-        values = torch.sort(eligible).values
-        finite = int(torch.isfinite(values).sum())
         want = self.scheduled(step)
-
         blocked = any(b > 1 for b in self.blocks)
         ascending = [torch.sort(sc).values for sc in scores] if blocked else None
 
-        def group_thresholds(tau: float) -> list[float]:
-            limits = [min(tau, c) for c in caps]
-            if ascending is None:
-                return limits
-            return [
-                self._round(a, t, b) for a, t, b in zip(ascending, limits, self.blocks, strict=True)
-            ]
+        def solve() -> list[float]:
+            """The fewest units whose removal meets every scheduled target, under the caps of
+            the current ``keep_fraction``; sets the zero set, returns the group thresholds."""
+            caps = [self._cap(sc) for sc in scores]
+            eligible = torch.cat(
+                [torch.where(sc <= c, sc, torch.inf) for sc, c in zip(scores, caps, strict=True)]
+            )
+            values = torch.sort(eligible).values
+            finite = int(torch.isfinite(values).sum())
 
-        def zero_at(tau: float) -> list[torch.Tensor]:
-            return [sc <= t for sc, t in zip(scores, group_thresholds(tau), strict=True)]
+            def group_thresholds(tau: float) -> list[float]:
+                limits = [min(tau, c) for c in caps]
+                if ascending is None:
+                    return limits
+                return [
+                    self._round(a, t, b)
+                    for a, t, b in zip(ascending, limits, self.blocks, strict=True)
+                ]
 
-        def tau_of(k: int) -> float:  # zeroes exactly the k lowest eligible scores (no ties)
-            if k == 0:
-                return float(values[0]) / 2 if len(values) and math.isfinite(values[0]) else 0.0
-            if k >= finite:  # every eligible unit: just above the largest, clear of rounding
-                return float(values[finite - 1]) * (1 + 1e-9) + 1e-300
-            return (float(values[k - 1]) + float(values[k])) / 2
+            def zero_at(tau: float) -> list[torch.Tensor]:
+                return [sc <= t for sc, t in zip(scores, group_thresholds(tau), strict=True)]
 
-        def solve() -> None:  # the fewest units whose removal meets every scheduled target
+            def tau_of(k: int) -> float:  # zeroes exactly the k lowest eligible scores (no ties)
+                if k == 0:
+                    return float(values[0]) / 2 if len(values) and math.isfinite(values[0]) else 0.0
+                if k >= finite:  # every eligible unit: just above the largest, clear of rounding
+                    return float(values[finite - 1]) * (1 + 1e-9) + 1e-300
+                return (float(values[k - 1]) + float(values[k])) / 2
+
             lo, hi = 0, finite
             if not self.meets(self.factors(zero_at(tau_of(hi))), want):
                 lo = hi
@@ -242,19 +245,22 @@ class BudgetController:
             self.tau = tau_of(lo)
             self.zero = zero_at(self.tau)
             self.reached = self.factors(self.zero)
+            return group_thresholds(self.tau)  # -inf: the group may lose no unit
 
-        solve()
+        limits = solve()
         if self.schedule == "cubic" and step >= self.reach_step:
-            self._check_latency(solve)
+            limits = self._check_latency(solve) or limits
             self.freeze()
-        return group_thresholds(self.tau)  # -inf: the group may lose no unit
+        return limits
 
-    def _check_latency(self, solve) -> None:
+    def _check_latency(self, solve) -> list[float] | None:
         """Time the compact model of the zero set about to freeze and add the reading to
-        the latency model; while that changes the zero set ``solve()`` chooses, time the
-        new one (:data:`LATENCY_PROBES` timings at most)."""
+        the latency model (the balance floor lowered again if the targets need it); while
+        that changes the zero set ``solve()`` chooses, time the new one
+        (:data:`LATENCY_PROBES` timings at most). Returns the last ``solve()``'s thresholds."""
         if self.latency_probe is None or "latency" not in self.wants:
-            return
+            return None
+        limits = None
         for _ in range(LATENCY_PROBES):
             timed = [z.clone() for z in self.zero]
             predicted, measured = self.latency.add_probe(timed, *self.latency_probe(timed))
@@ -262,9 +268,11 @@ class BudgetController:
                 "budget: the zero set's compact model predicted %.3f ms, timed %.3f ms",
                 predicted, measured,
             )  # fmt: skip
-            solve()
+            self.keep_fraction = self._balanced_keep_fraction()
+            limits = solve()
             if all(torch.equal(a, b) for a, b in zip(timed, self.zero, strict=True)):
-                return
+                break
+        return limits
 
     def _round(self, ascending: torch.Tensor, limit: float, block: int) -> float:
         """The largest threshold ``<= limit`` whose zero set keeps a multiple of ``block``
