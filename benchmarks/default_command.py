@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="tl1-group")
     p.add_argument("--set", action="append", default=[], dest="overrides")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (shuffle, init)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "default_command.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -116,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     for size_text in args.sizes.split(","):
         size = None if size_text == "all" else int(size_text)
         npz = carve(Path(args.data), cache, size)
-        work = cache / f"default_command_{size_text}"
+        work = cache / f"default_command_{size_text}_s{args.seed}"
         start = time.perf_counter()
         report = compressor.compress(
             baseline["path"], arch="resnet20", data=str(npz), recipe=args.recipe,
-            out=work, device="cpu", overrides=args.overrides,
+            out=work, device="cpu", overrides=args.overrides, seed=args.seed,
         )  # fmt: skip
         wall = time.perf_counter() - start
         from compressor.models import resnet20
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_images": size or len(np.load(npz)["y_train"]),
             "recipe": args.recipe,
             "overrides": args.overrides,
+            "seed": args.seed,
             "exit_code": report["exit_code"],
             "epochs": report["input"].get("epochs"),  # train.epochs as resolved
             "macs_x": report["reduction"]["macs_x"],
