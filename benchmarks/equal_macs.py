@@ -86,6 +86,10 @@ CANDIDATES = {
     "group tl1, a=0.1, balance 1": [
         "penalty.group.kind=tl1", "penalty.group.a=0.1", "target.balance=1.0",
     ],
+    "group tl1, a=0.1, sensitivity, balance 0.5": [
+        "penalty.group.kind=tl1", "penalty.group.a=0.1", "target.allocation=sensitivity",
+        "target.balance=0.5",
+    ],
 }  # fmt: skip
 TUNE_TARGET = 4.0
 TP_REPRODUCE = {"iterative_steps": 400, "weight_decay": 5e-4}  # Torch-Pruning's benchmarks/main.py
@@ -332,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--subset", type=int, default=10000)
     p.add_argument("--phases", default="tune,test")
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="';'-separated compressor settings the test phase runs (default: the tuned choice; "
+        "benchmarks/allocation.py chooses the allocation on the validation split)",
+    )
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -363,11 +373,14 @@ def main(argv: list[str] | None = None) -> int:
             results.data["chosen"] = max(tune, key=tune.get)
             results.save()
         if "test" in args.phases:
-            chosen = results.data["chosen"]
+            names = args.candidates.split(";") if args.candidates else [results.data["chosen"]]
+            unknown = [n for n in names if n not in CANDIDATES]
+            if unknown:
+                p.error(f"unknown candidates {unknown}; known: {list(CANDIDATES)}")
             run_phase(results, "test", test_split_npz(carved),
                       targets=[float(t) for t in args.targets.split(",")],
                       seeds=[int(s) for s in args.seeds.split(",")],
-                      candidates={chosen: CANDIDATES[chosen]}, **common,
+                      candidates={n: CANDIDATES[n] for n in names}, **common,
                       reproduce_seeds=args.reproduce_seeds and
                       [int(s) for s in args.reproduce_seeds.split(",")])  # fmt: skip
     text = args.results_md.read_text()

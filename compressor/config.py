@@ -81,6 +81,7 @@ class Target:
     latency_batch: int
     reach_fraction: float
     balance: float
+    allocation: str  # uniform | sensitivity: how many units each group may lose
     seek_accuracy_drop: float | None
     seek_margin: float  # standard errors of the measured drop kept below seek_accuracy_drop
     seek_rollback: str  # model | channels: what an over-budget check puts back

@@ -44,6 +44,7 @@ from compressor.errors import (
 from compressor.failures import RunRecord, current_record, reports_failure, write_failed_report
 from compressor.fileio import atomic_output, atomic_write_text
 from compressor.groups import build_groups
+from compressor.method import allocation
 from compressor.models import BUILTIN_MODELS
 from compressor.outdir import OUTPUT_FILES, STATE_DIR
 from compressor.progress import SILENT, Progress
@@ -357,14 +358,14 @@ def _measure_baseline(run: Run) -> None:
             "params": metrics.count_params(model),
             "macs": metrics.count_macs(model, run.example),
         }
-        if run.is_main:
+
+        def onnx_bytes() -> int:
             path = run.out / STATE_DIR / "baseline.onnx"
             export.export_onnx(model, run.example.cpu(), path, opset=run.recipe.export.opset)
-            baseline["onnx_bytes"] = export.onnx_size_bytes(path)
-        if run.distributed:  # every rank needs it: --target-size sets the same budget on each
-            box = [baseline.get("onnx_bytes")]
-            torch.distributed.broadcast_object_list(box, src=0)
-            baseline["onnx_bytes"] = box[0]
+            return export.onnx_size_bytes(path)
+
+        # every rank needs it: --target-size sets the same budget on each
+        baseline["onnx_bytes"] = _on_main_shared(run, onnx_bytes)
         log.info(
             "baseline: %s %s, %d params, %d MACs",
             run.task.metric, baseline["accuracy"], baseline["params"], baseline["macs"],
@@ -436,7 +437,7 @@ def _build_method(run: Run, resume_state: dict | None):
     run.sparse = method.build(
         cfg, model, run.groups, total_steps=total_steps, baseline=run.baseline, seek=seek,
         latency=_latency_model(run, resume_state), latency_probe=_latency_probe(run),
-        round_to=run.round_to,
+        round_to=run.round_to, sensitivity=_sensitivity(run, resume_state),
     )  # fmt: skip
     run.sparse.activation_switch = run.switch
     optimizer = run.optimizer = train.make_optimizer(model, cfg.train)
@@ -469,18 +470,40 @@ def _latency_model(run: Run, resume_state: dict | None):
     if tgt.latency is None:
         return None
     budget_state = ((resume_state or {}).get("method") or {}).get("budget") or {}
-    box = [budget_state.get("latency")]
-    if box[0] is None:
+    state = budget_state.get("latency")
+    if state is None:
         with run.timer.stage("latency_model"):
-            if run.is_main:
-                box[0] = latency_model.calibrate(
+            state = _on_main_shared(
+                run,
+                lambda: latency_model.calibrate(
                     run.model, run.groups, tuple(run.shape), run.out / STATE_DIR / "baseline.onnx",
                     batch=tgt.latency_batch, threads=run.recipe.export.latency_threads,
                     round_to=run.round_to,
-                ).state_dict()  # fmt: skip
-            if run.distributed:
-                torch.distributed.broadcast_object_list(box, src=0)
-    return latency_model.LatencyModel.from_state(run.groups, box[0])
+                ).state_dict(),
+            )  # fmt: skip
+    return latency_model.LatencyModel.from_state(run.groups, state)
+
+
+def _sensitivity(run: Run, resume_state: dict | None):
+    """``target.allocation: sensitivity``'s one-shot sensitivity analysis of the input model
+    on training batches: the resumed run's, or measured now (on rank 0, shared)."""
+    if run.recipe.target.allocation != "sensitivity" or run.train_loader is None:
+        return None
+    budget_state = ((resume_state or {}).get("method") or {}).get("budget") or {}
+    state = budget_state.get("sensitivity")
+    if state is None:
+        with run.timer.stage("sensitivity"):
+
+            def measure() -> dict:
+                batches = []
+                for x, _ in run.train_loader:
+                    if len(batches) >= allocation.SENSITIVITY_BATCHES:
+                        break
+                    batches.append(run.task.model_inputs(x).to(run.device))
+                return allocation.measure_sensitivity(run.model, run.groups, batches).state_dict()
+
+            state = _on_main_shared(run, measure)
+    return allocation.Sensitivity.from_state(state)
 
 
 def _latency_probe(run: Run):
@@ -491,18 +514,25 @@ def _latency_probe(run: Run):
         return None
 
     def probe(zero):
-        box = [None]
-        if run.is_main:
-            box[0] = latency_model.time_zero_set(
+        return _on_main_shared(
+            run,
+            lambda: latency_model.time_zero_set(
                 run.model, run.groups, zero, tuple(run.shape), run.out / STATE_DIR / "baseline.onnx",
                 batch=tgt.latency_batch, round_to=run.round_to,
                 threads=run.recipe.export.latency_threads,
-            )  # fmt: skip
-        if run.distributed:
-            torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+            ),
+        )  # fmt: skip
 
     return probe
+
+
+def _on_main_shared(run: Run, compute):
+    """``compute()`` on rank 0 only (it writes files or times the machine), its result
+    broadcast to every rank under DDP."""
+    box = [compute() if run.is_main else None]
+    if run.distributed:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _sparsify(run: Run, optimizer, scheduler, train_model) -> None:

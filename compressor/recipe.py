@@ -366,6 +366,14 @@ SCHEMA: dict[str, Any] = {
             _float(0, 1),
             help="every group keeps at least this times the share a uniform ratio would keep",
         ),
+        "allocation": Param(
+            "uniform",
+            Options(("uniform", "sensitivity")),
+            help="how many units each group may lose to a budget. uniform: the balance floor "
+            "alone; sensitivity: also capped by a one-shot sensitivity analysis before training "
+            "(the damage of removing each group's weakest units, KL divergence on training "
+            "batches; classifiers only), greedy on damage per MACs saved",
+        ),
         "seek_accuracy_drop": Param(
             1.0,
             _float(0),

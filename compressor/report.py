@@ -749,10 +749,17 @@ def _method_line(report: Mapping) -> list[str]:
     trace = m.get("trace") or []
     gaps = [row["w_minus_u"] for row in trace if _is_num(row.get("w_minus_u"))]
     gap = f"; max |w - u| during training {_sci(max(gaps))}" if gaps else ""
+    allocation = m.get("allocation") or {}
+    caps = ""
+    if allocation.get("kind") == "sensitivity":
+        caps = (
+            ", each group's share capped by a one-shot sensitivity analysis of the input model "
+            "(`target.allocation: sensitivity`)"
+        )
     return [
         f"**Method:** RVSM; zero channels chosen by the `{m.get('group_term')}` group term's "
-        f"prox ({m.get('zero_set_chosen_by')}), individual term `{m.get('individual_term')}`, "
-        f"group weighting `{m.get('group_weighting')}`{gap}."
+        f"prox ({m.get('zero_set_chosen_by')}{caps}), individual term "
+        f"`{m.get('individual_term')}`, group weighting `{m.get('group_weighting')}`{gap}."
     ]
 
 

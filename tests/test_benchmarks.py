@@ -196,3 +196,19 @@ def test_another_study_renders_into_its_own_block_of_section_1(tmp_path):
     tradeoff.update_results_md("main table v2", md)  # the main block is still its own
     text = md.read_text()
     assert "main table v2" in text and "study table v2" in text and "\nmain table\n" not in text
+
+
+def test_allocation_study_chooses_the_best_mean_validation_accuracy_over_every_factor():
+    from benchmarks import allocation
+
+    def row(name, factor, acc):
+        return {"name": name, "asked": factor, "seed": 0, "val_before": 93.6, "val_after": acc,
+                "params_x": 4.0, "macs_x": factor}  # fmt: skip
+
+    uniform, sens = "uniform, balance 1", "sensitivity, balance 0.5"
+    runs = [row(uniform, f, a) for f, a in zip(allocation.FACTORS, (92.3, 90.7, 87.4), strict=True)]
+    runs += [row(sens, f, a) for f, a in zip(allocation.FACTORS, (92.8, 90.7, 88.3), strict=True)]
+    runs += [row("sensitivity, balance 0.25", allocation.FACTORS[0], 99.0)]  # one factor only
+    text = allocation.render({"command": "x", "runs": runs})
+    assert f"Chosen (best mean): **{sens}**." in text
+    assert "| sensitivity, balance 0.25 | 99.00 | 4.00 | not run |" in text

@@ -125,13 +125,16 @@ def build(
     latency=None,
     latency_probe=None,
     round_to: int = 1,
+    sensitivity=None,
 ) -> SparseTraining:
     """The :class:`SparseTraining` of a run, with ``u0 = prox(w0)`` computed.
 
     ``recipe`` is the typed recipe (:class:`compressor.config.Recipe`). With targets,
     a budget sets the group thresholds; without, and with ``seek`` and
     ``target.seek_accuracy_drop``, the accuracy seeker sets the budget's MACs
-    target; otherwise ``lambda / beta`` alone does. Raises ``BadInputError``
+    target; otherwise ``lambda / beta`` alone does. ``sensitivity`` (a
+    :class:`~compressor.method.allocation.Sensitivity`, ``target.allocation:
+    sensitivity``) caps how many units the budget takes from each group. Raises ``BadInputError``
     (exit 2) when a target is beyond what removing channels can reach.
     """
     pen, tgt = recipe.penalty, recipe.target
@@ -157,11 +160,15 @@ def build(
             round_to=round_to,
             latency=latency,
             latency_probe=latency_probe,
+            sensitivity=sensitivity,
         )
         if budget.unreachable:
             raise BadInputError(unreachable_message(budget, baseline))
     elif seek is not None and tgt.seek_accuracy_drop is not None and len(groups) > 0:
-        seeker = _seeker(recipe, groups, scale, seek, total_steps=total_steps, round_to=round_to)
+        seeker = _seeker(
+            recipe, groups, scale, seek, total_steps=total_steps, round_to=round_to,
+            sensitivity=sensitivity,
+        )  # fmt: skip
         budget = seeker.budget
     term = GROUP_TERMS[pen.group.kind]
     term_params = {name: getattr(pen.group, name) for name in term.parameters}
@@ -218,7 +225,7 @@ def _lambdas(recipe, model, groups, rvsm: RVSM, weights, total_steps: int) -> La
 
 
 def _seeker(
-    recipe, groups, scale, seek: SeekHooks, *, total_steps: int, round_to: int
+    recipe, groups, scale, seek: SeekHooks, *, total_steps: int, round_to: int, sensitivity=None
 ) -> AccuracySeeker:
     """The accuracy seeker and the MACs budget it sets (no target given, an allowance given).
 
@@ -237,6 +244,7 @@ def _seeker(
         balance=tgt.balance,
         round_to=round_to,
         schedule="immediate",
+        sensitivity=sensitivity,
     )
     return AccuracySeeker(
         budget,

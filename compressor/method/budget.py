@@ -10,6 +10,9 @@ one global ``tau`` (the smallest that meets every target's scheduled
 reduction) and a per-group cap ``cap_g`` that leaves every group at least
 ``balance`` times the share of units a uniform ratio would keep. So the zero
 set at every step is ``{(g, u) : s_gu <= min(tau, cap_g)}``, the prox's.
+With ``target.allocation: sensitivity`` the caps are set tighter by
+:mod:`compressor.method.allocation`: each group keeps at least what a one-shot
+sensitivity analysis allots it (above the balance floor).
 
 With ``round_to = r > 1`` (``prune.round_to``: the channel block the runtime's
 kernels compute in, e.g. onnxruntime's NCHWc block of 8 on AVX2) each group's
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor.groups import ChannelGroups
+from compressor.method.allocation import Sensitivity, allocate
 from compressor.runtime import kept_in_blocks
 
 log = logging.getLogger(__name__)
@@ -97,10 +101,13 @@ class BudgetController:
         round_to: int = 1,
         latency=None,
         latency_probe=None,
+        sensitivity: Sensitivity | None = None,
     ):
         """``latency_probe(zero) -> (compact ms, baseline ms)`` times the compact model a zero
         set leaves beside the baseline; with a latency target it checks the zero set before
-        it freezes (None: the calibrated latency model alone decides)."""
+        it freezes (None: the calibrated latency model alone decides). ``sensitivity``
+        (``target.allocation: sensitivity``) caps each group's zero set at what
+        :func:`~compressor.method.allocation.allocate` gives it; None: the uniform floor."""
         if not targets:
             raise ValueError("a budget needs at least one target")
         if schedule not in SCHEDULES:
@@ -114,6 +121,7 @@ class BudgetController:
         self.reach_step = max(1, int(round(reach_fraction * total_steps)))
         self.latency = latency  # a LatencyModel, for latency targets
         self.latency_probe = latency_probe
+        self.sensitivity = sensitivity
         if latency is None and any(t.cost == "latency" for t in targets):
             raise ValueError("a latency target needs a latency model")
         self.base = {"macs": float(groups.total_macs), "params": float(groups.total_params)}
@@ -166,7 +174,30 @@ class BudgetController:
         self.wants = {}
         for t in self.targets:
             self.wants[t.cost] = max(self.wants.get(t.cost, 1.0), t.factor)
+        self._set_floors()
+
+    def _set_floors(self) -> None:
+        """Each group's least kept units (``keep_units``) for the current targets: the
+        balance floor, and below it nothing when a sensitivity allocation caps the group."""
         self.keep_fraction = self._balanced_keep_fraction()
+        self.keep_units = [max(1, math.ceil(self.keep_fraction * g.size)) for g in self.groups]
+        if self.sensitivity is not None:
+            self.keep_units = self._allocated_keep(self.keep_units)
+
+    def _allocated_keep(self, floors: list[int]) -> list[int]:
+        """Each group's kept units under the sensitivity allocation (above ``floors``)."""
+        sizes = [g.size for g in self.groups]
+        by_macs = "macs" in self.wants or "latency" in self.wants
+        saved = (
+            self.groups.macs_per_channel() if by_macs else self.groups.weights_removed_per_unit()
+        )
+
+        def meets(zero_counts: list[int]) -> bool:
+            masks = [torch.arange(n) < z for n, z in zip(sizes, zero_counts, strict=True)]
+            return self.meets(self.factors(masks), self.wants)
+
+        zeros = allocate(self.sensitivity, sizes, floors, self.blocks, saved, meets)
+        return [n - z for n, z in zip(sizes, zeros, strict=True)]
 
     def _balanced_keep_fraction(self) -> float:
         """``balance`` times the share a uniform ratio keeps (about ``1/sqrt(factor)``),
@@ -203,61 +234,67 @@ class BudgetController:
         want = self.scheduled(step)
         blocked = any(b > 1 for b in self.blocks)
         ascending = [torch.sort(sc).values for sc in scores] if blocked else None
-
-        def solve() -> list[float]:
-            """The fewest units whose removal meets every scheduled target, under the caps of
-            the current ``keep_fraction``; sets the zero set, returns the group thresholds."""
-            caps = [self._cap(sc) for sc in scores]
-            eligible = torch.cat(
-                [torch.where(sc <= c, sc, torch.inf) for sc, c in zip(scores, caps, strict=True)]
-            )
-            values = torch.sort(eligible).values
-            finite = int(torch.isfinite(values).sum())
-
-            def group_thresholds(tau: float) -> list[float]:
-                limits = [min(tau, c) for c in caps]
-                if ascending is None:
-                    return limits
-                return [
-                    self._round(a, t, b)
-                    for a, t, b in zip(ascending, limits, self.blocks, strict=True)
-                ]
-
-            def zero_at(tau: float) -> list[torch.Tensor]:
-                return [sc <= t for sc, t in zip(scores, group_thresholds(tau), strict=True)]
-
-            def tau_of(k: int) -> float:  # zeroes exactly the k lowest eligible scores (no ties)
-                if k == 0:
-                    return float(values[0]) / 2 if len(values) and math.isfinite(values[0]) else 0.0
-                if k >= finite:  # every eligible unit: just above the largest, clear of rounding
-                    return float(values[finite - 1]) * (1 + 1e-9) + 1e-300
-                return (float(values[k - 1]) + float(values[k])) / 2
-
-            lo, hi = 0, finite
-            if not self.meets(self.factors(zero_at(tau_of(hi))), want):
-                lo = hi
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if self.meets(self.factors(zero_at(tau_of(mid))), want):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            self.tau = tau_of(lo)
-            self.zero = zero_at(self.tau)
-            self.reached = self.factors(self.zero)
-            return group_thresholds(self.tau)  # -inf: the group may lose no unit
-
-        limits = solve()
+        limits = self._solve(scores, ascending, want)
         if self.schedule == "cubic" and step >= self.reach_step:
-            limits = self._check_latency(solve) or limits
+            limits = self._check_latency(scores, ascending, want) or limits
             self.freeze()
         return limits
 
-    def _check_latency(self, solve) -> list[float] | None:
+    def _solve(
+        self,
+        scores: Sequence[torch.Tensor],
+        ascending: Sequence[torch.Tensor] | None,
+        want: dict[str, float],
+    ) -> list[float]:
+        """The fewest units whose removal meets every reduction in ``want``, under the caps
+        of the current ``keep_fraction``: bisects the global ``tau`` over the eligible
+        scores, sets ``tau``, the zero set and ``reached``, returns the group thresholds
+        (``-inf``: the group may lose no unit). ``ascending``: each group's scores sorted,
+        when kept counts are rounded to blocks (None otherwise)."""
+        caps = [self._cap(sc, keep) for sc, keep in zip(scores, self.keep_units, strict=True)]
+        eligible = torch.cat(
+            [torch.where(sc <= c, sc, torch.inf) for sc, c in zip(scores, caps, strict=True)]
+        )
+        values = torch.sort(eligible).values
+        finite = int(torch.isfinite(values).sum())
+
+        def group_thresholds(tau: float) -> list[float]:
+            limits = [min(tau, c) for c in caps]
+            if ascending is None:
+                return limits
+            return [
+                self._round(a, t, b) for a, t, b in zip(ascending, limits, self.blocks, strict=True)
+            ]
+
+        def zero_at(tau: float) -> list[torch.Tensor]:
+            return [sc <= t for sc, t in zip(scores, group_thresholds(tau), strict=True)]
+
+        def tau_of(k: int) -> float:  # zeroes exactly the k lowest eligible scores (no ties)
+            if k == 0:
+                return float(values[0]) / 2 if len(values) and math.isfinite(values[0]) else 0.0
+            if k >= finite:  # every eligible unit: just above the largest, clear of rounding
+                return float(values[finite - 1]) * (1 + 1e-9) + 1e-300
+            return (float(values[k - 1]) + float(values[k])) / 2
+
+        lo, hi = 0, finite
+        if not self.meets(self.factors(zero_at(tau_of(hi))), want):
+            lo = hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.meets(self.factors(zero_at(tau_of(mid))), want):
+                hi = mid
+            else:
+                lo = mid + 1
+        self.tau = tau_of(lo)
+        self.zero = zero_at(self.tau)
+        self.reached = self.factors(self.zero)
+        return group_thresholds(self.tau)
+
+    def _check_latency(self, scores, ascending, want) -> list[float] | None:
         """Time the compact model of the zero set about to freeze and add the reading to
         the latency model (the balance floor lowered again if the targets need it); while
-        that changes the zero set ``solve()`` chooses, time the new one
-        (:data:`LATENCY_PROBES` timings at most). Returns the last ``solve()``'s thresholds."""
+        that changes the zero set :meth:`_solve` chooses, time the new one
+        (:data:`LATENCY_PROBES` timings at most). Returns the last solve's thresholds."""
         if self.latency_probe is None or "latency" not in self.wants:
             return None
         limits = None
@@ -268,8 +305,8 @@ class BudgetController:
                 "budget: the zero set's compact model predicted %.3f ms, timed %.3f ms",
                 predicted, measured,
             )  # fmt: skip
-            self.keep_fraction = self._balanced_keep_fraction()
-            limits = solve()
+            self._set_floors()
+            limits = self._solve(scores, ascending, want)
             if all(torch.equal(a, b) for a, b in zip(timed, self.zero, strict=True)):
                 break
         return limits
@@ -288,9 +325,8 @@ class BudgetController:
             return -math.inf
         return (float(ascending[zeros_kept - 1]) + float(ascending[zeros_kept])) / 2
 
-    def _cap(self, scores: torch.Tensor) -> float:
-        """The largest score a group may lose while keeping ``keep_fraction`` of its units."""
-        keep = max(1, math.ceil(self.keep_fraction * len(scores)))
+    def _cap(self, scores: torch.Tensor, keep: int) -> float:
+        """The largest score a group may lose while keeping ``keep`` of its units."""
         if keep >= len(scores):
             return -math.inf
         top = torch.sort(scores, descending=True).values
@@ -310,6 +346,15 @@ class BudgetController:
             )
         self.frozen = True
 
+    def allocation_summary(self) -> dict:
+        """For the report: how the most units each group may lose was set."""
+        return {
+            "kind": "sensitivity" if self.sensitivity is not None else "uniform",
+            "balance": self.balance,
+            "least_kept": list(self.keep_units),
+            "units": [g.size for g in self.groups],
+        }
+
     def state_dict(self) -> dict:
         return {
             "targets": [(t.kind, t.factor, t.asked) for t in self.targets],
@@ -318,6 +363,7 @@ class BudgetController:
             "tau": self.tau,
             "reached": dict(self.reached),
             "latency": self.latency.state_dict() if self.latency is not None else None,
+            "sensitivity": self.sensitivity.state_dict() if self.sensitivity else None,
         }
 
     def load_state_dict(self, state: dict) -> None:

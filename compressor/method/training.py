@@ -228,5 +228,6 @@ class SparseTraining:
                 if self.budget is not None
                 else "group prox with lambda / beta"
             ),
+            "allocation": self.budget.allocation_summary() if self.budget is not None else None,
             "trace": list(self.trace.rows),
         }
