@@ -31,7 +31,6 @@ from compressor.errors import BadInputError
 from compressor.groups import ChannelGroups
 from compressor.runtime import kept_in_blocks
 
-ALLOCATIONS = ("uniform", "sensitivity")
 SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 0.95)  # of a group's units removed
 SENSITIVITY_BATCHES = 2
 STEPS_PER_GROUP = 32  # the allocation's resolution: a group loses units in 1/32 of its size

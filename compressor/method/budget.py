@@ -247,7 +247,7 @@ class BudgetController:
         want: dict[str, float],
     ) -> list[float]:
         """The fewest units whose removal meets every reduction in ``want``, under the caps
-        of the current ``keep_fraction``: bisects the global ``tau`` over the eligible
+        of the current ``keep_units``: bisects the global ``tau`` over the eligible
         scores, sets ``tau``, the zero set and ``reached``, returns the group thresholds
         (``-inf``: the group may lose no unit). ``ascending``: each group's scores sorted,
         when kept counts are rounded to blocks (None otherwise)."""
