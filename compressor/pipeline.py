@@ -487,7 +487,11 @@ def _latency_model(run: Run, resume_state: dict | None):
 def _sensitivity(run: Run, resume_state: dict | None):
     """``target.allocation: sensitivity``'s one-shot sensitivity analysis of the input model
     on training batches: the resumed run's, or measured now (on rank 0, shared)."""
-    if run.recipe.target.allocation != "sensitivity" or run.train_loader is None:
+    tgt = run.recipe.target
+    budgeted = any(v is not None for v in (tgt.macs, tgt.params, tgt.size, tgt.latency))
+    if tgt.allocation != "sensitivity" or run.train_loader is None:
+        return None
+    if not budgeted and tgt.seek_accuracy_drop is None:  # nothing will set a budget
         return None
     budget_state = ((resume_state or {}).get("method") or {}).get("budget") or {}
     state = budget_state.get("sensitivity")
