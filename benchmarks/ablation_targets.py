@@ -31,7 +31,6 @@ appended as each finishes, so an interrupted run resumes) and to the
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import command_line, machine_info, write_json  # noqa: E402
+from benchmarks.common import load_results, start_benchmark, write_json  # noqa: E402
 from benchmarks.equal_macs import run_compressor  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
 from benchmarks.tradeoff import (  # noqa: E402
@@ -157,24 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_benchmark(args.threads)
     cache = Path(args.cache_dir)
     npz = prepare_data(args.data, cache, args.subset, 0, None)
-    results = (
-        json.loads(args.results.read_text())
-        if args.results.exists()
-        else {
-            "benchmark": "ablation_targets",
-            "command": command_line("benchmarks/ablation_targets.py", argv),
-            "machine": machine_info(),
-            "seed": args.seed,
-            "subset": args.subset,
-            "epochs": args.epochs,
-            "runs": [],
-        }
-    )
+    results = load_results(
+        args.results, "ablation_targets", argv,
+        seed=args.seed, subset=args.subset, epochs=args.epochs,
+    )  # fmt: skip
 
     def recorded(variant, target):
         rows = [r for r in results["runs"] if r["variant"] == variant and r["target"] == target]

@@ -31,10 +31,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 import compressor  # noqa: E402
-from benchmarks.common import command_line, machine_info  # noqa: E402
+from benchmarks.common import load_results, start_benchmark  # noqa: E402
 from benchmarks.default_command import VAL_IMAGES, carve  # noqa: E402
 from benchmarks.equal_macs import compress_overrides  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
@@ -115,19 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = (
-        json.loads(args.results.read_text())
-        if args.results.exists()
-        else {
-            "benchmark": "allocation",
-            "command": command_line("benchmarks/allocation.py", argv),
-            "machine": machine_info(),
-            "runs": [],
-        }  # fmt: skip
-    )
+    start_benchmark(args.threads)
+    data = load_results(args.results, "allocation", argv)
     names = args.candidates.split(";") if args.candidates else list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:

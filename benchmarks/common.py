@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import shlex
@@ -133,6 +134,31 @@ def command_line(script: str, argv: list[str] | None) -> str:
     """The shell command that reproduces this run: ``script`` with ``argv`` (or ``sys.argv[1:]``)."""
     args = sys.argv[1:] if argv is None else list(argv)
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", script, *args])
+
+
+def start_benchmark(threads: int | None) -> None:
+    """What every benchmark does first: log progress to stderr, and use ``threads`` torch
+    threads (``--threads``; None keeps torch's default)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def load_results(path: Path, benchmark: str, argv: list[str] | None, **fields) -> dict:
+    """The results JSON at ``path`` to append to, or a new one: the benchmark's name, the
+    command that reproduces it (``benchmarks/<benchmark>.py`` with ``argv``), this machine,
+    ``fields`` and no runs yet."""
+    if path.exists():
+        return json.loads(path.read_text())
+    return {
+        "benchmark": benchmark,
+        "command": command_line(f"benchmarks/{benchmark}.py", argv),
+        "machine": machine_info(),
+        **fields,
+        "runs": [],
+    }
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

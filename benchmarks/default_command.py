@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import compressor  # noqa: E402
-from benchmarks.common import command_line, machine_info  # noqa: E402
+from benchmarks.common import command_line, machine_info, start_benchmark  # noqa: E402
 from benchmarks.train_baseline import (  # noqa: E402
     DEFAULT_CACHE,
     DEFAULT_DATA,
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (shuffle, init)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "default_command.json"))
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_benchmark(args.threads)
     cache = Path(args.cache_dir)
     baseline = train_baseline(
         data_dir=args.data, epochs=args.baseline_epochs, holdout=VAL_IMAGES, cache_dir=cache

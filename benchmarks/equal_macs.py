@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import compressor  # noqa: E402
-from benchmarks.common import EXACT_CHANNELS, command_line, machine_info  # noqa: E402
+from benchmarks.common import EXACT_CHANNELS, command_line, load_results, start_benchmark  # noqa: E402
 from benchmarks.default_command import carve  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
 from benchmarks.tradeoff import (  # noqa: E402
@@ -198,9 +198,7 @@ class Results:
 
     def __init__(self, path: Path, argv):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {
-            "benchmark": "equal_macs", "command": command_line("benchmarks/equal_macs.py", argv),
-            "machine": machine_info(), "runs": [], "chosen": None}  # fmt: skip
+        self.data = load_results(path, "equal_macs", argv, chosen=None)
 
     def find(self, phase: str, method: str, target: float, seed: int) -> dict | None:
         return next((r for r in self.data["runs"] if (r["phase"], r["method"], r["target"], r["seed"])
@@ -362,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_benchmark(args.threads)
     results = Results(args.results, argv)
     if not args.render_only:
         commands = results.data.setdefault("commands", [results.data["command"]])

@@ -39,7 +39,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 import compressor  # noqa: E402
-from benchmarks.common import command_line, machine_info  # noqa: E402
+from benchmarks.common import command_line, machine_info, start_benchmark  # noqa: E402
 from compressor import recipe as recipe_mod  # noqa: E402
 from compressor import train as train_mod  # noqa: E402
 from compressor.checkpoint import load_checkpoint  # noqa: E402
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wall_time.json"))
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_benchmark(args.threads)
     recipe = Recipe.from_dict(recipe_mod.load_recipe(args.recipe, args.overrides))
     plain, full, stages = [], [], []
     for r in range(args.repeats):

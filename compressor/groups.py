@@ -284,9 +284,14 @@ class ChannelGroups:
         return [n == 0 for n in self.channel_norms(tensors, all_members=True)]
 
     @torch.no_grad()
-    def scale_(self, tensors: Mapping[str, torch.Tensor], factors: Sequence[torch.Tensor]) -> None:
-        """Multiply every member slice of channel c of group g by ``factors[g][c]``, in place."""
+    def scale_(
+        self, tensors: Mapping[str, torch.Tensor], factors: Sequence[torch.Tensor | None]
+    ) -> None:
+        """Multiply every member slice of channel c of group g by ``factors[g][c]``, in place;
+        a group whose factor is None is left alone."""
         for group, factor in zip(self.groups, factors, strict=True):
+            if factor is None:
+                continue
             for member in group.members:
                 t = tensors[member.param]
                 f = factor.to(t.device, t.dtype).index_select(0, member.channel.to(t.device))

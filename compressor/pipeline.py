@@ -463,14 +463,18 @@ def _build_method(run: Run, resume_state: dict | None):
     return optimizer, scheduler, train_model
 
 
+def _resumed_budget_state(resume_state: dict | None) -> dict:
+    """The budget controller's saved state in a resumed run's checkpoint ({} when fresh)."""
+    return ((resume_state or {}).get("method") or {}).get("budget") or {}
+
+
 def _latency_model(run: Run, resume_state: dict | None):
     """``--target-latency``'s latency model: the resumed run's, or calibrated now on this
     machine against the baseline's ONNX model (on rank 0, shared with the others)."""
     tgt = run.recipe.target
     if tgt.latency is None:
         return None
-    budget_state = ((resume_state or {}).get("method") or {}).get("budget") or {}
-    state = budget_state.get("latency")
+    state = _resumed_budget_state(resume_state).get("latency")
     if state is None:
         with run.timer.stage("latency_model"):
             state = _on_main_shared(
@@ -493,8 +497,7 @@ def _sensitivity(run: Run, resume_state: dict | None):
         return None
     if not budgeted and tgt.seek_accuracy_drop is None:  # nothing will set a budget
         return None
-    budget_state = ((resume_state or {}).get("method") or {}).get("budget") or {}
-    state = budget_state.get("sensitivity")
+    state = _resumed_budget_state(resume_state).get("sensitivity")
     if state is None:
         with run.timer.stage("sensitivity"):
 

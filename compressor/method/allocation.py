@@ -96,7 +96,8 @@ def measure_sensitivity(
             row = []
             for share in shares:
                 k = min(group.size - 1, int(round(share * group.size)))
-                factors = [torch.ones(gr.size) for gr in groups]
+                factors: list[torch.Tensor | None] = [None] * len(groups)
+                factors[g] = torch.ones(group.size)
                 factors[g][order[:k]] = 0.0
                 groups.scale_(params, factors)
                 kl = sum(
