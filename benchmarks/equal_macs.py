@@ -86,6 +86,7 @@ CANDIDATES = {
     "group tl1, a=0.1, balance 1": [
         "penalty.group.kind=tl1", "penalty.group.a=0.1", "target.balance=1.0",
     ],
+    "group l0, balance 1": ["target.balance=1.0"],
     "group tl1, a=0.1, sensitivity, balance 0.5": [
         "penalty.group.kind=tl1", "penalty.group.a=0.1", "target.allocation=sensitivity",
         "target.balance=0.5",
