@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 
 
 import compressor  # noqa: E402
-from benchmarks.common import load_results, start_benchmark  # noqa: E402
+from benchmarks.common import load_results, record_command, start_benchmark  # noqa: E402
 from benchmarks.default_command import VAL_IMAGES, carve  # noqa: E402
 from benchmarks.equal_macs import compress_overrides  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
@@ -56,8 +56,9 @@ CANDIDATES = {
     "sensitivity, balance 0.25": GROUP_TERM + [
         "target.allocation=sensitivity", "target.balance=0.25",
     ],
-    # the recipe's own group term (l0) with the uniform floor
+    # the recipe's own group term (l0), with the uniform floor and with the seeker's floor
     "group l0, uniform, balance 1": ["target.balance=1.0"],
+    "group l0, uniform, balance 0.75": ["target.balance=0.75"],
 }  # fmt: skip
 
 
@@ -85,7 +86,7 @@ def render(data: dict) -> str:
         f"{rows[0]['val_before'] if rows else '?'}% before; 2 epochs over 10,000 training images, "
         "seed 0, the group term equal_macs chose (tl1, a = 0.1) unless the row names l0 (the "
         "recipe's). "
-        f"Command: `{data['command']}`.",
+        "Commands: " + ", ".join(f"`{c}`" for c in data.get("commands", [data["command"]])) + ".",
         "",
         "| allocation | "
         + " | ".join(f"{f:g}x: val % | params x" for f in FACTORS)
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown candidates {unknown}; known: {list(CANDIDATES)}")
     if not args.render_only:
+        record_command(data, "allocation", argv)
         cache = Path(args.cache_dir)
         baseline = train_baseline(
             data_dir=args.data, epochs=8, holdout=VAL_IMAGES, cache_dir=cache

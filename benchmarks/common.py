@@ -20,6 +20,11 @@ from compressor.fileio import atomic_write_text
 # 8 with AVX2, 16 with AVX-512).
 EXACT_CHANNELS = "prune.round_to=1"
 
+# The per-group floor the equal-MACs, ablation and allocation rows were measured with before
+# ``target.balance: auto`` (1 under a target) became the default; a candidate that names its
+# own floor overrides it (later overrides win).
+MEASURED_FLOOR = "target.balance=0.75"
+
 
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (or ``platform.processor()`` elsewhere)."""
@@ -159,6 +164,15 @@ def load_results(path: Path, benchmark: str, argv: list[str] | None, **fields) -
         **fields,
         "runs": [],
     }
+
+
+def record_command(data: dict, benchmark: str, argv: list[str] | None) -> None:
+    """Add this run's command to ``data["commands"]``, the commands whose rows the results
+    file holds (the first one is ``data["command"]``)."""
+    commands = data.setdefault("commands", [data["command"]])
+    this = command_line(f"benchmarks/{benchmark}.py", argv)
+    if this not in commands:
+        commands.append(this)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

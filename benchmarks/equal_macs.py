@@ -55,7 +55,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import compressor  # noqa: E402
-from benchmarks.common import EXACT_CHANNELS, command_line, load_results, start_benchmark  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    EXACT_CHANNELS,
+    MEASURED_FLOOR,
+    load_results,
+    record_command,
+    start_benchmark,
+)
 from benchmarks.default_command import carve  # noqa: E402
 from benchmarks.render_results import replace_block  # noqa: E402
 from benchmarks.tradeoff import (  # noqa: E402
@@ -86,7 +92,7 @@ CANDIDATES = {
     "group tl1, a=0.1, balance 1": [
         "penalty.group.kind=tl1", "penalty.group.a=0.1", "target.balance=1.0",
     ],
-    "group l0, balance 1": ["target.balance=1.0"],
+    "group l0, balance 1": ["target.balance=1.0"],  # the recipe's default under a target
     "group tl1, a=0.1, sensitivity, balance 0.5": [
         "penalty.group.kind=tl1", "penalty.group.a=0.1", "target.allocation=sensitivity",
         "target.balance=0.5",
@@ -172,7 +178,7 @@ def run_tp(method: str, *, baseline: str, npz: Path, target: float, seed: int, e
 
 def compress_overrides(epochs: int) -> list[str]:
     return [f"train.epochs={epochs}", "recover.epochs=0", "train.batch_size=128", "train.lr=0.01",
-            EXACT_CHANNELS]  # fmt: skip
+            EXACT_CHANNELS, MEASURED_FLOOR]  # fmt: skip
 
 
 def run_compressor(overrides: list[str], *, baseline: str, npz: Path, asked: float, seed: int,
@@ -364,10 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     start_benchmark(args.threads)
     results = Results(args.results, argv)
     if not args.render_only:
-        commands = results.data.setdefault("commands", [results.data["command"]])
-        this = command_line("benchmarks/equal_macs.py", argv)
-        if this not in commands:
-            commands.append(this)
+        record_command(results.data, "equal_macs", argv)
         cache = Path(args.cache_dir)
         baseline = train_baseline(
             data_dir=args.data, epochs=8, holdout=args.baseline_holdout, cache_dir=cache

@@ -80,7 +80,7 @@ class Target:
     latency: float | None  # milliseconds at latency_batch, onnxruntime on this machine
     latency_batch: int
     reach_fraction: float
-    balance: float
+    balance: float | str  # in [0, 1], or "auto" (compressor.method.budget.resolve_balance)
     allocation: str  # uniform | sensitivity: how many units each group may lose
     seek_accuracy_drop: float | None
     seek_margin: float  # standard errors of the measured drop kept below seek_accuracy_drop

@@ -362,9 +362,11 @@ SCHEMA: dict[str, Any] = {
         "latency_batch": Param(1, _int(1), help="batch size of target.latency"),
         "reach_fraction": Param(0.3, _float(0, 1, closed="right")),
         "balance": Param(
-            0.75,
-            _float(0, 1),
-            help="every group keeps at least this times the share a uniform ratio would keep",
+            "auto",
+            AutoOr(_float(0, 1)),
+            help="every group keeps at least this times the share a uniform ratio would keep. "
+            "auto: 1 (the uniform floor) under a target given by the user, 0.75 when the "
+            "accuracy seeker sets the budget",
         ),
         "allocation": Param(
             "uniform",

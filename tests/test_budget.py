@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compressor.groups import build_groups
-from compressor.method.budget import BudgetController, Target, cubic_schedule
+from compressor.method.budget import BudgetController, Target, cubic_schedule, resolve_balance
 from compressor.method.seeker import AccuracySeeker, Reading
 from compressor.method.strength import group_weights, reference_norms
 from compressor.models import resnet20
@@ -119,6 +119,12 @@ def test_balance_keeps_a_share_of_every_group():
             assert budget.keep_fraction == pytest.approx(0.75 / 2)
             for g in groups:
                 assert kept[g.root] >= math.ceil(0.75 / 2 * g.size), g.root
+
+
+def test_balance_auto_is_the_uniform_floor_under_a_target_and_looser_under_the_seeker():
+    assert resolve_balance("auto", seeking=False) == 1.0
+    assert resolve_balance("auto", seeking=True) == 0.75
+    assert resolve_balance(0.5, seeking=False) == resolve_balance(0.5, seeking=True) == 0.5
 
 
 def test_balance_is_lowered_when_it_would_make_the_target_unreachable():

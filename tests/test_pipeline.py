@@ -174,6 +174,7 @@ def test_resume_goes_on_seeking_where_the_interrupted_run_stopped(lenet, tmp_pat
     whole = compressor.compress(str(checkpoint), out=tmp_path / "whole", **kwargs)
     assert whole["target"]["kind"] == "seek_macs" and len(whole["target"]["stages"]) > 2
     assert whole["target"]["group_weighting"] == "uniform"  # auto: macs only for a MACs target
+    assert whole["method"]["allocation"]["balance"] == 0.75  # target.balance auto, seeking
 
     real = compressor.train.train_one_epoch
     calls = []

@@ -42,6 +42,7 @@ def test_every_target_given_is_met_and_reported(lenet, tmp_path):
     assert listed["params"]["reached"] == pytest.approx(report["reduction"]["params_x"])
     assert listed["macs"]["reached"] == pytest.approx(report["reduction"]["macs_x"])
     assert report["target"]["within"] is True
+    assert report["method"]["allocation"]["balance"] == 1.0  # target.balance auto, a target
     gates = {g["name"]: g for g in report["gates"]}
     assert gates["target_macs"]["passed"] and gates["target_params"]["passed"]
     md = (tmp_path / "out" / "report.md").read_text()

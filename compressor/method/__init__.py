@@ -25,7 +25,7 @@ from torch import nn
 
 from compressor.errors import BadInputError
 from compressor.groups import ChannelGroups
-from compressor.method.budget import MIN_KEEP_FRACTION, BudgetController, Target
+from compressor.method.budget import MIN_KEEP_FRACTION, BudgetController, Target, resolve_balance
 from compressor.method.group_terms import GROUP_TERMS, group_term
 from compressor.method.seeker import AccuracySeeker, Reading
 from compressor.method.splitting import RVSM
@@ -156,7 +156,7 @@ def build(
             scale,
             total_steps=total_steps,
             reach_fraction=tgt.reach_fraction,
-            balance=tgt.balance,
+            balance=resolve_balance(tgt.balance, seeking=False),
             round_to=round_to,
             latency=latency,
             latency_probe=latency_probe,
@@ -241,7 +241,7 @@ def _seeker(
         scale,
         total_steps=total_steps,
         reach_fraction=(start + reach * (total_steps - start)) / total_steps,
-        balance=tgt.balance,
+        balance=resolve_balance(tgt.balance, seeking=True),
         round_to=round_to,
         schedule="immediate",
         sensitivity=sensitivity,
