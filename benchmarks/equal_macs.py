@@ -275,7 +275,9 @@ def render(data: dict) -> str:
     targets = sorted({r["target"] for r in runs})
     tune = [r for r in data["runs"] if r["phase"] == "tune" and r["method"] in CANDIDATES]
     lines = [
-        f"Baseline: ResNet-20, {data.get('baseline_accuracy')}% on the 10,000 test images. "
+        f"Baseline: ResNet-20, {data.get('baseline_accuracy')}% on the 10,000 test images"
+        + (f" (training seed {data['baseline_seed']}). " if data.get("baseline_seed") else ". ")
+        +
         f"{data.get('epochs')} epochs over {data.get('subset', 10000):,} training images for every "
         "method (same steps, schedule, augmentation); mean ± "
         "standard deviation over seeds (n per cell); accuracy on the test images. "
@@ -364,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         help="images of the validation split the baseline never trains on (5000: the baseline "
         "of default_command.py and allocation.py, which never saw the split the tune phase reads)",
     )
+    p.add_argument(
+        "--baseline-seed", type=int, default=0, help="the baseline's training seed (a second "
+        "baseline, to see how much the margin moves with it)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
@@ -373,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         record_command(results.data, "equal_macs", argv)
         cache = Path(args.cache_dir)
         baseline = train_baseline(
-            data_dir=args.data, epochs=8, holdout=args.baseline_holdout, cache_dir=cache
-        )
+            data_dir=args.data, epochs=8, seed=args.baseline_seed, holdout=args.baseline_holdout,
+            cache_dir=cache,
+        )  # fmt: skip
         carved = carve(Path(args.data), cache, args.subset)
         model = load_baseline_model(baseline["path"])
-        results.data.update(baseline_accuracy=baseline["accuracy"], epochs=args.epochs, subset=args.subset,
+        results.data.update(baseline_accuracy=baseline["accuracy"], baseline_seed=args.baseline_seed,
+                            epochs=args.epochs, subset=args.subset,
                             baseline_macs=count_macs(model, torch.randn(*EXAMPLE_SHAPE)))  # fmt: skip
         common = {"baseline": baseline["path"], "epochs": args.epochs, "cache": cache}
         if "tune" in args.phases:
