@@ -274,10 +274,9 @@ def render(data: dict) -> str:
     chosen = data.get("chosen")
     targets = sorted({r["target"] for r in runs})
     tune = [r for r in data["runs"] if r["phase"] == "tune" and r["method"] in CANDIDATES]
+    seed = f" (training seed {data['baseline_seed']})" if data.get("baseline_seed") else ""
     lines = [
-        f"Baseline: ResNet-20, {data.get('baseline_accuracy')}% on the 10,000 test images"
-        + (f" (training seed {data['baseline_seed']}). " if data.get("baseline_seed") else ". ")
-        +
+        f"Baseline: ResNet-20, {data.get('baseline_accuracy')}% on the 10,000 test images{seed}. "
         f"{data.get('epochs')} epochs over {data.get('subset', 10000):,} training images for every "
         "method (same steps, schedule, augmentation); mean ± "
         "standard deviation over seeds (n per cell); accuracy on the test images. "

@@ -154,7 +154,8 @@ def test_readme_main_command_on_the_bundled_example(tmp_path):
     assert code == 0
     kept, total = report["compressed"]["channels_kept"], report["compressed"]["channels_total"]
     # Weighted per MACs they save (weighting auto, MACs target), every group kept at least the
-    # share a uniform ratio keeps (balance auto), in the runtime's channel blocks.
+    # share a uniform ratio keeps (balance auto), lowered where the runtime's channel blocks
+    # (whole 16-channel layers with AVX-512) would otherwise put 2x out of reach.
     assert kept < total and report["target"]["group_weighting"] == "macs"
     assert report["reduction"]["params_x"] >= 1.5
     assert report["baseline"]["accuracy"] - report["compressed"]["accuracy"] <= 1.0
